@@ -1,0 +1,63 @@
+"""moe-shims: compatibility fixes for LoRA / QLoRA fine-tuning of MoE models.
+
+    import shims
+    shims.apply()      # before loading the model; returns the status of every patch
+    shims.status()     # what applied, what did not and why, and the upstream symbols checked
+    shims.restore()    # undo everything
+
+Importing this package is cheap: torch, transformers, peft and bitsandbytes are imported only when
+apply(), status() or one of the tools runs. Library code logs to the "shims" logger and is silent unless
+logging is configured.
+"""
+
+from __future__ import annotations
+
+import logging
+
+__version__ = "0.1.0"
+
+logging.getLogger("shims").addHandler(logging.NullHandler())
+
+_registry = None
+
+
+def _get_registry():
+    global _registry
+    if _registry is None:
+        from .patches import build_registry
+
+        _registry = build_registry()
+    return _registry
+
+
+def apply(only=None) -> list[dict]:
+    """Apply every patch that is needed on the installed versions (idempotent); return status()."""
+    _get_registry().apply(only)
+    return status()
+
+
+def restore() -> None:
+    """Undo every applied patch, in reverse order."""
+    _get_registry().restore()
+
+
+def status() -> list[dict]:
+    """One dict per patch: name, summary, applied, reason, drift (upstream symbol -> ok/missing/changed)."""
+    return [s.as_dict() for s in _get_registry().status()]
+
+
+def save_merged(model, save_directory, dtype=None, **kwargs):
+    """Write a merged 16-bit checkpoint of a PeftModel; see shims.export.save_merged."""
+    from .export import save_merged as _save_merged
+
+    return _save_merged(model, save_directory, dtype=dtype, **kwargs)
+
+
+def convert_adapter(src_dir, dst_dir, to, **kwargs):
+    """Convert a saved adapter between expert LoRA layouts; see shims.layout.convert_adapter."""
+    from .layout import convert_adapter as _convert_adapter
+
+    return _convert_adapter(src_dir, dst_dir, to=to, **kwargs)
+
+
+__all__ = ["__version__", "apply", "restore", "status", "save_merged", "convert_adapter"]

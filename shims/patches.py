@@ -1,0 +1,15 @@
+"""The one list of patches, in the order they apply. Each concern module declares its own Patch records."""
+
+from __future__ import annotations
+
+from .registry import Registry
+
+
+def all_patches() -> tuple:
+    from . import peft_compat, quant
+
+    return tuple(quant.PATCHES) + tuple(peft_compat.PATCHES)
+
+
+def build_registry() -> Registry:
+    return Registry(all_patches())

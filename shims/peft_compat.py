@@ -1,0 +1,3 @@
+"""peft integration and version-compat patches."""
+
+PATCHES: tuple = ()
