@@ -1,0 +1,276 @@
+"""One end-to-end case (an arch x a quantization) as a sequence of named stages.
+
+Each stage is a method; the runner times it, records its metrics and, on failure, the exception. A stage
+that needs the output of a failed one is recorded as skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import measure, tiny
+
+# Stage order and the stages each one needs.
+STAGES: dict[str, tuple[str, ...]] = {
+    "build": (),
+    "load": ("build",),
+    "lora": ("load",),
+    "train": ("lora",),
+    "save_adapter": ("train",),
+    "export": ("train",),
+    "merge": ("train",),
+    "export_reload": ("export",),
+    "adapter_reload": ("save_adapter",),
+}
+
+
+def stage_order(shims_on: bool) -> list[str]:
+    """With shims, export runs from the live PeftModel before merging; natively users export the merged model."""
+    if shims_on:
+        return ["build", "load", "lora", "train", "save_adapter", "export", "merge", "export_reload", "adapter_reload"]
+    return ["build", "load", "lora", "train", "save_adapter", "merge", "export", "export_reload", "adapter_reload"]
+
+
+def needs(stage: str, shims_on: bool) -> tuple[str, ...]:
+    if stage == "export" and not shims_on:
+        return ("merge",)
+    return STAGES[stage]
+
+
+@dataclass
+class CaseSpec:
+    arch: str
+    model_type: str
+    quant: str
+    arch_common: dict
+    arch_config: dict
+    attention: list[str]
+    quant_spec: dict
+    run: dict
+    shims_on: bool
+    cache_dir: str
+    work_dir: str
+
+    @property
+    def case_id(self) -> str:
+        return f"{self.arch}/{self.quant}"
+
+
+@dataclass
+class Case:
+    spec: CaseSpec
+    metrics: dict = field(default_factory=dict)
+    model_dir: Path | None = None
+    tokenizer: object = None
+    model: object = None
+    reference: torch.Tensor | None = None
+    reference_samples: list | None = None
+    merged: object = None
+    batch: dict | None = None
+
+    # -- helpers -------------------------------------------------------------------------------------------
+    @property
+    def work(self) -> Path:
+        p = Path(self.spec.work_dir) / self.spec.arch / self.spec.quant
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def _dtype(self) -> torch.dtype:
+        return getattr(torch, self.spec.quant_spec.get("load_dtype", "float32"))
+
+    def _quantization_config(self):
+        bnb = self.spec.quant_spec.get("bnb")
+        if not bnb:
+            return None
+        from transformers import BitsAndBytesConfig
+
+        kw = dict(bnb)
+        if "bnb_4bit_compute_dtype" in kw:
+            kw["bnb_4bit_compute_dtype"] = getattr(torch, kw["bnb_4bit_compute_dtype"])
+        return BitsAndBytesConfig(**kw)
+
+    def _load_base(self, path: Path):
+        from transformers import AutoModelForCausalLM
+
+        kwargs = {"dtype": self._dtype()}
+        qc = self._quantization_config()
+        if qc is not None:
+            kwargs["quantization_config"] = qc
+        try:
+            return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except TypeError as exc:  # transformers 4.57 knows only torch_dtype
+            if "dtype" not in str(exc):
+                raise
+            kwargs["torch_dtype"] = kwargs.pop("dtype")
+            return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+    def _compare(self, model, prefix: str) -> None:
+        out = measure.logits(model, self.batch)
+        self.metrics[f"kl_{prefix}"] = measure.kl(self.reference, out, self.batch["attention_mask"])
+        samples = measure.greedy(model, self.tokenizer, tiny.prompts(self.spec.run["prompts"]),
+                                 self.spec.run["new_tokens"])
+        self.metrics[f"samples_{prefix}"] = measure.agreement(self.reference_samples, samples)
+
+    # -- stages --------------------------------------------------------------------------------------------
+    def build(self) -> None:
+        self.model_dir, cached = tiny.build_and_save(
+            self.spec.model_type, self.spec.arch_common, self.spec.arch_config, Path(self.spec.cache_dir)
+        )
+        self.metrics["model_cached"] = cached
+        self.tokenizer = tiny.build_tokenizer()
+        texts = tiny.training_texts()[:6] + tiny.prompts(self.spec.run["prompts"])
+        self.batch = dict(self.tokenizer(texts, return_tensors="pt", padding=True))
+
+    def load(self) -> None:
+        self.model = self._load_base(self.model_dir)
+        self.metrics.update({f"experts_{k}": v for k, v in self._expert_storage(self.model).items()})
+
+    def _expert_storage(self, model) -> dict:
+        if self.spec.shims_on:
+            from shims import quant
+
+            if hasattr(quant, "expert_storage"):
+                return quant.expert_storage(model)
+        return measure.expert_storage(model)
+
+    def lora(self) -> None:
+        from peft import LoraConfig, get_peft_model
+
+        targets = expert_targets(self.model)
+        config = LoraConfig(
+            r=self.spec.run["lora_rank"], lora_alpha=self.spec.run["lora_alpha"], lora_dropout=0.0,
+            target_modules=targets["modules"] + list(self.spec.attention),
+            task_type="CAUSAL_LM", **({"target_parameters": targets["parameters"]} if targets["parameters"] else {}),
+        )
+        self.metrics["lora_expert_targets"] = targets["parameters"] or targets["modules"]
+        self.model = get_peft_model(self.model, config)
+        expert_lora = measure.lora_expert_params(self.model)
+        self.metrics["lora_expert_tensors"] = len(expert_lora)
+        if not expert_lora:
+            raise AssertionError("peft attached no LoRA to the routed experts")
+
+    def train(self) -> None:
+        from datasets import Dataset
+        from transformers import TrainerCallback
+
+        expert_lora = measure.lora_expert_params(self.model)
+        before = {n: p.detach().clone() for n, p in expert_lora.items()}
+        norms: list[float] = []
+
+        class ExpertGrad(TrainerCallback):
+            def on_pre_optimizer_step(self, args, state, control, **kwargs):
+                norms.append(measure.grad_norm(expert_lora.values()))
+
+        trainer = _sft_trainer(self.model, self.tokenizer, Dataset.from_dict({"text": tiny.training_texts()}),
+                               self.work / "trainer", self.spec.run["train_steps"], [ExpertGrad()])
+        trainer.train()
+        measure.disable_router_logits(self.model)
+        history = [h for h in trainer.state.log_history if "loss" in h]
+        losses = [float(h["loss"]) for h in history]
+        gnorms = [float(h["grad_norm"]) for h in history if "grad_norm" in h]
+        moved = {n for n, p in expert_lora.items() if not torch.equal(before[n], p.detach())}
+        self.metrics.update(
+            loss_first=losses[0] if losses else None,
+            loss_last=losses[-1] if losses else None,
+            loss_first3=sum(losses[:3]) / max(1, len(losses[:3])),
+            loss_last3=sum(losses[-3:]) / max(1, len(losses[-3:])),
+            grad_norm=max(gnorms) if gnorms else None,
+            expert_lora_grad_norm=max(norms) if norms else 0.0,
+            expert_lora_A_moved=sum(1 for n in moved if "lora_A" in n),
+            expert_lora_B_moved=sum(1 for n in moved if "lora_B" in n),
+            expert_lora_A_total=sum(1 for n in expert_lora if "lora_A" in n),
+            expert_lora_B_total=sum(1 for n in expert_lora if "lora_B" in n),
+        )
+        self.reference = measure.logits(self.model, self.batch)
+        self.reference_samples = measure.greedy(self.model, self.tokenizer, tiny.prompts(self.spec.run["prompts"]),
+                                                self.spec.run["new_tokens"])
+
+    def save_adapter(self) -> None:
+        self.model.save_pretrained(self.work / "adapter")
+
+    def export(self) -> None:
+        dest = self.work / "export"
+        shutil.rmtree(dest, ignore_errors=True)
+        if self.spec.shims_on:
+            import shims
+
+            counts = shims.save_merged(self.model, dest, dtype=torch.bfloat16)
+            self.metrics["export_applied"] = counts.get("applied")
+            self.metrics["export_attempted"] = counts.get("attempted")
+        else:
+            self.merged.save_pretrained(dest)
+            self.tokenizer.save_pretrained(dest)
+
+    def merge(self) -> None:
+        merged = self.model.merge_and_unload()
+        self.merged = merged
+        self.model = None  # merge_and_unload consumed the PeftModel's layers
+        self._compare(merged, "merged")
+
+    def export_reload(self) -> None:
+        reloaded = self._load_exported(self.work / "export")
+        self.metrics.update({f"export_{k}": v for k, v in measure.expert_storage(reloaded).items()
+                             if k in ("expert_tensors", "quantized")})
+        self._compare(reloaded, "export")
+
+    def _load_exported(self, path: Path):
+        from transformers import AutoModelForCausalLM
+
+        try:
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        except TypeError as exc:
+            if "dtype" not in str(exc):
+                raise
+            return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+
+    def adapter_reload(self) -> None:
+        from peft import PeftModel
+
+        base = self._load_base(self.model_dir)
+        reloaded = PeftModel.from_pretrained(base, self.work / "adapter")
+        self._compare(reloaded, "adapter")
+
+
+def expert_targets(model) -> dict[str, list[str]]:
+    """How users target routed experts on this transformers: fused 3D params -> target_parameters
+    (e.g. "mlp.experts.gate_up_proj"); per-expert Linear layers -> a target_modules regex."""
+    params: set[str] = set()
+    linear_names: set[str] = set()
+    for mod_name, module in model.named_modules():
+        if not measure._is_expert_module(mod_name):
+            continue
+        for pname, p in module.named_parameters(recurse=False):
+            if p.dim() == 3 and pname in measure.EXPERT_PARAM_NAMES:
+                parts = mod_name.split(".")
+                params.add(".".join(parts[-2:] + [pname]))
+        leaf = mod_name.rsplit(".", 1)[-1]
+        if isinstance(module, torch.nn.Linear) and mod_name.rsplit(".", 2)[-2].isdigit():
+            linear_names.add(leaf)
+    modules = [rf".*\.experts\.\d+\.({'|'.join(sorted(linear_names))})"] if linear_names else []
+    return {"parameters": sorted(params), "modules": modules}
+
+
+def _sft_trainer(model, tokenizer, dataset, out_dir: Path, steps: int, callbacks: list):
+    import inspect
+
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTConfig, SFTTrainer
+
+    kwargs = dict(
+        output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
+        lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
+        seed=0, use_cpu=True, dataloader_num_workers=0, dataset_text_field="text", packing=False,
+        bf16=False, fp16=False, disable_tqdm=True,
+    )
+    accepted = inspect.signature(SFTConfig).parameters
+    kwargs["max_length" if "max_length" in accepted else "max_seq_length"] = 64
+    trainer = SFTTrainer(model=model, args=SFTConfig(**kwargs), train_dataset=dataset,
+                         processing_class=tokenizer, callbacks=callbacks)
+    trainer.remove_callback(PrinterCallback)  # the per-step dicts are in state.log_history already
+    return trainer

@@ -1,0 +1,125 @@
+"""Run every case of one (cell, shims mode) in this process and stream events as JSON lines.
+
+    python -m cases.run_cell --spec spec.json --events events.jsonl
+
+The spec (written by harness.runner) lists the cases. Events are appended and flushed one line at a time,
+so whatever this process completes survives it being killed; the harness turns the events into the results
+file. Importing torch + transformers + peft + trl costs ~15 s, so one process runs all cases of a cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+from importlib import metadata
+
+RECORDED_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "moe-shims")
+
+
+class EventLog:
+    def __init__(self, path: str):
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def emit(self, event: str, **data) -> None:
+        self._fh.write(json.dumps({"event": event, "t": time.time(), **data}, default=str) + "\n")
+        self._fh.flush()
+
+
+def installed_versions() -> dict[str, str | None]:
+    out = {}
+    for name in RECORDED_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    out["python"] = platform.python_version()
+    return out
+
+
+def describe_error(exc: BaseException) -> dict:
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    short = "".join(tb[-6:])
+    return {"type": type(exc).__name__, "message": str(exc)[:2000], "traceback": short[-4000:]}
+
+
+def device_label() -> dict:
+    import torch
+
+    if torch.cuda.is_available():
+        return {"device": "cuda", "device_name": torch.cuda.get_device_name(0)}
+    return {"device": "cpu", "device_name": platform.processor() or platform.machine()}
+
+
+def run_case(spec_dict: dict, log: EventLog) -> None:
+    from cases.pipeline import Case, CaseSpec, needs, stage_order
+    from cases.tiny import ArchUnavailable
+
+    spec = CaseSpec(**spec_dict)
+    case = Case(spec)
+    stages: dict[str, dict] = {}
+    log.emit("case_start", case=spec.case_id)
+    for name in stage_order(spec.shims_on):
+        missing = [d for d in needs(name, spec.shims_on) if stages.get(d, {}).get("status") != "ok"]
+        if missing:
+            stages[name] = {"status": "skipped", "reason": f"needs {', '.join(missing)}"}
+            continue
+        log.emit("stage_start", case=spec.case_id, stage=name)
+        start = time.perf_counter()
+        try:
+            getattr(case, name)()
+        except ArchUnavailable as exc:
+            stages[name] = {"status": "unavailable", "reason": str(exc)}
+        except Exception as exc:  # recorded with type, message and traceback: the report shows it
+            stages[name] = {"status": "failed", "error": describe_error(exc)}
+        else:
+            stages[name] = {"status": "ok"}
+        stages[name]["seconds"] = round(time.perf_counter() - start, 3)
+    from cases.measure import peak_rss_mib
+
+    case.metrics["peak_rss_mib"] = round(peak_rss_mib(), 1)
+    log.emit("case_end", case=spec.case_id, record={
+        "case": spec.case_id, "arch": spec.arch, "quant": spec.quant, "stages": stages, "metrics": case.metrics,
+    })
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", required=True)
+    parser.add_argument("--events", required=True)
+    args = parser.parse_args(argv)
+    with open(args.spec, encoding="utf-8") as fh:
+        spec = json.load(fh)
+    log = EventLog(args.events)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    log.emit("process_start", pid=os.getpid(), versions=installed_versions())
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    torch.set_num_threads(int(os.environ.get("MOE_SHIMS_THREADS", "1")))
+    shims_status = None
+    if spec["shims_on"]:
+        import shims
+
+        try:
+            shims_status = shims.apply()
+        except Exception as exc:  # every case of this cell is then reported as failed at "shims.apply"
+            log.emit("shims_apply_failed", error=describe_error(exc))
+            return 3
+    log.emit("environment", **device_label(), shims_status=shims_status)
+    for case_spec in spec["cases"]:
+        run_case(case_spec, log)
+    log.emit("process_end")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

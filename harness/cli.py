@@ -1,0 +1,47 @@
+"""Command-line options shared by the nox sessions (after `--`) and `python -m harness`."""
+
+from __future__ import annotations
+
+import argparse
+
+from .matrix import MODES, PACKAGES, Cell, Matrix, MatrixError, check_version
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def cell_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nox -s e2e --", add_help=False)
+    p.add_argument("--arch", type=_csv, default=None, help="comma-separated archs (default: all)")
+    p.add_argument("--quant", type=_csv, default=None, help="comma-separated quantizations (default: all)")
+    p.add_argument("--mode", type=_csv, default=list(MODES), help="shims modes: off,on (default: both)")
+    for package in PACKAGES:
+        p.add_argument(f"--{package}", default=None, help=f"{package} version for an ad-hoc cell, or 'latest'")
+    return p
+
+
+def parse_cell_options(argv: list[str], matrix: Matrix) -> argparse.Namespace:
+    """Validate everything before anything runs; errors name the bad value and the allowed ones."""
+    parser = cell_parser()
+    opts, unknown = parser.parse_known_args(argv)
+    if unknown:
+        allowed = ", ".join(a for action in parser._actions for a in action.option_strings)
+        raise MatrixError(f"unknown option(s) {' '.join(unknown)}; allowed: {allowed}")
+    opts.arch = matrix.check_archs(opts.arch)
+    opts.quant = matrix.check_quants(opts.quant)
+    bad_modes = [m for m in opts.mode if m not in MODES]
+    if bad_modes:
+        raise MatrixError(f"unknown shims mode {', '.join(bad_modes)}; allowed: {', '.join(MODES)}")
+    for package in PACKAGES:
+        value = getattr(opts, package)
+        if value is not None:
+            setattr(opts, package, check_version(package, value))
+    return opts
+
+
+def adhoc_cell(opts: argparse.Namespace) -> Cell:
+    missing = [f"--{p}" for p in PACKAGES if getattr(opts, p) is None]
+    if missing:
+        raise MatrixError(f"an ad-hoc cell needs {', '.join(missing)} (a version or 'latest')")
+    return Cell(opts.transformers, opts.peft, opts.trl, trl_why="ad-hoc cell from the command line")

@@ -1,0 +1,89 @@
+"""Install a cell's pins into its virtualenv with uv, and classify a failure as unresolvable or not.
+
+torch: the matrix pins an exact version. On a CPU machine whose pip configuration names a find-links folder
+holding the CPU wheel (or with PIP_FIND_LINKS set), uv is pointed at it, so no CUDA wheels are downloaded. A
+GPU machine without such a folder gets the CUDA build of the same pin from the index. MOE_SHIMS_TORCH
+replaces the torch requirement (e.g. "torch==2.13.0+cu128") and MOE_SHIMS_FIND_LINKS the folder, without
+editing code.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+from .matrix import Cell, pin
+
+UNRESOLVABLE_MARKERS = (
+    "No solution found", "we can conclude", "not found in the package registry", "no version of",
+    "Could not find a version", "ResolutionImpossible", "conflicting dependencies",
+)
+
+
+class InstallError(RuntimeError):
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def find_links() -> list[str]:
+    """Folders of local wheels, from MOE_SHIMS_FIND_LINKS, PIP_FIND_LINKS or pip's own configuration."""
+    for var in ("MOE_SHIMS_FIND_LINKS", "PIP_FIND_LINKS"):
+        if os.environ.get(var):
+            return os.environ[var].split()
+    try:
+        out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                             timeout=60, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    folders = []
+    for line in out.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip().endswith(".find-links"):
+            folders.extend(value.strip().strip("'\"").split())
+    return list(dict.fromkeys(folders))
+
+
+def requirements(cell: Cell, environment: dict) -> list[str]:
+    torch_req = os.environ.get("MOE_SHIMS_TORCH") or pin("torch", environment["torch"])
+    extra = [pin(p, environment[p]) for p in ("bitsandbytes", "accelerate", "datasets")]
+    return [torch_req, *cell.requirements(), *extra]
+
+
+def uv_executable() -> str:
+    found = shutil.which("uv")
+    if found:
+        return found
+    try:
+        from uv import find_uv_bin  # the PyPI "uv" package ships the binary
+    except ImportError as exc:
+        raise InstallError("install_failed", "uv is not installed (pip install uv)") from exc
+    return find_uv_bin()
+
+
+def install(python: str, cell: Cell, environment: dict, timeout_s: float) -> dict:
+    """Install the cell's requirements into the venv of ``python``; return what was asked and how long it took."""
+    reqs = requirements(cell, environment)
+    cmd = [uv_executable(), "pip", "install", "--python", python]
+    for folder in find_links():
+        cmd += ["--find-links", folder]
+    cmd += reqs
+    start = time.monotonic()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise InstallError("install_failed", f"uv pip install timed out after {timeout_s:.0f} s") from exc
+    if proc.returncode != 0:
+        message = _clean(proc.stderr or proc.stdout)
+        status = "unresolvable" if any(m in message for m in UNRESOLVABLE_MARKERS) else "install_failed"
+        raise InstallError(status, message)
+    return {"requirements": reqs, "find_links": find_links(), "seconds": round(time.monotonic() - start, 1)}
+
+
+def _clean(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text).strip()

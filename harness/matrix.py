@@ -1,0 +1,133 @@
+"""Read and validate harness/matrix.toml: the version cells, tiny archs, quantizations and run settings."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MATRIX_FILE = Path(__file__).with_name("matrix.toml")
+LATEST = "latest"
+_VERSION = re.compile(r"^\d+(\.\d+){0,3}([a-z]+\d*)?$")
+PACKAGES = ("transformers", "peft", "trl")
+MODES = ("off", "on")
+
+
+class MatrixError(ValueError):
+    """A bad matrix entry or command-line value; the message names the value and the allowed ones."""
+
+
+def check_version(package: str, value: str) -> str:
+    value = str(value).strip()
+    if value != LATEST and not _VERSION.match(value):
+        raise MatrixError(f"{package} version {value!r} is malformed: use an exact release like 5.6.2, or 'latest'")
+    return value
+
+
+def pin(package: str, value: str) -> str:
+    return package if value == LATEST else f"{package}=={value}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    transformers: str
+    peft: str
+    trl: str
+    trl_why: str = ""
+    lane: bool = False
+
+    def __post_init__(self):
+        for package in PACKAGES:
+            check_version(package, getattr(self, package))
+
+    @property
+    def name(self) -> str:
+        return f"tf{self.transformers}-peft{self.peft}-trl{self.trl}"
+
+    def requirements(self) -> list[str]:
+        return [pin(p, getattr(self, p)) for p in PACKAGES]
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "transformers": self.transformers, "peft": self.peft, "trl": self.trl,
+                "trl_why": self.trl_why, "lane": self.lane}
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    model_type: str
+    attention: tuple[str, ...]
+    config: dict = field(hash=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Matrix:
+    environment: dict
+    run: dict
+    lanes: tuple[Cell, ...]
+    full_axes: dict
+    arch_common: dict
+    archs: dict[str, Arch]
+    quants: dict[str, dict]
+    test_lanes: tuple[Cell, ...] = ()
+
+    def test_cells(self) -> list[Cell]:
+        return list(self.test_lanes)
+
+    def full_cells(self) -> list[Cell]:
+        lane_names = {c.name for c in self.lanes}
+        cells = []
+        for tf, pf, tr in itertools.product(*(self.full_axes[p] for p in PACKAGES)):
+            cell = Cell(tf, pf, tr)
+            cells.append(Cell(tf, pf, tr, lane=cell.name in lane_names))
+        return cells
+
+    def check_archs(self, names) -> list[str]:
+        names = list(names) if names else list(self.archs)
+        unknown = [n for n in names if n not in self.archs]
+        if unknown:
+            raise MatrixError(f"unknown arch {', '.join(map(repr, unknown))}; known: {', '.join(self.archs)}")
+        return names
+
+    def check_quants(self, names) -> list[str]:
+        names = list(names) if names else list(self.quants)
+        unknown = [n for n in names if n not in self.quants]
+        if unknown:
+            raise MatrixError(f"unknown quant {', '.join(map(repr, unknown))}; known: {', '.join(self.quants)}")
+        return names
+
+    def case_specs(self, shims_on: bool, archs=None, quants=None, *, cache_dir: str, work_dir: str) -> list[dict]:
+        specs = []
+        for arch_name in self.check_archs(archs):
+            arch = self.archs[arch_name]
+            for quant in self.check_quants(quants):
+                specs.append({
+                    "arch": arch.name, "model_type": arch.model_type, "quant": quant,
+                    "arch_common": self.arch_common, "arch_config": arch.config, "attention": list(arch.attention),
+                    "quant_spec": self.quants[quant], "run": self.run, "shims_on": shims_on,
+                    "cache_dir": cache_dir, "work_dir": work_dir,
+                })
+        return specs
+
+
+def load_matrix(path: Path = MATRIX_FILE) -> Matrix:
+    with open(path, "rb") as fh:
+        data = tomllib.load(fh)
+    try:
+        lanes = tuple(Cell(**lane, lane=True) for lane in data["lane"])
+        archs = {
+            name: Arch(name, spec.get("model_type", name), tuple(spec["attention"]), dict(spec.get("config", {})))
+            for name, spec in data["arch"].items()
+        }
+        full = {p: [check_version(p, v) for v in data["full"][p]] for p in PACKAGES}
+        tests = tuple(Cell(**lane) for lane in data.get("test_lane", []))
+        matrix = Matrix(data["environment"], data["run"], lanes, full, data["arch_common"], archs, data["quant"],
+                        tests)
+    except (KeyError, TypeError) as exc:
+        raise MatrixError(f"{path}: malformed matrix ({type(exc).__name__}: {exc})") from exc
+    names = [c.name for c in lanes]
+    if len(set(names)) != len(names):
+        raise MatrixError(f"{path}: duplicate release lanes in {names}")
+    return matrix

@@ -1,0 +1,199 @@
+"""Render the compatibility report (markdown) from results files alone, with pandas + tabulate."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pandas as pd
+
+from . import verdict
+from .matrix import Matrix, load_matrix
+from .results import Problem, load_dir
+
+SHIMS_LABEL = {"off": "native", "on": "shims"}
+
+
+def _fmt(value, spec: str = ".2g") -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return format(value, spec)
+    return str(value)
+
+
+def _version(doc: dict, package: str) -> str:
+    return (doc.get("versions") or {}).get(package) or doc["cell"].get(package, "?")
+
+
+def case_rows(docs: list[dict]) -> pd.DataFrame:
+    """One row per case (or per cell that did not run), with its verdict and key metrics."""
+    rows = []
+    for doc in docs:
+        base = {
+            "cell": doc["cell"]["name"], "lane": bool(doc["cell"].get("lane")),
+            "transformers": _version(doc, "transformers"), "peft": _version(doc, "peft"), "trl": _version(doc, "trl"),
+            "shims": SHIMS_LABEL.get(doc["mode"], doc["mode"]), "mode": doc["mode"],
+            "machine": (doc.get("machine") or {}).get("host", ""),
+            "device": (doc.get("environment") or {}).get("device", ""),
+            "file": doc.get("_file", ""),
+        }
+        if doc["status"] != "ran":
+            err = doc.get("error") or {}
+            rows.append({**base, "arch": "(all)", "quant": "(all)", "verdict": doc["status"],
+                         "stage": "install", "error": (err.get("message") or "")[-600:], "reasons": ""})
+            continue
+        for case in doc["cases"]:
+            m = case.get("metrics", {})
+            v, reasons = verdict.judge(case)
+            failed = verdict.first_failed_stage(case)
+            stage, error = ("", "")
+            if failed:
+                stage = failed[0]
+                err = failed[1].get("error", {})
+                error = f"{err.get('type', '')}: {err.get('message', '')}"
+            rows.append({
+                **base, "arch": case["arch"], "quant": case["quant"], "verdict": v, "stage": stage,
+                "error": error, "reasons": "; ".join(reasons),
+                "loss": (f"{m['loss_first']:.2f} -> {m['loss_last']:.2f}"
+                         if m.get("loss_first") is not None and m.get("loss_last") is not None else ""),
+                "grad_norm": _fmt(m.get("grad_norm")),
+                "expert_grad": _fmt(m.get("expert_lora_grad_norm")),
+                "experts_4bit": (f"{m.get('experts_quantized')}/{m.get('experts_expert_tensors')}"
+                                 if "experts_expert_tensors" in m else ""),
+                "expert_bytes": (f"{m['experts_bytes'] / m['experts_bf16_bytes']:.2f}x"
+                                 if m.get("experts_bf16_bytes") else ""),
+                "merged": (f"{m.get('export_applied')}/{m.get('export_attempted')}"
+                           if "export_attempted" in m else ""),
+                "kl_merged": _fmt(m.get("kl_merged")), "kl_export": _fmt(m.get("kl_export")),
+                "kl_adapter": _fmt(m.get("kl_adapter")),
+                "samples": " ".join(f"{k}:{m[f'samples_{k}']}" for k in ("merged", "export", "adapter")
+                                    if f"samples_{k}" in m),
+                "seconds": sum(s.get("seconds", 0) for s in case.get("stages", {}).values()),
+            })
+    return pd.DataFrame(rows)
+
+
+def missing_lane_rows(matrix: Matrix, docs: list[dict]) -> list[dict]:
+    have = {(d["cell"]["name"], d["mode"]) for d in docs}
+    rows = []
+    for lane in matrix.lanes:
+        for mode in ("off", "on"):
+            if (lane.name, mode) not in have:
+                rows.append({"cell": lane.name, "lane": True, "transformers": lane.transformers, "peft": lane.peft,
+                             "trl": lane.trl, "shims": SHIMS_LABEL[mode], "mode": mode, "arch": "(all)",
+                             "quant": "(all)", "verdict": "missing", "stage": "",
+                             "error": "no results file: this lane did not run", "reasons": ""})
+    return rows
+
+
+SYMBOL = {"pass": "pass", "fail": "FAIL", "error": "ERROR", "n/a": "n/a", "unresolvable": "unresolvable",
+          "install_failed": "install failed", "missing": "missing"}
+
+
+def summary_grid(df: pd.DataFrame) -> pd.DataFrame:
+    df = df.assign(case=df["arch"] + "/" + df["quant"])
+    pivot = df.pivot_table(index=["cell", "shims"], columns="case", values="verdict",
+                           aggfunc=lambda v: ",".join(sorted(set(v))))
+    grid = pivot.map(lambda v: SYMBOL.get(v, v) if isinstance(v, str) else "")
+    out = grid.unstack("shims")
+    out.columns = [f"{case} ({mode})" for case, mode in out.columns]
+    # native / shims side by side in one cell: "FAIL / pass"
+    cases = sorted({c.rsplit(" (", 1)[0] for c in out.columns})
+    combined = pd.DataFrame(index=out.index)
+    for case in cases:
+        native = out.get(f"{case} (native)", pd.Series("", index=out.index)).fillna("")
+        shimmed = out.get(f"{case} (shims)", pd.Series("", index=out.index)).fillna("")
+        combined[case] = native + " / " + shimmed
+    if "(all)/(all)" in combined.columns:
+        cols = [c for c in combined.columns if c != "(all)/(all)"] + ["(all)/(all)"]
+        combined = combined[cols]
+    return combined
+
+
+def render(results_dir: Path, matrix: Matrix, title: str = "release lanes") -> str:
+    docs, problems = load_dir(results_dir)
+    df = case_rows(docs)
+    extra = missing_lane_rows(matrix, docs) if title == "release lanes" else []
+    if extra:
+        df = pd.concat([df, pd.DataFrame(extra)], ignore_index=True)
+    parts = [f"# moe-shims compatibility report ({title})", ""]
+    parts += _header(docs)
+    if df.empty:
+        parts += ["No results found in `" + str(results_dir) + "`.", ""]
+    else:
+        parts += ["## Summary (native / shims)", "",
+                  "Each cell: the verdict with the shims off (native libraries) / on. "
+                  "`FAIL` = a stage failed or a rule was broken; `ERROR` = the harness stopped the case "
+                  "(timeout, killed, crashed); `n/a` = the arch does not exist in that transformers.", "",
+                  summary_grid(df).to_markdown(), ""]
+        parts += ["## Details", "", _details(df), ""]
+        parts += ["## Failures", "", _failures(df), ""]
+    parts += ["## Verdict rules", "", _rules(), ""]
+    parts += ["## Unusable results files", "", _problems(problems), ""]
+    parts += ["## Run times", "", _timings(docs), ""]
+    return "\n".join(parts)
+
+
+def _header(docs: list[dict]) -> list[str]:
+    if not docs:
+        return []
+    machines = sorted({f"{(d.get('machine') or {}).get('host', '?')} ({(d.get('environment') or {}).get('device_name') or (d.get('machine') or {}).get('platform', '')}, {(d.get('machine') or {}).get('cpus', '?')} CPUs)" for d in docs})
+    newest = max(d.get("started", 0) for d in docs)
+    shims_versions = sorted({d.get("shims_version", "?") for d in docs})
+    torch_v = sorted({(d.get("versions") or {}).get("torch") or "?" for d in docs if d["status"] == "ran"})
+    bnb_v = sorted({(d.get("versions") or {}).get("bitsandbytes") or "?" for d in docs if d["status"] == "ran"})
+    return [f"- moe-shims version: {', '.join(shims_versions)}",
+            f"- newest run: {dt.datetime.fromtimestamp(newest, dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+            f"- machines: {'; '.join(machines)}",
+            f"- torch: {', '.join(torch_v)}; bitsandbytes: {', '.join(bnb_v)}", ""]
+
+
+def _details(df: pd.DataFrame) -> str:
+    cols = ["transformers", "peft", "trl", "arch", "quant", "shims", "loss", "grad_norm", "expert_grad",
+            "experts_4bit", "expert_bytes", "merged", "kl_merged", "kl_export", "kl_adapter", "samples", "verdict"]
+    cols = [c for c in cols if c in df.columns]
+    view = df.sort_values(["cell", "arch", "quant", "mode"])[cols].fillna("")
+    return view.to_markdown(index=False)
+
+
+def _failures(df: pd.DataFrame) -> str:
+    bad = df[~df["verdict"].isin(["pass", "n/a"])].sort_values(["cell", "arch", "quant", "mode"])
+    if bad.empty:
+        return "None."
+    lines = []
+    for _, r in bad.iterrows():
+        what = r["error"] if r.get("error") else ""
+        why = r["reasons"] if r.get("reasons") else ""
+        detail = " | ".join(x for x in (f"stage `{r['stage']}`" if r.get("stage") else "", what, why) if x)
+        lines.append(f"- **{r['cell']} {r['arch']}/{r['quant']} {r['shims']}** ({r['verdict']}): "
+                     + detail.replace("\n", " ")[:700])
+    return "\n".join(lines)
+
+
+def _rules() -> str:
+    table = pd.DataFrame([{"rule": r.name, "holds when": r.description} for r in verdict.RULES])
+    return table.to_markdown(index=False)
+
+
+def _problems(problems: list[Problem]) -> str:
+    if not problems:
+        return "None."
+    return pd.DataFrame([{"file": p.file, "problem": p.problem} for p in problems]).to_markdown(index=False)
+
+
+def _timings(docs: list[dict]) -> str:
+    if not docs:
+        return "No runs."
+    rows = [{"cell": d["cell"]["name"], "shims": SHIMS_LABEL.get(d["mode"], d["mode"]), "status": d["status"],
+             "install s": (d.get("install") or {}).get("seconds", ""), "run s": d.get("seconds", ""),
+             "processes": d.get("processes", "")} for d in docs]
+    total = sum(float(d.get("seconds") or 0) + float((d.get("install") or {}).get("seconds") or 0) for d in docs)
+    return pd.DataFrame(rows).to_markdown(index=False) + f"\n\nTotal (sum over cells): {total / 60:.1f} min."
+
+
+def write_report(results_dir: Path, out: Path, title: str = "release lanes") -> Path:
+    from .results import write_text_atomic
+
+    write_text_atomic(out, render(results_dir, load_matrix(), title))
+    return out

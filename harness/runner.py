@@ -1,0 +1,213 @@
+"""Run one (cell, shims mode) in a cell's interpreter, survive what the cases do, and write its results file.
+
+The cases run in one child process (imports cost ~15 s). The child streams events (see cases/run_cell.py);
+this supervisor watches them. A case that runs past the timeout is stopped ("timeout"); a child that dies
+(signal, crash) leaves its current case "killed"/"crashed" at the stage it was in. Either way the remaining
+cases run in a fresh child, so one bad case never costs the rest of the cell.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from .matrix import Cell, Matrix
+from .results import KIND, SCHEMA_VERSION, results_name, write_json_atomic
+
+REPO = Path(__file__).resolve().parent.parent
+POLL_S = 0.5
+
+
+def shims_version(repo: Path = REPO) -> str:
+    """shims.__version__ read without importing the package (the harness has no torch)."""
+    tree = ast.parse((repo / "shims" / "__init__.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__version__" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise LookupError("shims/__init__.py defines no __version__")
+
+
+def machine_label() -> dict:
+    return {"host": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count()}
+
+
+def _read_events(path: Path, offset: int) -> tuple[list[dict], int]:
+    if not path.exists():
+        return [], offset
+    with open(path, encoding="utf-8") as fh:
+        fh.seek(offset)
+        chunk = fh.read()
+    complete, _, _partial = chunk.rpartition("\n")
+    events = []
+    for line in complete.splitlines():
+        if line.strip():
+            events.append(json.loads(line))
+    return events, offset + len(complete) + (1 if complete else 0)
+
+
+class CellRun:
+    """Supervises the child processes of one (cell, mode) until every case has a record."""
+
+    def __init__(self, python: str, specs: list[dict], work: Path, case_timeout_s: float, log_path: Path):
+        self.python = python
+        self.pending = [s for s in specs]
+        self.work = work
+        self.case_timeout_s = case_timeout_s
+        self.log_path = log_path
+        self.records: dict[str, dict] = {}
+        self.versions: dict | None = None
+        self.environment: dict = {}
+        self.apply_error: dict | None = None
+        self.children = 0
+
+    def run(self) -> None:
+        while self.pending:
+            self._run_child()
+
+    def _case_id(self, spec: dict) -> str:
+        return f"{spec['arch']}/{spec['quant']}"
+
+    def _run_child(self) -> None:
+        self.children += 1
+        spec_path = self.work / f"spec-{self.children}.json"
+        events_path = self.work / f"events-{self.children}.jsonl"
+        spec_path.write_text(json.dumps({"shims_on": self.pending[0]["shims_on"], "cases": self.pending}))
+        events_path.unlink(missing_ok=True)
+        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            child = subprocess.Popen(
+                [self.python, "-m", "cases.run_cell", "--spec", str(spec_path), "--events", str(events_path)],
+                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+            outcome = self._watch(child, events_path)
+        self._settle(outcome, child.returncode)
+
+    def _watch(self, child: subprocess.Popen, events_path: Path) -> dict:
+        offset = 0
+        current = {"case": None, "stage": None, "since": time.monotonic()}
+        while True:
+            events, offset = _read_events(events_path, offset)
+            for ev in events:
+                self._on_event(ev, current)
+            if child.poll() is not None:
+                events, offset = _read_events(events_path, offset)
+                for ev in events:
+                    self._on_event(ev, current)
+                return {"reason": None, **current}
+            if current["case"] and time.monotonic() - current["since"] > self.case_timeout_s:
+                _kill_group(child)
+                return {"reason": "timeout", **current}
+            time.sleep(POLL_S)
+
+    def _on_event(self, ev: dict, current: dict) -> None:
+        kind = ev.get("event")
+        if kind == "process_start":
+            self.versions = ev.get("versions")
+        elif kind == "environment":
+            self.environment = {k: v for k, v in ev.items() if k not in ("event", "t")}
+        elif kind == "shims_apply_failed":
+            self.apply_error = ev.get("error")
+        elif kind == "case_start":
+            current.update(case=ev["case"], stage=None, since=time.monotonic())
+        elif kind == "stage_start":
+            current["stage"] = ev["stage"]
+        elif kind == "case_end":
+            self.records[ev["case"]] = ev["record"]
+            self.pending = [s for s in self.pending if self._case_id(s) != ev["case"]]
+            current.update(case=None, stage=None)
+
+    def _settle(self, outcome: dict, returncode: int | None) -> None:
+        """After a child ends, give the case it was in (if any) a record; drop nothing."""
+        if self.apply_error is not None:
+            for spec in self.pending:
+                self.records[self._case_id(spec)] = _failed_record(spec, "shims.apply", "failed", self.apply_error)
+            self.pending = []
+            return
+        case = outcome["case"]
+        if case is None and self.pending and returncode is not None:
+            # died before starting a case (import error, crash at start-up): blame the next case
+            case, outcome["stage"] = self._case_id(self.pending[0]), "startup"
+        if case is None:
+            return
+        spec = next(s for s in self.pending if self._case_id(s) == case)
+        if outcome["reason"] == "timeout":
+            status, message = "timeout", f"case exceeded its {self.case_timeout_s:.0f} s limit"
+        elif returncode is not None and returncode < 0:
+            status, message = "killed", f"process killed by {signal.Signals(-returncode).name}"
+        else:
+            status, message = "crashed", f"process exited with code {returncode}"
+        error = {"type": status, "message": f"{message} during stage {outcome['stage'] or 'startup'}",
+                 "traceback": _log_tail(self.log_path)}
+        self.records[case] = _failed_record(spec, outcome["stage"] or "startup", status, error)
+        self.pending = [s for s in self.pending if self._case_id(s) != case]
+
+
+def _failed_record(spec: dict, stage: str, status: str, error: dict) -> dict:
+    return {"case": f"{spec['arch']}/{spec['quant']}", "arch": spec["arch"], "quant": spec["quant"],
+            "stages": {stage: {"status": status, "error": error}}, "metrics": {}}
+
+
+def _kill_group(child: subprocess.Popen) -> None:
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    child.wait()
+
+
+def _log_tail(path: Path, chars: int = 1500) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")[-chars:]
+    except FileNotFoundError:
+        return ""
+
+
+def run_cell(cell: Cell, mode: str, python: str, matrix: Matrix, results_dir: Path, work_root: Path,
+             archs=None, quants=None, install: dict | None = None) -> Path:
+    """Run every case of ``cell`` in ``mode`` ("off"/"on") with ``python``; write and return its results file."""
+    work = work_root / cell.name / f"shims-{mode}"
+    work.mkdir(parents=True, exist_ok=True)
+    specs = matrix.case_specs(mode == "on", archs, quants, cache_dir=str(work_root / "models"),
+                              work_dir=str(work / "cases"))
+    started = time.time()
+    supervisor = CellRun(python, specs, work, float(matrix.run["case_timeout_s"]), work / "cell.log")
+    supervisor.run()
+    order = [f"{s['arch']}/{s['quant']}" for s in specs]
+    doc = _document(cell, mode, "ran", started, install)
+    doc.update(
+        versions=supervisor.versions or {},
+        environment=supervisor.environment,
+        cases=[supervisor.records[c] for c in order],
+        processes=supervisor.children,
+    )
+    path = results_dir / results_name(cell.name, mode)
+    write_json_atomic(path, doc)
+    return path
+
+
+def write_install_failure(cell: Cell, status: str, message: str, results_dir: Path,
+                          install: dict | None = None) -> list[Path]:
+    """A cell whose pins could not be installed: one results file per mode saying so, with the resolver's words."""
+    paths = []
+    for mode in ("off", "on"):
+        doc = _document(cell, mode, status, time.time(), install)
+        doc.update(error={"type": status, "message": message[-4000:]}, cases=[], versions={})
+        path = results_dir / results_name(cell.name, mode)
+        write_json_atomic(path, doc)
+        paths.append(path)
+    return paths
+
+
+def _document(cell: Cell, mode: str, status: str, started: float, install: dict | None) -> dict:
+    return {
+        "kind": KIND, "schema": SCHEMA_VERSION, "cell": cell.as_dict(), "mode": mode, "status": status,
+        "shims_version": shims_version(), "machine": machine_label(), "started": started,
+        "seconds": round(time.time() - started, 1), "install": install or {},
+    }

@@ -1,0 +1,152 @@
+"""The verdict rules: one table, used by the report (which prints it) and by the gate.
+
+A case passes when every stage ran and every rule that applies to it holds. Bounds are exact-reference
+comparisons (trained PeftModel vs its own merge / export / reloaded adapter), not loose quality thresholds.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+KL_ADAPTER_MAX = 1e-5      # reloading the same adapter into the same base must reproduce the logits
+KL_EXPORT_MAX = 1e-4       # merged export reloaded in fp32: only bf16 rounding of W + delta remains
+KL_MERGED_MAX = 1e-4       # in-place merge into float experts (4-bit merges re-quantize: reported, not bounded)
+LOSS_FALL_RATIO = 0.9      # mean of the last 3 logged losses <= 0.9 x mean of the first 3
+
+PASS, FAIL, ERROR, NA = "pass", "fail", "error", "n/a"
+# stage statuses that mean the harness stopped the case rather than the case failing by itself
+ABORTED = ("timeout", "killed", "crashed")
+
+
+def _num(metrics: dict, key: str) -> float | None:
+    value = metrics.get(key)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _all_agree(text) -> bool:
+    if not isinstance(text, str) or "/" not in text:
+        return False
+    same, total = text.split("/")
+    return same == total and int(total) > 0
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    description: str
+    applies: Callable[[dict], bool]
+    holds: Callable[[dict], bool]
+
+
+def _is(quant: str) -> Callable[[dict], bool]:
+    return lambda case: case.get("quant") == quant
+
+
+def _ran(stage: str) -> Callable[[dict], bool]:
+    return lambda case: case.get("stages", {}).get(stage, {}).get("status") == "ok"
+
+
+def _le(key: str, bound: float) -> Callable[[dict], bool]:
+    def check(case: dict) -> bool:
+        value = _num(case.get("metrics", {}), key)
+        return value is not None and math.isfinite(value) and value <= bound
+    return check
+
+
+def _loss_falls(case: dict) -> bool:
+    m = case.get("metrics", {})
+    first, last = _num(m, "loss_first3"), _num(m, "loss_last3")
+    return first is not None and last is not None and last <= LOSS_FALL_RATIO * first
+
+
+def _positive(key: str) -> Callable[[dict], bool]:
+    def check(case: dict) -> bool:
+        value = _num(case.get("metrics", {}), key)
+        return value is not None and math.isfinite(value) and value > 0
+    return check
+
+
+def _expert_lora_moved(case: dict) -> bool:
+    m = case.get("metrics", {})
+    a, b = m.get("expert_lora_A_moved", 0), m.get("expert_lora_B_moved", 0)
+    return a > 0 and b > 0 and a == m.get("expert_lora_A_total") and b == m.get("expert_lora_B_total")
+
+
+def _experts_quantized(case: dict) -> bool:
+    m = case.get("metrics", {})
+    total = m.get("experts_expert_tensors") or 0
+    return total > 0 and m.get("experts_quantized") == total
+
+
+def _export_complete(case: dict) -> bool:
+    m = case.get("metrics", {})
+    if "export_attempted" not in m:
+        return True  # native export (save_pretrained of the merged model) reports no counts
+    return m.get("export_attempted", 0) > 0 and m.get("export_applied") == m.get("export_attempted")
+
+
+def _export_is_16bit(case: dict) -> bool:
+    return case.get("metrics", {}).get("export_quantized") == 0
+
+
+def _samples(key: str) -> Callable[[dict], bool]:
+    return lambda case: _all_agree(case.get("metrics", {}).get(key))
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("loss_falls", f"training loss falls: mean(last 3) <= {LOSS_FALL_RATIO} x mean(first 3)",
+         _ran("train"), _loss_falls),
+    Rule("grad_norm", "trainer grad_norm > 0 and finite", _ran("train"), _positive("grad_norm")),
+    Rule("expert_lora_trains", "expert LoRA grad norm > 0 and every expert lora_A and lora_B changed",
+         _ran("train"), lambda c: _positive("expert_lora_grad_norm")(c) and _expert_lora_moved(c)),
+    Rule("experts_4bit", "nf4: every routed-expert weight tensor is stored in 4 bits after load",
+         lambda c: _is("nf4")(c) and _ran("load")(c), _experts_quantized),
+    Rule("kl_merged", f"bf16: KL(trained || merged) <= {KL_MERGED_MAX:g}",
+         lambda c: _is("bf16")(c) and _ran("merge")(c), _le("kl_merged", KL_MERGED_MAX)),
+    Rule("samples_merged", "bf16: greedy samples of the merged model match the trained model's",
+         lambda c: _is("bf16")(c) and _ran("merge")(c), _samples("samples_merged")),
+    Rule("export_complete", "shims export: every LoRA delta applied (applied == attempted > 0)",
+         _ran("export"), _export_complete),
+    Rule("export_16bit", "the exported checkpoint reloads with 16-bit (not 4-bit) experts",
+         lambda c: _ran("export_reload")(c) and c.get("metrics", {}).get("export_attempted") is not None,
+         _export_is_16bit),
+    Rule("kl_export", f"KL(trained || reloaded export) <= {KL_EXPORT_MAX:g}", _ran("export_reload"),
+         _le("kl_export", KL_EXPORT_MAX)),
+    Rule("samples_export", "greedy samples of the reloaded export match the trained model's",
+         _ran("export_reload"), _samples("samples_export")),
+    Rule("kl_adapter", f"KL(trained || base + reloaded adapter) <= {KL_ADAPTER_MAX:g}", _ran("adapter_reload"),
+         _le("kl_adapter", KL_ADAPTER_MAX)),
+    Rule("samples_adapter", "greedy samples after adapter reload match the trained model's",
+         _ran("adapter_reload"), _samples("samples_adapter")),
+)
+
+
+def first_failed_stage(case: dict) -> tuple[str, dict] | None:
+    for name, stage in case.get("stages", {}).items():
+        if stage.get("status") not in ("ok", "skipped", "unavailable"):
+            return name, stage
+    return None
+
+
+def judge(case: dict) -> tuple[str, list[str]]:
+    """(verdict, reasons) for one case record."""
+    stages = case.get("stages", {})
+    if any(s.get("status") == "unavailable" for s in stages.values()):
+        reason = next(s.get("reason", "") for s in stages.values() if s.get("status") == "unavailable")
+        return NA, [reason]
+    failed = first_failed_stage(case)
+    reasons: list[str] = []
+    verdict = PASS
+    if failed:
+        name, stage = failed
+        err = stage.get("error", {})
+        reasons.append(f"stage {name} {stage.get('status')}: {err.get('type', '')}: {err.get('message', '')}"[:300])
+        verdict = ERROR if stage.get("status") in ABORTED else FAIL
+    for rule in RULES:
+        if rule.applies(case) and not rule.holds(case):
+            reasons.append(f"rule {rule.name}: {rule.description}")
+            if verdict == PASS:
+                verdict = FAIL
+    return verdict, reasons
