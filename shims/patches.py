@@ -6,9 +6,10 @@ from .registry import Registry
 
 
 def all_patches() -> tuple:
-    from . import peft_compat, quant
+    from . import merge, peft_compat, peft_experts, quant
 
-    return tuple(quant.PATCHES) + tuple(peft_compat.PATCHES)
+    return (tuple(quant.PATCHES) + tuple(peft_experts.PATCHES) + tuple(merge.PATCHES)  # quant/peft_experts/merge: 4-bit experts
+            + tuple(peft_compat.PATCHES))
 
 
 def build_registry() -> Registry:

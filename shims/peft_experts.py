@@ -1,0 +1,172 @@
+"""peft LoRA (``target_parameters``) on shim-quantized 4-bit experts.
+
+Three upstream behaviours break LoRA on parametrized (4-bit) expert tensors, peft 0.18.1 ... 0.21.2:
+
+1. Matching. ``BaseTuner._inject_parameters`` handles modules that have ``parametrizations`` in a separate branch that
+   only matches a target key whose module part equals the FULL module name; suffix keys such as
+   ``"mlp.experts.gate_up_proj"`` never match and no LoRA is attached, silently. We inject the quantized expert
+   tensors ourselves (same matching rule as peft's standard branch: exact key or ``.key`` suffix) through peft's own
+   ``_create_and_replace``, in the order peft's standard branch uses (gate_up inner, down outer), so adapter keys are
+   identical to those of an unquantized model.
+2. Stale cache. ``ParamWrapper._activate_lora`` registers its LoRA proxy with ``unsafe=False``; on a tensor that is
+   already parametrized torch then evaluates it, and inside an outer wrapper's ``parametrize.cached()`` that value
+   (without the inner LoRA) is cached and later returned to the experts forward: the gate_up LoRA would have no
+   effect. We drop that one cache entry right after registration.
+3. Removal. ``ParamWrapper._remove_parametrizations`` removes only ``_LoraParameterProxy`` when a tensor has several
+   parametrizations; peft 0.21 may register a ``_LoraFactorsProxy`` instead, which then stays and piles up on every
+   forward. For quantized tensors we remove the topmost non-4-bit parametrization, which is the one peft just added,
+   and never our own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from contextlib import contextmanager, nullcontext
+from functools import wraps
+
+from .registry import Patch, Target, chain_undo, swap_attr
+
+log = logging.getLogger("shims")
+
+
+def _strip_base_layer(name: str) -> str:
+    return name.replace(".base_layer", "")
+
+
+def _find_wrapper(module, parameter_name: str):
+    """The ParamWrapper for ``parameter_name`` in a (possibly nested) wrapper chain, or None."""
+    from peft.tuners.lora.layer import ParamWrapper
+
+    while isinstance(module, ParamWrapper):
+        if module.parameter_name == parameter_name:
+            return module
+        module = module.base_layer
+    return None
+
+
+def _matches(key: str, targets) -> bool:
+    return key in targets or any(key.endswith("." + t) for t in targets)
+
+
+def inject_quantized_expert_params(tuner, peft_config, model, adapter_name, low_cpu_mem_usage=False) -> list[str]:
+    """Attach LoRA ParamWrappers to shim-quantized expert tensors matching ``target_parameters``; return the keys."""
+    from peft.tuners import tuners_utils
+
+    from .quant import EXPERT_WEIGHT_NAMES, quantized_parametrization
+
+    targets = sorted(set(getattr(peft_config, "target_parameters", None) or ()))
+    if not targets:
+        return []
+    quantized = [(name, module) for name, module in model.named_modules()
+                 if any(quantized_parametrization(module, n) is not None for n in EXPERT_WEIGHT_NAMES)]
+    init_empty = getattr(tuners_utils, "init_empty_weights", None)
+    ctx = init_empty if (low_cpu_mem_usage and init_empty is not None) else nullcontext
+    injected = []
+    for current_name, module in quantized:
+        path = _strip_base_layer(current_name)  # where the outermost wrapper lives (or will live)
+        if not path:
+            raise ValueError("Targeting a parameter of the top-level module is not supported")
+        for param_name in EXPERT_WEIGHT_NAMES:
+            if quantized_parametrization(module, param_name) is None:
+                continue
+            key = f"{path}.{param_name}"
+            if not _matches(key, targets):
+                continue
+            parent_name, _, child_name = path.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            outer = getattr(parent, child_name)
+            target = _find_wrapper(outer, param_name) or outer
+            tuner._check_target_module_compatiblity(peft_config, model, child_name)
+            with ctx():
+                tuner._create_and_replace(peft_config, adapter_name, target, child_name, parent,
+                                          current_key=key, parameter_name=param_name)
+            injected.append(key)
+    log.debug("LoRA attached to %d quantized expert tensors", len(injected))
+    return injected
+
+
+def _needed() -> str | None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed: no 4-bit experts to adapt"
+    try:
+        from peft.tuners.lora.layer import ParamWrapper  # noqa: F401
+    except ImportError:
+        return "this peft has no ParamWrapper (no LoRA on nn.Parameter targets)"
+    from .quant import _has_fused_experts
+
+    if not _has_fused_experts():
+        return "transformers has no fused 3D experts here (per-expert nn.Linear are handled by peft natively)"
+    return None
+
+
+def _install():
+    import torch.nn.utils.parametrize as P
+    from peft.tuners.lora.layer import ParamWrapper
+    from peft.tuners.tuners_utils import BaseTuner
+
+    from .quant import _Packed4bitBase, quantized_parametrization
+
+    original_inject = BaseTuner._inject_parameters
+    original_activate = ParamWrapper._activate_lora
+    original_remove = ParamWrapper._remove_parametrizations
+
+    @wraps(original_inject)
+    def _inject_parameters(self, peft_config, model, adapter_name, low_cpu_mem_usage, *args, **kwargs):
+        ours = inject_quantized_expert_params(self, peft_config, model, adapter_name, low_cpu_mem_usage)
+        result = original_inject(self, peft_config, model, adapter_name, low_cpu_mem_usage, *args, **kwargs)
+        if isinstance(result, list):  # peft >= 0.20 returns the names
+            return ours + result
+        self.targeted_parameter_names.extend(ours)  # older peft records them on the tuner
+        return result
+
+    @wraps(original_activate)
+    @contextmanager
+    def _activate_lora(self, active_adapters):
+        with original_activate(self, active_adapters):
+            base = self.get_base_layer()
+            if quantized_parametrization(base, self.parameter_name) is not None:
+                P._cache.pop((id(base), self.parameter_name), None)
+            yield
+
+    @wraps(original_remove)
+    def _remove_parametrizations(self):
+        base = self.get_base_layer()
+        if quantized_parametrization(base, self.parameter_name) is None:
+            return original_remove(self)
+        plist = base.parametrizations[self.parameter_name]
+        for i in reversed(range(len(plist))):
+            if not isinstance(plist[i], _Packed4bitBase):
+                del plist[i]
+                return None
+        raise RuntimeError(
+            f"{type(base).__name__}.{self.parameter_name}: expected a LoRA parametrization on top of the 4-bit one "
+            "to remove, found only the 4-bit one"
+        )
+
+    return chain_undo([
+        swap_attr(BaseTuner, "_inject_parameters", _inject_parameters),
+        swap_attr(ParamWrapper, "_activate_lora", _activate_lora),
+        swap_attr(ParamWrapper, "_remove_parametrizations", _remove_parametrizations),
+    ])
+
+
+PATCHES: tuple = (
+    Patch(
+        name="peft_quantized_experts",
+        summary="peft target_parameters LoRA attaches to, trains on and cleans up after 4-bit parametrized experts",
+        targets=(
+            Target("peft.tuners.tuners_utils", "BaseTuner._inject_parameters",
+                   ("peft_config", "model", "adapter_name", "low_cpu_mem_usage")),
+            Target("peft.tuners.tuners_utils", "BaseTuner._check_target_module_compatiblity",
+                   ("peft_config", "model", "target_name")),
+            Target("peft.tuners.lora.model", "LoraModel._create_and_replace",
+                   ("lora_config", "adapter_name", "target", "target_name", "parent", "current_key",
+                    "parameter_name")),
+            Target("peft.tuners.lora.layer", "ParamWrapper._activate_lora", ("active_adapters",)),
+            Target("peft.tuners.lora.layer", "ParamWrapper._remove_parametrizations"),
+        ),
+        needed=_needed,
+        install=_install,
+    ),
+)
