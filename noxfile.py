@@ -53,9 +53,8 @@ def _run_cell(session: nox.Session, cell: Cell, results_dir: Path, opts) -> None
         runner.write_install_failure(cell, exc.status, exc.message, results_dir)
         session.warn(f"{cell.name}: {exc.status}: {exc.message.splitlines()[-1] if exc.message else ''}")
         return
-    for mode in opts.mode:
-        path = runner.run_cell(cell, mode, python, MATRIX, results_dir, WORK, opts.arch, opts.quant, info)
-        session.log(f"{cell.name} shims {mode}: {path.relative_to(REPO)}")
+    for path in runner.run_modes(cell, opts.mode, python, MATRIX, results_dir, WORK, opts.arch, opts.quant, info):
+        session.log(f"{cell.name}: {path.relative_to(REPO)}")
 
 
 @nox.session(python=PYTHON)
@@ -63,7 +62,7 @@ def _run_cell(session: nox.Session, cell: Cell, results_dir: Path, opts) -> None
 def e2e(session: nox.Session, cell: Cell) -> None:
     """One release lane: install its pins, run every case with shims off and on."""
     _run_cell(session, cell, RESULTS, _options(session))
-    session.notify("report")
+    session.notify("report", [])
 
 
 @nox.session(python=PYTHON, default=False)
@@ -71,7 +70,7 @@ def e2e(session: nox.Session, cell: Cell) -> None:
 def e2e_full(session: nox.Session, cell: Cell) -> None:
     """One cell of the full transformers x peft x trl cross product."""
     _run_cell(session, cell, FULL_RESULTS, _options(session))
-    session.notify("report_full")
+    session.notify("report_full", [])
 
 
 @nox.session(python=PYTHON, default=False)
@@ -83,7 +82,7 @@ def cell(session: nox.Session) -> None:
     except MatrixError as exc:
         session.error(str(exc))
     _run_cell(session, adhoc, RESULTS, opts)
-    session.notify("report")
+    session.notify("report", [])
 
 
 @nox.session(python=PYTHON, default=False)

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import sys
 import time
 import traceback
@@ -55,6 +56,28 @@ def device_label() -> dict:
     return {"device": "cpu", "device_name": platform.processor() or platform.machine()}
 
 
+FAULT_ENV = "MOE_SHIMS_INJECT_FAULT"
+
+
+def inject_fault(case_id: str, stage: str) -> None:
+    """Test hook: MOE_SHIMS_INJECT_FAULT="arch/quant:stage:kill|hang|crash" makes this process really die,
+    hang or crash when that stage starts, so the harness's fault handling is tested against the real thing."""
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return
+    target_case, target_stage, action = spec.rsplit(":", 2)
+    if (target_case, target_stage) != (case_id, stage):
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "hang":
+        time.sleep(24 * 3600)
+    elif action == "crash":
+        os._exit(70)
+    else:
+        raise ValueError(f"{FAULT_ENV}: unknown action {action!r}; use kill, hang or crash")
+
+
 def run_case(spec_dict: dict, log: EventLog) -> None:
     from cases.pipeline import Case, CaseSpec, needs, stage_order
     from cases.tiny import ArchUnavailable
@@ -69,6 +92,7 @@ def run_case(spec_dict: dict, log: EventLog) -> None:
             stages[name] = {"status": "skipped", "reason": f"needs {', '.join(missing)}"}
             continue
         log.emit("stage_start", case=spec.case_id, stage=name)
+        inject_fault(spec.case_id, name)
         start = time.perf_counter()
         try:
             getattr(case, name)()

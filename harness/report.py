@@ -92,23 +92,22 @@ SYMBOL = {"pass": "pass", "fail": "FAIL", "error": "ERROR", "n/a": "n/a", "unres
 
 
 def summary_grid(df: pd.DataFrame) -> pd.DataFrame:
-    df = df.assign(case=df["arch"] + "/" + df["quant"])
-    pivot = df.pivot_table(index=["cell", "shims"], columns="case", values="verdict",
-                           aggfunc=lambda v: ",".join(sorted(set(v))))
-    grid = pivot.map(lambda v: SYMBOL.get(v, v) if isinstance(v, str) else "")
-    out = grid.unstack("shims")
-    out.columns = [f"{case} ({mode})" for case, mode in out.columns]
-    # native / shims side by side in one cell: "FAIL / pass"
-    cases = sorted({c.rsplit(" (", 1)[0] for c in out.columns})
-    combined = pd.DataFrame(index=out.index)
-    for case in cases:
-        native = out.get(f"{case} (native)", pd.Series("", index=out.index)).fillna("")
-        shimmed = out.get(f"{case} (shims)", pd.Series("", index=out.index)).fillna("")
-        combined[case] = native + " / " + shimmed
-    if "(all)/(all)" in combined.columns:
-        cols = [c for c in combined.columns if c != "(all)/(all)"] + ["(all)/(all)"]
-        combined = combined[cols]
-    return combined
+    """Rows: cells; columns: arch/quant; each entry "native / shims". A cell-level status (missing,
+    unresolvable) fills every column of its row."""
+    df = df.assign(case=df["arch"] + "/" + df["quant"], verdict=df["verdict"].map(lambda v: SYMBOL.get(v, v)))
+    cases = sorted(c for c in df["case"].unique() if c != "(all)/(all)")
+    cells = list(dict.fromkeys(df.sort_values("cell")["cell"]))
+    grid = pd.DataFrame("", index=pd.Index(cells, name="cell"), columns=cases or ["(all)/(all)"])
+    for (cell, case), group in df.groupby(["cell", "case"]):
+        targets = grid.columns if case == "(all)/(all)" else [case]
+        by_mode = {m: ",".join(sorted(set(g["verdict"]))) for m, g in group.groupby("shims")}
+        for target in targets:
+            current = grid.at[cell, target]
+            native, _, shimmed = current.partition(" / ") if current else ("", "", "")
+            native = by_mode.get("native", native)
+            shimmed = by_mode.get("shims", shimmed)
+            grid.at[cell, target] = f"{native or '-'} / {shimmed or '-'}"
+    return grid
 
 
 def render(results_dir: Path, matrix: Matrix, title: str = "release lanes") -> str:
@@ -163,9 +162,8 @@ def _failures(df: pd.DataFrame) -> str:
         return "None."
     lines = []
     for _, r in bad.iterrows():
-        what = r["error"] if r.get("error") else ""
-        why = r["reasons"] if r.get("reasons") else ""
-        detail = " | ".join(x for x in (f"stage `{r['stage']}`" if r.get("stage") else "", what, why) if x)
+        why = r["reasons"] if r.get("reasons") else (r["error"] if r.get("error") else "")
+        detail = " | ".join(x for x in (f"stage `{r['stage']}`" if r.get("stage") else "", why) if x)
         lines.append(f"- **{r['cell']} {r['arch']}/{r['quant']} {r['shims']}** ({r['verdict']}): "
                      + detail.replace("\n", " ")[:700])
     return "\n".join(lines)

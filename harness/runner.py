@@ -192,6 +192,22 @@ def run_cell(cell: Cell, mode: str, python: str, matrix: Matrix, results_dir: Pa
     return path
 
 
+def parallel_jobs() -> int:
+    """Child processes run at once: MOE_SHIMS_JOBS, else one per CPU (each child uses one torch thread)."""
+    return max(1, int(os.environ.get("MOE_SHIMS_JOBS") or os.cpu_count() or 1))
+
+
+def run_modes(cell: Cell, modes, python: str, matrix: Matrix, results_dir: Path, work_root: Path,
+              archs=None, quants=None, install: dict | None = None) -> list[Path]:
+    """run_cell for each shims mode, side by side when there are CPUs for it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=min(len(modes), parallel_jobs())) as pool:
+        futures = [pool.submit(run_cell, cell, mode, python, matrix, results_dir, work_root, archs, quants, install)
+                   for mode in modes]
+        return [f.result() for f in futures]
+
+
 def write_install_failure(cell: Cell, status: str, message: str, results_dir: Path,
                           install: dict | None = None) -> list[Path]:
     """A cell whose pins could not be installed: one results file per mode saying so, with the resolver's words."""
