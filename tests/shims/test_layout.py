@@ -1,0 +1,215 @@
+"""Expert LoRA layout detection, peft's per-expert convention and adapter conversion."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytestmark = pytest.mark.needs_ml
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from shims import layout  # noqa: E402
+
+dims = st.tuples(st.integers(1, 5), st.integers(1, 4), st.integers(1, 7), st.integers(1, 7))
+
+
+class _Experts(torch.nn.Module):
+    """A bare 3D expert parameter, the way transformers 5.x stores it."""
+
+    def __init__(self, e, d1, d2, transposed=False):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(e, d1, d2))
+        if transposed:
+            self.is_transposed = True
+
+
+class _Holder(torch.nn.Module):
+    def __init__(self, e, d1, d2, transposed=False):
+        super().__init__()
+        self.experts = _Experts(e, d1, d2, transposed)
+
+
+def _peft_wrapper(e, r, d1, d2, transposed=False, seed=0):
+    torch.manual_seed(seed)
+    model = peft.get_peft_model(_Holder(e, d1, d2, transposed),
+                                peft.LoraConfig(r=r, lora_alpha=3 * r, target_parameters=["experts.weight"],
+                                                init_lora_weights=False))
+    return model.base_model.model.experts
+
+
+# ---------------------------------------------------------------- properties of peft's convention
+# peft treats a single expert as an ordinary 2D LoRA, so compare against its 3D path with E >= 2
+@settings(max_examples=25, deadline=None)
+@given(st.tuples(st.integers(2, 5), st.integers(1, 4), st.integers(1, 7), st.integers(1, 7)), st.booleans())
+def test_per_expert_slicing_equals_peft_delta(d, transposed):
+    e, r, d1, d2 = d
+    w = _peft_wrapper(e, r, d1, d2, transposed)
+    A, B = w.lora_A["default"].weight, w.lora_B["default"].weight
+    flag = bool(getattr(w, "_did_swap_in_out_features", False))
+    with torch.no_grad():
+        want = w.get_delta_weight("default")
+        got = layout.expert_delta(A, B, e, a_on_d2=flag, scaling=w.scaling["default"])
+    assert got.shape == want.shape == (e, d1, d2)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@settings(max_examples=50, deadline=None)
+@given(dims)
+def test_contiguous_b_slicing_is_wrong_for_several_experts(d):
+    e, r, d1, d2 = d
+    A, B = torch.randn(e * r, d2), torch.randn(d1, e * r)
+    right = layout.expert_delta(A, B, e, a_on_d2=True, scaling=1.0)
+    wrong = torch.stack([B[:, i * r:(i + 1) * r] @ A[i * r:(i + 1) * r] for i in range(e)])
+    if e > 1 and r > 1:
+        assert not torch.allclose(right, wrong)
+    elif e == 1 or r == 1:
+        pass  # the two slicings coincide when there is one expert or rank one
+
+
+@settings(max_examples=50, deadline=None)
+@given(dims)
+def test_swap_round_trips_exactly_and_keeps_every_expert_delta(d):
+    e, r, d1, d2 = d
+    A, B = torch.randn(e * r, d2), torch.randn(d1, e * r)
+    A2, B2 = layout.swap_expert_factors(A, B, e)
+    assert A2.shape == (e * r, d1) and B2.shape == (d2, e * r)
+    assert torch.equal(layout.expert_delta(A2, B2, e, a_on_d2=False, scaling=1.0),
+                       layout.expert_delta(A, B, e, a_on_d2=True, scaling=1.0)) or torch.allclose(
+        layout.expert_delta(A2, B2, e, a_on_d2=False, scaling=1.0),
+        layout.expert_delta(A, B, e, a_on_d2=True, scaling=1.0), rtol=0, atol=1e-5)
+    A3, B3 = layout.swap_expert_factors(A2, B2, e)
+    assert torch.equal(A3, A) and torch.equal(B3, B)
+
+
+@settings(max_examples=50, deadline=None)
+@given(dims)
+def test_stack_is_inverse_of_slicing(d):
+    e, r, d1, d2 = d
+    A, B = torch.randn(e * r, d2), torch.randn(d1, e * r)
+    A2, B2 = layout.stack_expert_factors([layout.expert_factors(A, B, e, i) for i in range(e)])
+    assert torch.equal(A, A2) and torch.equal(B, B2)
+
+
+@settings(max_examples=60, deadline=None)
+@given(dims, st.booleans(), st.booleans())
+def test_shape_detection_raises_exactly_when_ambiguous(d, a_on_d2, transposed):
+    _, _, d1, d2 = d
+    a_in, b_out = (d2, d1) if a_on_d2 else (d1, d2)
+    if d1 == d2:
+        with pytest.raises(layout.AmbiguousLayoutError):
+            layout.layout_from_shapes(a_in, b_out, d1, d2, transposed)
+    else:
+        got = layout.layout_from_shapes(a_in, b_out, d1, d2, transposed)
+        assert got == layout.layout_from_flag(a_on_d2, transposed)
+
+
+def test_version_rules():
+    v = layout.layout_from_peft_version
+    assert v("0.21.2", None) == v("0.19.1", False) == v("0.19.1", True) == "standard"
+    assert v("0.19.0", False) == v("0.19.0", True) == "swapped"  # 0.19.0 decided the swap wrongly
+    assert v("0.18.1", False) == "swapped" and v("0.18.1", True) == "standard"
+    assert v("0.18.1", None) is None and v(None, False) is None and v("0.19.1.dev0", False) is None
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_live_wrapper_layout_matches_its_shapes(transposed):
+    e, r, d1, d2 = 4, 2, 6, 10
+    w = _peft_wrapper(e, r, d1, d2, transposed)
+    A = w.lora_A["default"].weight
+    assert layout.wrapper_layout(w) == layout.layout_from_shapes(A.shape[1], w.lora_B["default"].weight.shape[0],
+                                                                 d1, d2, transposed)
+    if not transposed:
+        # peft >= 0.19.1 ("standard") is the only convention with the flag; 0.18 is "swapped" here
+        expect = "standard" if hasattr(w, "_did_swap_in_out_features") else "swapped"
+        assert layout.wrapper_layout(w) == expect
+    else:
+        assert layout.wrapper_layout(w) == "standard"
+
+
+# ---------------------------------------------------------------- saved adapters (fused experts, 5.x)
+def _train_like_adapter(tiny_moe, model_type, tmp_path, **dims):
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("transformers 4.x has no fused expert parameters")
+    base = tiny_moe(model_type, dtype=torch.float32, **dims)
+    torch.manual_seed(5)
+    cfg = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj"], init_lora_weights=False,
+                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    model = peft.get_peft_model(base, cfg).eval()
+    model.save_pretrained(tmp_path / "src")
+    return model
+
+
+def _expert_wrappers(model):
+    return {n: m for n, m in model.named_modules() if type(m).__name__ == "ParamWrapper"}
+
+
+def test_detect_and_convert_saved_adapter_keeps_logits(tmp_path, tiny_moe):
+    model = _train_like_adapter(tiny_moe, "qwen3_moe", tmp_path)
+    base_cfg = model.base_model.model.config
+    found = layout.detect_adapter_layout(tmp_path / "src", base_config=base_cfg)
+    live = {w.parameter_name: layout.wrapper_layout(w) for w in _expert_wrappers(model).values()}
+    assert len(found) == 4 and {i.param for i in found.values()} == {"gate_up_proj", "down_proj"}
+    assert all(info.layout == live[info.param] for info in found.values())
+
+    other = "swapped" if live["down_proj"] == "standard" else "standard"
+    rec = layout.convert_adapter(tmp_path / "src", tmp_path / "other", to=other, base_config=base_cfg)
+    assert rec["converted"] == 4
+    assert all(i.layout == other for i in layout.detect_adapter_layout(tmp_path / "other").values())
+    layout.convert_adapter(tmp_path / "other", tmp_path / "back", to=live["down_proj"], base_config=base_cfg)
+    from safetensors.torch import load_file
+
+    src, back = load_file(str(tmp_path / "src/adapter_model.safetensors")), load_file(
+        str(tmp_path / "back/adapter_model.safetensors"))
+    assert src.keys() == back.keys() and all(torch.equal(src[k], back[k]) for k in src)
+
+    # The converted adapter, installed the way the other peft convention would hold it, gives the same logits.
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+    conv = load_file(str(tmp_path / "other/adapter_model.safetensors"))
+    _install_as_other_convention(model, conv)
+    with torch.no_grad():
+        got = model(ids).logits
+    assert (got - want).abs().max().item() < 1e-5, (got - want).abs().max()
+
+
+def _install_as_other_convention(model, state):
+    for name, w in _expert_wrappers(model).items():
+        A, B = state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"]
+        w.lora_A["default"] = torch.nn.Linear(A.shape[1], A.shape[0], bias=False)
+        w.lora_B["default"] = torch.nn.Linear(B.shape[1], B.shape[0], bias=False)
+        w.lora_A["default"].weight.data.copy_(A)
+        w.lora_B["default"].weight.data.copy_(B)
+        w._did_swap_in_out_features = not getattr(w, "_did_swap_in_out_features", False)
+        w.in_features, w.out_features = A.shape[1], B.shape[0]
+
+
+def test_ambiguous_square_adapter_without_version_raises(tmp_path, tiny_moe):
+    # 2I == H (I=32, H=64): gate_up LoRA shapes are the same in both layouts
+    model = _train_like_adapter(tiny_moe, "qwen3_moe", tmp_path, expert_dim=32)
+    cfg_path = tmp_path / "src/adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("peft_version", None)
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(layout.AmbiguousLayoutError):
+        layout.detect_adapter_layout(tmp_path / "src", base_config=model.base_model.model.config)
+    with pytest.raises(layout.AmbiguousLayoutError):
+        layout.convert_adapter(tmp_path / "src", tmp_path / "dst", to="swapped",
+                               base_config=model.base_model.model.config)
+    assert not (tmp_path / "dst").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]  # no temp folder left behind
+
+
+def test_convert_refuses_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        layout.convert_adapter(tmp_path, tmp_path / "x", to="standard")
+    with pytest.raises(ValueError, match="to must be"):
+        layout.convert_adapter(tmp_path, tmp_path / "x", to="sideways")
