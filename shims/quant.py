@@ -340,7 +340,8 @@ def _skipped(module_name: str, patterns) -> bool:
 
 def _is_bnb_4bit(hf_quantizer) -> bool:
     cfg = getattr(hf_quantizer, "quantization_config", None)
-    return bool(getattr(cfg, "load_in_4bit", False)) and "bitsandbytes" in str(getattr(cfg, "quant_method", ""))
+    method = getattr(cfg, "quant_method", "")
+    return bool(getattr(cfg, "load_in_4bit", False)) and getattr(method, "value", method) == "bitsandbytes"
 
 
 def _skip_patterns(hf_quantizer) -> list[str]:

@@ -73,3 +73,85 @@ def lora_targets():
         return attn + ["gate_proj", "up_proj", "down_proj"], None
 
     return targets
+
+
+# ---- 4-bit experts fixtures (quant / forward / peft_experts / merge) -----------------------------------------
+Q4_ARCHS = ("qwen3_moe", "mixtral", "gpt_oss")
+_Q4_SHIM_NAMES = ("quantize_fused_experts", "peft_quantized_experts", "peft_merge_quantized_experts")
+
+
+def q4_requires_fused():
+    if not lx_fused_experts():
+        _pytest_lx.skip("transformers 4.x: experts are per-expert nn.Linear, quantized natively (no fused experts)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        _pytest_lx.skip("bitsandbytes is not installed")
+
+
+@_pytest_lx.fixture(scope="session")
+def q4_checkpoint(tmp_path_factory):
+    """model_type -> directory of a saved tiny fp32 model (non-square: 2*I != H), built once per session."""
+    cache = {}
+
+    def checkpoint(model_type):
+        if model_type not in cache:
+            import torch
+
+            model = lx_build_tiny_moe(model_type, dtype=torch.float32)
+            path = tmp_path_factory.mktemp(f"q4_{model_type}")
+            model.save_pretrained(path)
+            cache[model_type] = str(path)
+        return cache[model_type]
+
+    return checkpoint
+
+
+@_pytest_lx.fixture
+def q4_shims():
+    """The 4-bit expert shims applied for one test, restored afterwards."""
+    import shims
+
+    shims.apply(only=_Q4_SHIM_NAMES)
+    yield shims
+    shims.restore()
+
+
+def q4_load(path, **bnb_kwargs):
+    """Load ``path`` in 4-bit (fp32 compute unless overridden), fp32 model dtype."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    kw = dict(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_type="nf4")
+    kw.update(bnb_kwargs)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=kw.pop("dtype", torch.float32),
+                                                quantization_config=BitsAndBytesConfig(**kw)).eval()
+
+
+def q4_reference(qmodel, path):
+    """The float model whose weights are exactly the dequantized weights of ``qmodel`` (attention and experts)."""
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as BF
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from shims import quant
+
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, module in qmodel.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit):
+                w = module.weight
+                ref.get_submodule(name).weight.copy_(BF.dequantize_4bit(w.data, w.quant_state))
+            elif quant.is_quantized_experts(module) and not hasattr(module, "base_layer"):
+                for pname in quant.expert_weight_names(module):
+                    getattr(ref.get_submodule(name), pname).copy_(quant.dequantize_param(module, pname))
+    ref.set_experts_implementation(qmodel.config._experts_implementation)
+    return ref
+
+
+def q4_ids(seed=0, batch=2, length=12, vocab=128):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g)

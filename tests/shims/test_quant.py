@@ -1,0 +1,227 @@
+"""shims.quant: fused MoE experts become real bitsandbytes 4-bit at load (transformers 5.x)."""
+
+import logging
+
+import pytest
+
+from conftest import Q4_ARCHS, q4_load, q4_requires_fused
+
+pytestmark = pytest.mark.needs_ml
+
+
+def _float_model(path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("model_type", Q4_ARCHS)
+def test_experts_are_4bit_after_load(model_type, q4_checkpoint, q4_shims):
+    import bitsandbytes.functional as BF
+    import torch
+
+    from shims import quant
+
+    q4_requires_fused()
+    path = q4_checkpoint(model_type)
+    model = q4_load(path)
+    ref = _float_model(path)
+    layers = model.config.num_hidden_layers
+    storage = quant.expert_storage(model)
+    assert storage["expert_tensors"] == storage["quantized"] == 2 * layers
+    assert storage["bytes"] / storage["bf16_bytes"] <= 0.29
+    for name, module in quant.iter_expert_modules(model):
+        assert quant.is_quantized_experts(module)
+        ref_module = ref.get_submodule(name)
+        for pname in ("gate_up_proj", "down_proj"):
+            packed = module.parametrizations[pname].original
+            assert packed.dtype == torch.uint8 and not packed.requires_grad
+            assert not any(p.is_floating_point() and p.dim() == 3 for p in module.parameters())
+            original = getattr(ref_module, pname)
+            deq = quant.dequantize_param(module, pname)
+            assert deq.shape == original.shape and deq.dtype == torch.float32  # logical shape, compute dtype
+            # bitsandbytes' own nf4 round trip of the checkpoint tensor, bit for bit
+            packed_ref, state_ref = BF.quantize_4bit(original.detach(), quant_type="nf4")
+            assert torch.equal(packed, packed_ref)
+            assert torch.equal(deq, BF.dequantize_4bit(packed_ref, state_ref))
+        if model_type == "gpt_oss":  # transposed layout keeps its float biases
+            assert module.is_transposed
+            assert module.gate_up_proj_bias.dtype == torch.float32
+            assert torch.equal(module.gate_up_proj_bias, ref_module.gate_up_proj_bias)
+
+
+def test_quantized_tensor_by_tensor_while_loading(q4_checkpoint, q4_shims, caplog):
+    from shims import quant
+
+    q4_requires_fused()
+    with caplog.at_level(logging.DEBUG, logger="shims"):
+        model = q4_load(q4_checkpoint("qwen3_moe"))
+    messages = [r.getMessage() for r in caplog.records if r.name == "shims"]
+    assert sum(m.startswith("quantized model.layers.") for m in messages) == 4
+    assert not any("after loading" in m for m in messages)  # the post-load safety net found nothing left
+    assert quant.expert_storage(model)["quantized"] == 4
+
+
+def test_bnb_config_is_honoured(q4_checkpoint, q4_shims):
+    import torch
+
+    from shims import quant
+
+    q4_requires_fused()
+    path = q4_checkpoint("qwen3_moe")
+    model = q4_load(path, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16,
+                    llm_int8_skip_modules=["lm_head", "model.layers.1.mlp.experts"])
+    kept = model.model.layers[1].mlp.experts
+    assert not quant.is_quantized_experts(kept) and kept.gate_up_proj.dtype == torch.float32
+    experts = model.model.layers[0].mlp.experts
+    param = quant.quantized_parametrization(experts, "gate_up_proj")
+    assert param.quant_state.quant_type == "fp4" and param.quant_state.nested
+    assert experts.parametrizations["gate_up_proj"].original.dtype == torch.bfloat16  # quant_storage
+    assert quant.dequantize_param(experts, "gate_up_proj").dtype == torch.bfloat16  # compute dtype
+    storage = quant.expert_storage(model)
+    assert (storage["expert_tensors"], storage["quantized"]) == (4, 2)
+
+
+def test_double_quant_is_smaller(q4_checkpoint, q4_shims):
+    from shims import quant
+
+    q4_requires_fused()
+    loaded = quant.expert_storage(q4_load(q4_checkpoint("qwen3_moe"), bnb_4bit_use_double_quant=True))
+    assert loaded["quantized"] == loaded["expert_tensors"] == 4
+    # The nested statistics carry a fixed 256-entry table per tensor, so the saving needs realistic sizes.
+    ratios = {}
+    for nested in (False, True):
+        m = _toy_experts((8, 512, 256), (8, 256, 256))
+        settings = quant.QuantSettings(compress_statistics=nested)
+        for name in ("gate_up_proj", "down_proj"):
+            quant.quantize_expert_param(m, name, settings)
+        s = quant.expert_storage(m)
+        ratios[nested] = s["bytes"] / s["bf16_bytes"]
+    assert ratios[False] <= 0.29 and ratios[True] <= 0.27 and ratios[True] < ratios[False]
+
+
+def test_apply_twice_is_noop_and_restore_is_native(q4_checkpoint):
+    import transformers.core_model_loading as cml
+
+    import shims
+    from shims import quant
+
+    q4_requires_fused()
+    native = cml.set_param_for_module
+    first = shims.apply(only=["quantize_fused_experts"])
+    patched = cml.set_param_for_module
+    second = shims.apply(only=["quantize_fused_experts"])
+    try:
+        assert patched is not native and cml.set_param_for_module is patched
+        assert [s["applied"] for s in first] == [s["applied"] for s in second]
+        assert next(s for s in second if s["name"] == "quantize_fused_experts")["applied"]
+    finally:
+        shims.restore()
+    assert cml.set_param_for_module is native
+    model = q4_load(q4_checkpoint("qwen3_moe"))
+    storage = quant.expert_storage(model)
+    assert storage["quantized"] == 0 and storage["expert_tensors"] == 4  # upstream behaviour: experts stay float
+
+
+def test_not_needed_without_fused_experts():
+    import shims
+
+    status = {s["name"]: s for s in shims.status()}
+    from shims.quant import _has_fused_experts
+
+    if _has_fused_experts():
+        pytest.skip("fused experts exist here; the 4.x behaviour is checked on transformers 4.57")
+    result = {s["name"]: s for s in shims.apply(only=["quantize_fused_experts"])}
+    shims.restore()
+    assert not result["quantize_fused_experts"]["applied"]
+    assert "not needed" in result["quantize_fused_experts"]["reason"]
+    assert status["quantize_fused_experts"]["drift"] == {} or all(
+        "missing" in v for v in status["quantize_fused_experts"]["drift"].values())
+
+
+def test_dense_model_unchanged(q4_shims, tmp_path):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from shims import quant
+
+    cfg = AutoConfig.for_model("qwen3", vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    model = q4_load(str(tmp_path))
+    assert quant.expert_storage(model) == dict(expert_tensors=0, quantized=0, bytes=0, bf16_bytes=0)
+    assert not any(quant.is_quantized_experts(m) for m in model.modules())
+    assert torch.isfinite(model(torch.zeros(1, 4, dtype=torch.long)).logits).all()
+
+
+# ---- errors: never a silent fallback ------------------------------------------------------------------------
+
+
+def _toy_experts(shape_gate=(4, 48, 64), shape_down=(4, 64, 24), dtype=None):
+    import torch
+
+    m = torch.nn.Module()
+    m.gate_up_proj = torch.nn.Parameter(torch.randn(*shape_gate, dtype=dtype or torch.float32))
+    m.down_proj = torch.nn.Parameter(torch.randn(*shape_down, dtype=dtype or torch.float32))
+    return m
+
+
+def test_dequantize_param_on_float_module_names_it():
+    from shims import quant
+
+    q4_requires_fused()
+    with pytest.raises(quant.ExpertQuantError, match=r"Module\.gate_up_proj is not a shim-quantized"):
+        quant.dequantize_param(_toy_experts(), "gate_up_proj")
+
+
+def test_missing_quant_state_raises_naming_module():
+    from shims import quant
+
+    q4_requires_fused()
+    m = _toy_experts()
+    quant.quantize_expert_param(m, "gate_up_proj", quant.QuantSettings(), owner="layers.3.mlp.experts")
+    assert quant.is_quantized_experts(m)
+    quant.quantized_parametrization(m, "gate_up_proj").quant_state = None
+    with pytest.raises(quant.ExpertQuantError, match=r"layers\.3\.mlp\.experts\.gate_up_proj.*QuantState"):
+        m.gate_up_proj
+    with pytest.raises(quant.ExpertQuantError, match="QuantState"):
+        quant.expert_storage(m)
+
+
+def test_packed_bytes_without_state_raise():
+    import torch
+
+    from shims import quant
+
+    q4_requires_fused()
+    m = _toy_experts()
+    m.gate_up_proj = torch.nn.Parameter(torch.zeros(6144, 1, dtype=torch.uint8), requires_grad=False)
+    with pytest.raises(quant.ExpertQuantError, match=r"gate_up_proj: holds torch\.uint8.*no 4-bit quantization state"):
+        quant.expert_weight_names(m)
+
+
+@pytest.mark.parametrize("shape", [(48, 64), (2, 4, 48, 64)])
+def test_unknown_layout_raises(shape):
+    from shims import quant
+
+    q4_requires_fused()
+    m = _toy_experts(shape_gate=shape)
+    with pytest.raises(quant.ExpertQuantError, match=r"gate_up_proj: shape .* expected 3D"):
+        quant.expert_weight_names(m)
+    with pytest.raises(quant.ExpertQuantError, match="expected a float 3D"):
+        quant.quantize_expert_param(m, "gate_up_proj", quant.QuantSettings())
+
+
+def test_cast_packed_storage_is_detected():
+    import torch
+
+    from shims import quant
+
+    q4_requires_fused()
+    m = _toy_experts()
+    quant.quantize_expert_param(m, "down_proj", quant.QuantSettings(quant_storage=torch.bfloat16), owner="x")
+    m.to(torch.float32)  # a float quant_storage is cast by .to(dtype): the packed bytes are gone
+    with pytest.raises(quant.ExpertQuantError, match=r"x\.down_proj: packed 4-bit storage has dtype torch\.float32"):
+        m.down_proj
