@@ -60,14 +60,15 @@ FAULT_ENV = "MOE_SHIMS_INJECT_FAULT"
 
 
 def inject_fault(case_id: str, stage: str) -> None:
-    """Test hook: MOE_SHIMS_INJECT_FAULT="arch/quant:stage:kill|hang|crash" makes this process really die,
-    hang or crash when that stage starts, so the harness's fault handling is tested against the real thing."""
-    spec = os.environ.get(FAULT_ENV, "")
-    if not spec:
-        return
-    target_case, target_stage, action = spec.rsplit(":", 2)
-    if (target_case, target_stage) != (case_id, stage):
-        return
+    """Test hook: MOE_SHIMS_INJECT_FAULT="arch/quant:stage:kill|hang|crash[;...]" makes this process really
+    die, hang or crash when that stage starts, so the harness's fault handling is tested against the real thing."""
+    for fault in filter(None, os.environ.get(FAULT_ENV, "").split(";")):
+        target_case, target_stage, action = fault.rsplit(":", 2)
+        if (target_case, target_stage) == (case_id, stage):
+            _die(action)
+
+
+def _die(action: str) -> None:
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "hang":

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from harness.matrix import Cell, load_matrix
+from harness.results import KIND, SCHEMA_VERSION
+
+
+@pytest.fixture(scope="session")
+def matrix():
+    return load_matrix()
+
+
+def passing_case(arch="qwen3_moe", quant="bf16") -> dict:
+    """A case record as cases/run_cell.py writes it, with every stage ok and every rule satisfied."""
+    stages = {s: {"status": "ok", "seconds": 0.1} for s in
+              ("build", "load", "lora", "train", "save_adapter", "export", "merge", "export_reload",
+               "adapter_reload")}
+    metrics = {
+        "experts_expert_tensors": 4, "experts_quantized": 4 if quant == "nf4" else 0,
+        "experts_bytes": 20736 if quant == "nf4" else 73728, "experts_bf16_bytes": 73728,
+        "loss_first": 6.5, "loss_last": 1.4, "loss_first3": 6.0, "loss_last3": 1.6, "grad_norm": 2.4,
+        "expert_lora_grad_norm": 0.7, "expert_lora_A_moved": 4, "expert_lora_B_moved": 4,
+        "expert_lora_A_total": 4, "expert_lora_B_total": 4, "kl_merged": 1e-12, "samples_merged": "4/4",
+        "export_applied": 24, "export_attempted": 24, "export_expert_tensors": 4, "export_quantized": 0,
+        "kl_export": 2e-6, "samples_export": "4/4", "kl_adapter": 0.0, "samples_adapter": "4/4",
+    }
+    return {"case": f"{arch}/{quant}", "arch": arch, "quant": quant, "stages": stages, "metrics": metrics}
+
+
+def results_doc(cell: Cell, mode: str, cases: list[dict], status: str = "ran") -> dict:
+    return {
+        "kind": KIND, "schema": SCHEMA_VERSION, "cell": cell.as_dict(), "mode": mode, "status": status,
+        "shims_version": "0.1.0", "machine": {"host": "test", "platform": "linux", "cpus": 2},
+        "started": 1.8e9, "seconds": 10.0, "install": {"seconds": 1.0},
+        "versions": {"transformers": cell.transformers, "peft": cell.peft, "trl": cell.trl, "torch": "2.13.0"},
+        "environment": {"device": "cpu"}, "cases": copy.deepcopy(cases),
+    }

@@ -1,0 +1,77 @@
+import pytest
+
+from harness.cli import adhoc_cell, parse_cell_options
+from harness.matrix import Cell, MatrixError, check_version, load_matrix
+
+
+def test_release_lanes_cover_the_required_combinations(matrix):
+    combos = {(c.transformers, c.peft) for c in matrix.lanes}
+    for required in [("4.57.6", "0.18.1"), ("4.57.6", "0.19.1"), ("5.5.0", "0.18.1"), ("5.5.0", "0.19.1"),
+                     ("5.6.2", "0.18.1"), ("5.6.2", "0.19.1"), ("5.6.2", "latest"), ("latest", "latest")]:
+        assert required in combos
+    assert all(c.trl_why for c in matrix.lanes), "every lane records why its trl was chosen"
+
+
+def test_full_cross_product_is_4x3x3_and_marks_lanes(matrix):
+    cells = matrix.full_cells()
+    assert len(cells) == 36
+    assert len({c.name for c in cells}) == 36
+    assert any(c.lane for c in cells) and not all(c.lane for c in cells)
+
+
+def test_archs_are_non_square(matrix):
+    hidden = matrix.arch_common["hidden_size"]
+    for arch in matrix.archs.values():
+        inter = arch.config.get("moe_intermediate_size", arch.config.get("intermediate_size"))
+        assert 2 * inter != hidden, arch.name
+        assert inter != hidden, arch.name
+
+
+def test_case_specs_cross_archs_and_quants(matrix):
+    specs = matrix.case_specs(True, ["qwen3_moe", "mixtral"], None, cache_dir="c", work_dir="w")
+    assert [(s["arch"], s["quant"]) for s in specs] == [
+        ("qwen3_moe", "bf16"), ("qwen3_moe", "nf4"), ("mixtral", "bf16"), ("mixtral", "nf4")]
+    assert all(s["shims_on"] for s in specs)
+
+
+@pytest.mark.parametrize("bad", ["5.6", "5.6.2.1.9", "v5.6.2", "5.x", "", "newest"])
+def test_malformed_versions_are_rejected_with_the_value(bad):
+    if bad == "5.6":  # two components are a valid release number
+        assert check_version("peft", bad) == "5.6"
+        return
+    with pytest.raises(MatrixError, match="malformed"):
+        check_version("peft", bad)
+
+
+def test_cell_requirements_pin_exactly_or_float_for_latest():
+    assert Cell("5.6.2", "latest", "1.4.0").requirements() == ["transformers==5.6.2", "peft", "trl==1.4.0"]
+
+
+def test_unknown_arch_names_the_value_and_the_allowed(matrix):
+    with pytest.raises(MatrixError) as exc:
+        parse_cell_options(["--arch", "qwen3_moe,llama"], matrix)
+    assert "'llama'" in str(exc.value) and "qwen3_moe" in str(exc.value) and "gpt_oss" in str(exc.value)
+
+
+def test_unknown_option_and_mode_are_rejected(matrix):
+    with pytest.raises(MatrixError, match="unknown option"):
+        parse_cell_options(["--transfomers", "5.6.2"], matrix)
+    with pytest.raises(MatrixError, match="allowed: off, on"):
+        parse_cell_options(["--mode", "maybe"], matrix)
+    with pytest.raises(MatrixError, match="unknown quant"):
+        parse_cell_options(["--quant", "int8"], matrix)
+
+
+def test_adhoc_cell_needs_all_three_versions(matrix):
+    opts = parse_cell_options(["--transformers", "5.6.2", "--peft", "0.19.1"], matrix)
+    with pytest.raises(MatrixError, match="--trl"):
+        adhoc_cell(opts)
+    opts = parse_cell_options(["--transformers", "5.6.2", "--peft", "0.19.1", "--trl", "latest"], matrix)
+    assert adhoc_cell(opts).name == "tf5.6.2-peft0.19.1-trllatest"
+
+
+def test_malformed_matrix_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "matrix.toml"
+    bad.write_text('[environment]\npython = "3.11"\n')
+    with pytest.raises(MatrixError, match="malformed matrix"):
+        load_matrix(bad)

@@ -1,0 +1,65 @@
+import pytest
+
+from harness import verdict
+from tests.harness.conftest import passing_case
+
+
+def test_a_complete_case_passes():
+    assert verdict.judge(passing_case()) == ("pass", [])
+    assert verdict.judge(passing_case(quant="nf4")) == ("pass", [])
+
+
+@pytest.mark.parametrize("key,value,rule", [
+    ("loss_last3", 5.9, "loss_falls"),
+    ("grad_norm", 0.0, "grad_norm"),
+    ("expert_lora_grad_norm", 0.0, "expert_lora_trains"),
+    ("expert_lora_A_moved", 0, "expert_lora_trains"),
+    ("kl_export", 3e-3, "kl_export"),
+    ("kl_adapter", 2e-5, "kl_adapter"),
+    ("kl_merged", float("nan"), "kl_merged"),
+    ("samples_export", "3/4", "samples_export"),
+    ("export_applied", 20, "export_complete"),
+    ("export_quantized", 4, "export_16bit"),
+])
+def test_each_rule_can_fail(key, value, rule):
+    case = passing_case()
+    case["metrics"][key] = value
+    v, reasons = verdict.judge(case)
+    assert v == "fail"
+    assert any(f"rule {rule}" in r for r in reasons)
+
+
+def test_unquantized_experts_fail_nf4_only():
+    case = passing_case(quant="nf4")
+    case["metrics"]["experts_quantized"] = 0
+    v, reasons = verdict.judge(case)
+    assert v == "fail" and any("experts_4bit" in r for r in reasons)
+    bf16 = passing_case()
+    assert verdict.judge(bf16)[0] == "pass"
+
+
+def test_failed_stage_is_reported_with_type_and_message():
+    case = passing_case()
+    case["stages"]["adapter_reload"] = {"status": "failed", "error": {"type": "TypeError", "message": "boom"}}
+    del case["metrics"]["kl_adapter"]
+    v, reasons = verdict.judge(case)
+    assert v == "fail" and reasons[0].startswith("stage adapter_reload failed: TypeError: boom")
+
+
+@pytest.mark.parametrize("status", ["timeout", "killed", "crashed"])
+def test_aborted_stages_are_errors(status):
+    case = passing_case()
+    case["stages"] = {"train": {"status": status, "error": {"type": status, "message": "x"}}}
+    assert verdict.judge(case)[0] == "error"
+
+
+def test_unavailable_arch_is_not_applicable():
+    case = passing_case()
+    case["stages"] = {"build": {"status": "unavailable", "reason": "no model type"}}
+    assert verdict.judge(case) == ("n/a", ["no model type"])
+
+
+def test_missing_metric_fails_rather_than_passes():
+    case = passing_case()
+    del case["metrics"]["kl_export"]
+    assert verdict.judge(case)[0] == "fail"
