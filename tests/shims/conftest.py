@@ -155,3 +155,22 @@ def q4_ids(seed=0, batch=2, length=12, vocab=128):
 
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+def q4_lora_pair(qmodel, ref, seed=1, r=4):
+    """The same random LoRA (attention + expert target_parameters) on the 4-bit model and its float reference."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    def config():
+        return LoraConfig(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+                          init_lora_weights=False)
+
+    torch.manual_seed(seed)
+    pq = get_peft_model(qmodel, config())
+    pr = get_peft_model(ref, config())
+    lora = {k: v for k, v in pq.state_dict().items() if "lora_" in k}
+    result = pr.load_state_dict(lora, strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    return pq, pr
