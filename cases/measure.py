@@ -40,7 +40,7 @@ def greedy(model, tokenizer, texts: list[str], new_tokens: int) -> list[list[int
     model.eval()
     enc = tokenizer(texts, return_tensors="pt", padding=True)
     out = model.generate(
-        **enc, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+        input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=None,
     )
     return out[:, enc["input_ids"].shape[1]:].tolist()

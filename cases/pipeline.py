@@ -143,9 +143,11 @@ class Case:
         from peft import LoraConfig, get_peft_model
 
         targets = expert_targets(self.model)
+        # peft reads a string as one regex (a list would be matched as exact names / suffixes)
+        module_patterns = [rf".*\.({'|'.join(self.spec.attention)})"] + targets["modules"]
         config = LoraConfig(
             r=self.spec.run["lora_rank"], lora_alpha=self.spec.run["lora_alpha"], lora_dropout=0.0,
-            target_modules=targets["modules"] + list(self.spec.attention),
+            target_modules="|".join(f"(?:{p})" for p in module_patterns),
             task_type="CAUSAL_LM", **({"target_parameters": targets["parameters"]} if targets["parameters"] else {}),
         )
         self.metrics["lora_expert_targets"] = targets["parameters"] or targets["modules"]
