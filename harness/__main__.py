@@ -1,4 +1,11 @@
-"""python -m harness report|list ... (see --help)."""
+"""python -m harness report|list|gate|baseline ... (see --help).
+
+    report    --results DIR [--results DIR2 ...]  merge results folders into reports/COMPAT.md, append the
+              history (reports/history.jsonl) when verdicts changed, draw reports/heatmap.png
+    gate      --results DIR [...] --baseline reports/baseline.json   exit 0 pass, 1 fail, 2 bad input
+              (see harness/gate.py)
+    baseline  --results DIR [...] --out reports/baseline.json        accept these results as the baseline
+"""
 
 from __future__ import annotations
 
@@ -16,17 +23,38 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m harness")
     sub = parser.add_subparsers(dest="command", required=True)
     rep = sub.add_parser("report", help="render the markdown report from results files")
-    rep.add_argument("--results", type=Path, default=REPO / "reports" / "results")
+    rep.add_argument("--results", type=Path, action="append", default=None,
+                     help="a results folder; repeat to merge several (default: reports/results)")
     rep.add_argument("--out", type=Path, default=REPO / "reports" / "COMPAT.md")
     rep.add_argument("--title", default="release lanes")
+    rep.add_argument("--history", type=Path, default=None, help="default: history.jsonl beside --out")
+    rep.add_argument("--heatmap", type=Path, default=None, help="default: heatmap.png beside --out")
+    gate = sub.add_parser("gate", help="release gate: current results vs the committed baseline (exit 0/1/2)")
+    gate.add_argument("--results", type=Path, action="append", default=None,
+                      help="a results folder; repeat to merge several (default: reports/results)")
+    gate.add_argument("--baseline", type=Path, default=REPO / "reports" / "baseline.json")
+    base = sub.add_parser("baseline", help="accept results as the new baseline (explicit; the gate never does)")
+    base.add_argument("--results", type=Path, action="append", default=None,
+                      help="a results folder; repeat to merge several (default: reports/results)")
+    base.add_argument("--out", type=Path, default=REPO / "reports" / "baseline.json")
     sub.add_parser("list", help="print the release lanes and archs as JSON")
     args = parser.parse_args(argv)
+    results = getattr(args, "results", None) or [REPO / "reports" / "results"]
     try:
         if args.command == "report":
             from .report import write_report
 
-            out = write_report(args.results, args.out, args.title)
+            out = write_report(results, args.out, args.title, history_path=args.history,
+                               heatmap_path=args.heatmap)
             print(f"wrote {out}")
+        elif args.command == "gate":
+            from . import gate as gate_mod
+
+            return gate_mod.run(results, args.baseline)
+        elif args.command == "baseline":
+            from . import gate as gate_mod
+
+            return gate_mod.accept(results, args.out)
         elif args.command == "list":
             m = load_matrix()
             print(json.dumps({"lanes": [c.as_dict() for c in m.lanes], "archs": list(m.archs),

@@ -1,15 +1,23 @@
-"""Render the compatibility report (markdown) from results files alone, with pandas + tabulate."""
+"""Render the compatibility report (markdown) from results files alone, with pandas + tabulate.
+
+Results may come from several folders (one per machine or CI job): see harness/merge.py. write_report also
+appends the run to the history (harness/history.py) and draws the heatmap (harness/heatmap.py); render()
+itself writes nothing.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 from pathlib import Path
+from typing import Iterable
 
 import pandas as pd
 
-from . import verdict
+from . import history, necessity, verdict
 from .matrix import Matrix, load_matrix
-from .results import Problem, load_dir
+from .merge import MergedResults, load_many
+from .results import Problem
 
 SHIMS_LABEL = {"off": "native", "on": "shims"}
 
@@ -20,6 +28,12 @@ def _fmt(value, spec: str = ".2g") -> str:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return format(value, spec)
     return str(value)
+
+
+def _device(doc: dict) -> str:
+    env = doc.get("environment") or {}
+    device, name = env.get("device", ""), env.get("device_name", "")
+    return f"{device} ({name})" if device and name and name != device else (device or name)
 
 
 def _version(doc: dict, package: str) -> str:
@@ -35,7 +49,7 @@ def case_rows(docs: list[dict]) -> pd.DataFrame:
             "transformers": _version(doc, "transformers"), "peft": _version(doc, "peft"), "trl": _version(doc, "trl"),
             "shims": SHIMS_LABEL.get(doc["mode"], doc["mode"]), "mode": doc["mode"],
             "machine": (doc.get("machine") or {}).get("host", ""),
-            "device": (doc.get("environment") or {}).get("device", ""),
+            "device": _device(doc),
             "file": doc.get("_file", ""),
         }
         if doc["status"] != "ran":
@@ -110,28 +124,111 @@ def summary_grid(df: pd.DataFrame) -> pd.DataFrame:
     return grid
 
 
-def render(results_dir: Path, matrix: Matrix, title: str = "release lanes") -> str:
-    docs, problems = load_dir(results_dir)
-    df = case_rows(docs)
-    extra = missing_lane_rows(matrix, docs) if title == "release lanes" else []
+def _folders(results: Path | str | Iterable[Path]) -> list[Path]:
+    return [Path(results)] if isinstance(results, (str, Path)) else [Path(r) for r in results]
+
+
+def frame(merged: MergedResults, matrix: Matrix, title: str = "release lanes") -> pd.DataFrame:
+    """case_rows of every run, plus a "missing" row per release-lane mode without results (release lanes only)."""
+    df = case_rows(merged.docs)
+    extra = missing_lane_rows(matrix, merged.docs) if title == "release lanes" else []
     if extra:
         df = pd.concat([df, pd.DataFrame(extra)], ignore_index=True)
+    return df
+
+
+def render(results: Path | Iterable[Path], matrix: Matrix, title: str = "release lanes", *,
+           changes: history.Changes | None = None, heatmap: str | None = None) -> str:
+    """The report of the results under one folder or several (merged: see harness/merge.py)."""
+    merged = load_many(_folders(results))
+    return render_merged(merged, frame(merged, matrix, title), title, changes=changes, heatmap=heatmap)
+
+
+def render_merged(merged: MergedResults, df: pd.DataFrame, title: str = "release lanes", *,
+                  changes: history.Changes | None = None, heatmap: str | None = None,
+                  with_history: bool = False) -> str:
+    docs, problems = merged.docs, merged.problems
     parts = [f"# moe-shims compatibility report ({title})", ""]
     parts += _header(docs)
     if df.empty:
-        parts += ["No results found in `" + str(results_dir) + "`.", ""]
+        parts += ["No results found in " + ", ".join(f"`{f}`" for f in merged.folders) + ".", ""]
     else:
         parts += ["## Summary (native / shims)", "",
                   "Each cell: the verdict with the shims off (native libraries) / on. "
                   "`FAIL` = a stage failed or a rule was broken; `ERROR` = the harness stopped the case "
                   "(timeout, killed, crashed); `n/a` = the arch does not exist in that transformers.", "",
                   summary_grid(df).to_markdown(), ""]
+        if heatmap:
+            parts += [f"![verdict heatmap: rows are cells, columns arch/quant x native/shims]({heatmap})", ""]
+        if with_history:
+            parts += ["## Changes since the previous run", "", history.render(changes), ""]
         parts += ["## Details", "", _details(df), ""]
         parts += ["## Failures", "", _failures(df), ""]
+        parts += ["## Shim necessity", "", _necessity(docs), ""]
+        parts += ["## Shim drift", "", _drift(docs), ""]
+    parts += ["## Conflicting results", "", _conflicts(merged), ""]
     parts += ["## Verdict rules", "", _rules(), ""]
     parts += ["## Unusable results files", "", _problems(problems), ""]
     parts += ["## Run times", "", _timings(docs), ""]
     return "\n".join(parts)
+
+
+def verdict_map(df: pd.DataFrame) -> dict[str, str]:
+    """history key (cell | native/shims | arch/quant) -> verdict; runs that disagree give "a,b"."""
+    if df.empty:
+        return {}
+    out = {}
+    for (cell, shims, arch, quant), group in df.groupby(["cell", "shims", "arch", "quant"]):
+        out[history.key(cell, shims, f"{arch}/{quant}")] = ",".join(sorted(set(group["verdict"])))
+    return out
+
+
+def _by_cell_table(entries: dict[str, dict[str, necessity.Entry]]) -> pd.DataFrame:
+    cells = sorted({cell for by_cell in entries.values() for cell in by_cell})
+    table = pd.DataFrame("", index=pd.Index(cells, name="cell"), columns=list(entries))
+    for shim, by_cell in entries.items():
+        for cell, entry in by_cell.items():
+            table.at[cell, shim] = entry.label
+    return table
+
+
+def _entry_details(entries: dict[str, dict[str, necessity.Entry]]) -> list[str]:
+    return [f"- `{shim}` on {cell}: {entry.label}: {entry.detail}"
+            for shim, by_cell in entries.items() for cell, entry in by_cell.items() if entry.detail]
+
+
+def _necessity(docs: list[dict]) -> str:
+    entries = necessity.necessity(docs, necessity.load_symptoms())
+    if not entries:
+        return "No shims status recorded in these results."
+    legend = ("Per shim and cell, from the native and shimmed runs, on the symptom the shim fixes "
+              "([shim_symptoms] in harness/matrix.toml): `needed` = native shows it, shims fix it; "
+              "`not needed here` = native is clean too (a retirement candidate); `broken` = the shimmed run "
+              "still shows it; `unproven` = the native run cannot tell; `n/a` = the shim did not apply here; "
+              "`not exercised` = no case shows its symptom yet. (k/n): cases with that outcome / cases judged.")
+    details = _entry_details(entries)
+    return "\n".join([legend, "", _by_cell_table(entries).to_markdown(), "",
+                      "<details><summary>Why, per shim and cell</summary>", "", *details, "", "</details>"])
+
+
+def _drift(docs: list[dict]) -> str:
+    entries = necessity.drift(docs)
+    if not entries:
+        return "No shims status recorded in these results."
+    legend = ("Upstream symbols each shim touches, as the case processes found them: `ok`, `missing` or "
+              "`signature changed`, then whether the shim applied. A shim that stops applying because its "
+              "target drifted shows `NOT APPLIED (drift)`.")
+    details = _entry_details(entries)
+    return "\n".join([legend, "", _by_cell_table(entries).to_markdown(), "",
+                      *(details or ["No drift."])])
+
+
+def _conflicts(merged: MergedResults) -> str:
+    lines = [f"- **conflict** {c.describe()}" for c in merged.conflicts]
+    if merged.duplicates:
+        lines.append(f"- {len(merged.duplicates)} identical duplicate run(s) counted once: "
+                     + ", ".join(f"`{dropped}`" for dropped, _ in merged.duplicates[:10]))
+    return "\n".join(lines) if lines else "None."
 
 
 def _header(docs: list[dict]) -> list[str]:
@@ -149,7 +246,7 @@ def _header(docs: list[dict]) -> list[str]:
 
 
 def _details(df: pd.DataFrame) -> str:
-    cols = ["transformers", "peft", "trl", "arch", "quant", "shims", "loss", "grad_norm", "expert_grad",
+    cols = ["transformers", "peft", "trl", "arch", "quant", "shims", "machine", "device", "loss", "grad_norm", "expert_grad",
             "experts_4bit", "expert_bytes", "merged", "kl_merged", "kl_export", "kl_adapter", "samples", "verdict"]
     cols = [c for c in cols if c in df.columns]
     view = df.sort_values(["cell", "arch", "quant", "mode"])[cols].fillna("")
@@ -190,8 +287,30 @@ def _timings(docs: list[dict]) -> str:
     return pd.DataFrame(rows).to_markdown(index=False) + f"\n\nTotal (sum over cells): {total / 60:.1f} min."
 
 
-def write_report(results_dir: Path, out: Path, title: str = "release lanes") -> Path:
+def default_heatmap(out: Path) -> Path:
+    out = Path(out)
+    return out.with_name("heatmap.png" if out.stem == "COMPAT" else f"heatmap-{out.stem}.png")
+
+
+def write_report(results: Path | Iterable[Path], out: Path, title: str = "release lanes", *,
+                 history_path: Path | None = None, heatmap_path: Path | None = None) -> Path:
+    """Write the report; append the run to ``history_path`` (default: history.jsonl beside ``out``) when its
+    verdicts changed, and draw the heatmap (default: heatmap.png beside ``out``)."""
+    from .heatmap import write_heatmap
     from .results import write_text_atomic
 
-    write_text_atomic(out, render(results_dir, load_matrix(), title))
+    out = Path(out)
+    merged = load_many(_folders(results))
+    df = frame(merged, load_matrix(), title)
+    history_path = Path(history_path) if history_path else out.with_name("history.jsonl")
+    heatmap_path = Path(heatmap_path) if heatmap_path else default_heatmap(out)
+    record = history.make_record(verdict_map(df), [d.get("shims_version", "?") for d in merged.docs], title)
+    _appended, previous = history.update(history_path, record)
+    heatmap = None
+    if not df.empty:
+        write_heatmap(df, heatmap_path, f"moe-shims {title}: native | shims")
+        heatmap = os.path.relpath(heatmap_path, out.parent)
+    text = render_merged(merged, df, title, changes=history.diff(previous, record), heatmap=heatmap,
+                         with_history=True)
+    write_text_atomic(out, text)
     return out

@@ -1,0 +1,138 @@
+"""reports/history.jsonl: one compact line per distinct results state, and what changed between states.
+
+Each `python -m harness report` builds a record (timestamp, report title, shims version(s), one verdict per
+cell + mode + case) and appends it only when the verdicts or the shims version differ from the last record of
+the same report, so the file is a log of changes, not of invocations. A line is appended with a single
+``write`` on an O_APPEND descriptor, so concurrent reports cannot interleave inside a line.
+
+The report's "changes since the previous run" compares the current state with the previous distinct one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .verdict import PASS
+
+log = logging.getLogger("harness")
+KIND = "moe-shims/history"
+
+
+def key(cell: str, mode: str, case: str) -> str:
+    return f"{cell} | {mode} | {case}"
+
+
+def make_record(verdicts: dict[str, str], shims_versions: list[str], title: str) -> dict:
+    return {"kind": KIND, "t": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "report": title,
+            "shims_version": ", ".join(sorted(set(shims_versions))), "verdicts": dict(sorted(verdicts.items()))}
+
+
+def read(path: Path) -> list[dict]:
+    """The records of a history file, oldest first; malformed lines (a crash mid-write) are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s:%d: skipping a malformed history line", path, n)
+            continue
+        if isinstance(record, dict) and record.get("kind") == KIND and isinstance(record.get("verdicts"), dict):
+            records.append(record)
+    return records
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    return a["verdicts"] == b["verdicts"] and a.get("shims_version") == b.get("shims_version")
+
+
+def append_line(path: Path, record: dict) -> None:
+    """One write call on an O_APPEND descriptor: the line lands whole, after whatever is there."""
+    data = (json.dumps(record, sort_keys=True, separators=(",", ":")) + "\n").encode("utf-8")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        written = os.write(fd, data)
+        if written != len(data):
+            raise OSError(f"short write to {path}: {written} of {len(data)} bytes")
+    finally:
+        os.close(fd)
+
+
+def update(path: Path, record: dict) -> tuple[bool, dict | None]:
+    """Append ``record`` if the state changed; return (appended, the previous distinct state or None)."""
+    same_report = [r for r in read(path) if r.get("report") == record["report"]]
+    if same_report and _same_state(same_report[-1], record):
+        return False, (same_report[-2] if len(same_report) > 1 else None)
+    append_line(path, record)
+    return True, (same_report[-1] if same_report else None)
+
+
+@dataclass
+class Changes:
+    previous_t: str | None = None
+    newly_red: list[tuple[str, str, str]] = field(default_factory=list)    # (key, before, now)
+    newly_green: list[tuple[str, str, str]] = field(default_factory=list)
+    other: list[tuple[str, str, str]] = field(default_factory=list)        # e.g. fail -> error, n/a -> pass
+    appeared: list[str] = field(default_factory=list)
+    disappeared: list[str] = field(default_factory=list)
+
+    @property
+    def any(self) -> bool:
+        return bool(self.newly_red or self.newly_green or self.other or self.appeared or self.disappeared)
+
+
+def _is_red(value: str) -> bool:
+    return value not in (PASS, "n/a")
+
+
+def diff(previous: dict | None, current: dict) -> Changes | None:
+    """newly red: was pass, now a failure of any kind; newly green: was a failure, now pass."""
+    if previous is None:
+        return None
+    before, now = previous["verdicts"], current["verdicts"]
+    changes = Changes(previous_t=previous.get("t"))
+    for k in sorted(set(before) | set(now)):
+        if k not in before:
+            changes.appeared.append(k)
+        elif k not in now:
+            changes.disappeared.append(k)
+        elif before[k] != now[k]:
+            entry = (k, before[k], now[k])
+            if before[k] == PASS and _is_red(now[k]):
+                changes.newly_red.append(entry)
+            elif _is_red(before[k]) and now[k] == PASS:
+                changes.newly_green.append(entry)
+            else:
+                changes.other.append(entry)
+    return changes
+
+
+def render(changes: Changes | None) -> str:
+    if changes is None:
+        return "No previous run recorded in the history."
+    if not changes.any:
+        return f"No change since the previous run ({changes.previous_t})."
+    lines = [f"Compared with the previous distinct run ({changes.previous_t}):", ""]
+    for title, entries in (("Newly red", changes.newly_red), ("Newly green", changes.newly_green),
+                           ("Other verdict changes", changes.other)):
+        if entries:
+            lines.append(f"**{title}** ({len(entries)}):")
+            lines += [f"- {k}: {a} -> {b}" for k, a, b in entries]
+            lines.append("")
+    for title, keys in (("New rows", changes.appeared), ("Rows gone", changes.disappeared)):
+        if keys:
+            shown = ", ".join(keys[:20]) + (f" and {len(keys) - 20} more" if len(keys) > 20 else "")
+            lines += [f"**{title}** ({len(keys)}): {shown}", ""]
+    return "\n".join(lines).rstrip()
