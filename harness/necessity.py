@@ -153,8 +153,10 @@ def _runs_by_cell(docs: list[dict]) -> dict[str, dict[str, dict]]:
 def necessity_entry(shim: str, native_doc: dict | None, shims_doc: dict | None,
                     symptom: Symptom | None) -> Entry:
     statuses = _status_list(shims_doc, "shims_status")
-    if shims_doc is None or shims_doc["status"] != "ran":
+    if shims_doc is None:
         return Entry(NA, "no shimmed run on this cell")
+    if shims_doc["status"] != "ran":
+        return Entry(NA, f"the shimmed run did not run ({shims_doc['status']})")
     if statuses is None:
         return Entry(NA, "the shimmed run recorded no shims status")
     status = next((s for s in statuses if s.get("name") == shim), None)
@@ -175,7 +177,7 @@ def necessity_entry(shim: str, native_doc: dict | None, shims_doc: dict | None,
         if outcome is not None:
             outcomes.setdefault(outcome, []).append(case_id)
     if not outcomes:
-        return Entry(NA, f"no {symptom.quant or ''} case ran here".replace("  ", " "))
+        return Entry(NA, f"no {symptom.quant + ' ' if symptom.quant else ''}case ran here")
     total = sum(len(v) for v in outcomes.values())
     worst = next(label for label in SEVERITY if label in outcomes)
     detail = "; ".join(f"{label}: {', '.join(sorted(outcomes[label]))}" for label in SEVERITY if label in outcomes)
