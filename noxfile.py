@@ -86,6 +86,23 @@ def cell(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON, default=False)
+def mutations(session: nox.Session) -> None:
+    """Plant each bug listed under [mutations] in matrix.toml and record how many the harness catches."""
+    from harness import mutations as mut
+
+    cell = MATRIX.mutation_cell()
+    python = _venv_python(session)
+    try:
+        install.install(python, cell, MATRIX.environment, float(MATRIX.run["install_timeout_s"]))
+    except install.InstallError as exc:
+        session.error(f"cannot install the mutation cell {cell.name}: {exc.message}")
+    score = mut.run_mutations(MATRIX, python, WORK / "mutations", WORK, session.posargs or None)
+    mut.write_score(score, REPO / "reports" / "mutations.json")
+    session.log(f"mutations caught: {score['caught']} / {score['planted']}")
+    session.notify("report", [])
+
+
+@nox.session(python=PYTHON, default=False)
 def report(session: nox.Session) -> None:
     """Render reports/COMPAT.md from reports/results alone."""
     session.install(*REPORT_DEPS)

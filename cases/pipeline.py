@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import measure, tiny
+from . import measure, portable, tiny
 
 # Stage order and the stages each one needs.
 STAGES: dict[str, tuple[str, ...]] = {
@@ -27,14 +27,18 @@ STAGES: dict[str, tuple[str, ...]] = {
     "merge": ("train",),
     "export_reload": ("export",),
     "adapter_reload": ("save_adapter",),
+    "foreign_adapters": ("build",),
 }
 
 
 def stage_order(shims_on: bool) -> list[str]:
     """With shims, export runs from the live PeftModel before merging; natively users export the merged model."""
     if shims_on:
-        return ["build", "load", "lora", "train", "save_adapter", "export", "merge", "export_reload", "adapter_reload"]
-    return ["build", "load", "lora", "train", "save_adapter", "merge", "export", "export_reload", "adapter_reload"]
+        middle = ["export", "merge"]
+    else:
+        middle = ["merge", "export"]
+    return ["build", "load", "lora", "train", "save_adapter", *middle, "export_reload", "adapter_reload",
+            "foreign_adapters"]
 
 
 def needs(stage: str, shims_on: bool) -> tuple[str, ...]:
@@ -56,6 +60,7 @@ class CaseSpec:
     shims_on: bool
     cache_dir: str
     work_dir: str
+    store_dir: str = ""
 
     @property
     def case_id(self) -> str:
@@ -195,6 +200,9 @@ class Case:
 
     def save_adapter(self) -> None:
         self.model.save_pretrained(self.work / "adapter")
+        if not self.spec.shims_on and self.spec.store_dir:
+            portable.publish(Path(self.spec.store_dir), self.spec.arch, self.spec.quant, self.work / "adapter",
+                             self.model_dir, self.reference, self.batch)
 
     def export(self) -> None:
         dest = self.work / "export"
@@ -237,6 +245,29 @@ class Case:
         base = self._load_base(self.model_dir)
         reloaded = PeftModel.from_pretrained(base, self.work / "adapter")
         self._compare(reloaded, "adapter")
+
+
+    def foreign_adapters(self) -> None:
+        """Load adapters that other cells trained (other peft / transformers versions) on their own base.
+
+        Natively that is a plain PeftModel.from_pretrained; with shims the adapter is first converted with
+        shims.convert_adapter to the layout the installed peft and transformers use. Each load is compared
+        with the logits the publishing cell recorded for its trained model.
+        """
+        if not self.spec.store_dir or self.spec.quant != "bf16":
+            raise portable.NothingToDo("foreign adapters are checked on bf16 cases only")
+        entries = portable.foreign_entries(Path(self.spec.store_dir), self.spec.arch, self.spec.quant)
+        if not entries:
+            raise portable.NothingToDo("no adapter from another cell is available yet")
+        outcomes = [portable.try_foreign(entry, self._load_base, self.spec.shims_on, self.work / "foreign")
+                    for entry in entries]
+        self.metrics["foreign"] = outcomes
+        self.metrics["foreign_total"] = len(outcomes)
+        self.metrics["foreign_ok"] = sum(1 for o in outcomes if o.get("ok"))
+        self.metrics["kl_foreign_max"] = max((o["kl"] for o in outcomes if o.get("kl") is not None), default=None)
+        bad = [o for o in outcomes if not o.get("ok")]
+        if bad:
+            raise AssertionError("; ".join(f"{o['from']}: {o.get('error') or 'KL %.3g' % o['kl']}" for o in bad))
 
 
 def expert_targets(model) -> dict[str, list[str]]:

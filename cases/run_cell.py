@@ -79,8 +79,21 @@ def _die(action: str) -> None:
         raise ValueError(f"{FAULT_ENV}: unknown action {action!r}; use kill, hang or crash")
 
 
+def native_shims_status() -> dict:
+    """With shims off: shims.status() without apply() (it patches nothing), so the report can show each
+    shim's upstream drift on this cell. Recorded under its own key; a failure is recorded, never raised, so it
+    cannot cost the native run."""
+    try:
+        import shims
+
+        return {"shims_status_native": shims.status()}
+    except Exception as exc:  # recorded in the results file (environment.shims_status_native_error)
+        return {"shims_status_native": None, "shims_status_native_error": describe_error(exc)}
+
+
 def run_case(spec_dict: dict, log: EventLog) -> None:
     from cases.pipeline import Case, CaseSpec, needs, stage_order
+    from cases.portable import NothingToDo
     from cases.tiny import ArchUnavailable
 
     spec = CaseSpec(**spec_dict)
@@ -99,6 +112,8 @@ def run_case(spec_dict: dict, log: EventLog) -> None:
             getattr(case, name)()
         except ArchUnavailable as exc:
             stages[name] = {"status": "unavailable", "reason": str(exc)}
+        except NothingToDo as exc:
+            stages[name] = {"status": "skipped", "reason": str(exc)}
         except Exception as exc:  # recorded with type, message and traceback: the report shows it
             stages[name] = {"status": "failed", "error": describe_error(exc)}
         else:
@@ -131,15 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.disable_progress_bar()
     torch.set_num_threads(int(os.environ.get("MOE_SHIMS_THREADS", "1")))
     shims_status = None
+    mutation = None
     if spec["shims_on"]:
         import shims
 
+        from cases import mutations
+
+        mutation = mutations.plant_from_env()
         try:
-            shims_status = shims.apply()
+            shims_status = shims.apply(only=mutations.only_from_env())
         except Exception as exc:  # every case of this cell is then reported as failed at "shims.apply"
             log.emit("shims_apply_failed", error=describe_error(exc))
             return 3
-    log.emit("environment", **device_label(), shims_status=shims_status)
+    native = {} if spec["shims_on"] else native_shims_status()
+    log.emit("environment", **device_label(), shims_status=shims_status, **native, mutation=mutation)
     for case_spec in spec["cases"]:
         run_case(case_spec, log)
     log.emit("process_end")

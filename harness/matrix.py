@@ -72,6 +72,10 @@ class Matrix:
     archs: dict[str, Arch]
     quants: dict[str, dict]
     test_lanes: tuple[Cell, ...] = ()
+    mutations: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def mutation_cell(self) -> Cell:
+        return Cell(**self.mutations["cell"])
 
     def test_cells(self) -> list[Cell]:
         return list(self.test_lanes)
@@ -98,7 +102,8 @@ class Matrix:
             raise MatrixError(f"unknown quant {', '.join(map(repr, unknown))}; known: {', '.join(self.quants)}")
         return names
 
-    def case_specs(self, shims_on: bool, archs=None, quants=None, *, cache_dir: str, work_dir: str) -> list[dict]:
+    def case_specs(self, shims_on: bool, archs=None, quants=None, *, cache_dir: str, work_dir: str,
+                   store_dir: str = "") -> list[dict]:
         specs = []
         for arch_name in self.check_archs(archs):
             arch = self.archs[arch_name]
@@ -107,7 +112,7 @@ class Matrix:
                     "arch": arch.name, "model_type": arch.model_type, "quant": quant,
                     "arch_common": self.arch_common, "arch_config": arch.config, "attention": list(arch.attention),
                     "quant_spec": self.quants[quant], "run": self.run, "shims_on": shims_on,
-                    "cache_dir": cache_dir, "work_dir": work_dir,
+                    "cache_dir": cache_dir, "work_dir": work_dir, "store_dir": store_dir,
                 })
         return specs
 
@@ -124,7 +129,7 @@ def load_matrix(path: Path = MATRIX_FILE) -> Matrix:
         full = {p: [check_version(p, v) for v in data["full"][p]] for p in PACKAGES}
         tests = tuple(Cell(**lane) for lane in data.get("test_lane", []))
         matrix = Matrix(data["environment"], data["run"], lanes, full, data["arch_common"], archs, data["quant"],
-                        tests)
+                        tests, data.get("mutations", {}))
     except (KeyError, TypeError) as exc:
         raise MatrixError(f"{path}: malformed matrix ({type(exc).__name__}: {exc})") from exc
     names = [c.name for c in lanes]

@@ -175,7 +175,7 @@ def run_cell(cell: Cell, mode: str, python: str, matrix: Matrix, results_dir: Pa
     work = work_root / cell.name / f"shims-{mode}"
     work.mkdir(parents=True, exist_ok=True)
     specs = matrix.case_specs(mode == "on", archs, quants, cache_dir=str(work_root / "models"),
-                              work_dir=str(work / "cases"))
+                              work_dir=str(work / "cases"), store_dir=str(work_root / "adapters"))
     started = time.time()
     supervisor = CellRun(python, specs, work, float(matrix.run["case_timeout_s"]), work / "cell.log")
     supervisor.run()

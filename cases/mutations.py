@@ -1,0 +1,81 @@
+"""Deliberately broken shims, to prove the harness sees each break (a mutation check).
+
+MOE_SHIMS_MUTATION=<name> (set by `nox -s mutations` and the tests) is read by cases/run_cell.py before
+shims.apply(). Each mutation plants one realistic bug; the harness passes the check when the affected cases
+turn red. This lives in cases/, not in the shims package: the product has no test switches.
+"""
+
+from __future__ import annotations
+
+import os
+
+MUTATION_ENV = "MOE_SHIMS_MUTATION"
+
+
+def _export_contiguous_lora_b() -> None:
+    """The known upstream merge bug: per-expert lora_B sliced contiguously (B[:, e*r:(e+1)*r]) instead of
+    peft's (out, r, E) convention (B[:, e::E])."""
+    import torch
+
+    from shims import export
+
+    original = export._float32_delta
+
+    def broken(wrapper, adapter):
+        if type(wrapper).__name__ != "ParamWrapper" or wrapper.num_experts == 1:
+            return original(wrapper, adapter)
+        A = wrapper.lora_A[adapter].weight.float()
+        B = wrapper.lora_B[adapter].weight.float()
+        E = wrapper.num_experts
+        r = A.shape[0] // E
+        per_expert = [B[:, e * r:(e + 1) * r] @ A[e * r:(e + 1) * r] for e in range(E)]
+        delta = torch.stack(per_expert) * wrapper.scaling[adapter]  # (E, out, in) in peft's naming
+        if not wrapper._did_swap_in_out_features:
+            delta = delta.transpose(1, 2)
+        return delta
+
+    export._float32_delta = broken
+
+
+def _quantize_noop() -> None:
+    """Expert quantization silently does nothing (the upstream failure mode the shim exists to fix)."""
+    from shims import quant
+
+    quant.quantize_expert_param = lambda *args, **kwargs: None
+
+
+def _skip(patch_name: str):
+    def mutate() -> None:
+        import shims
+
+        names = [s["name"] for s in shims.status()]
+        if patch_name not in names:
+            raise ValueError(f"{MUTATION_ENV}: no shim named {patch_name!r}; known: {', '.join(names)}")
+        os.environ["MOE_SHIMS_ONLY"] = ",".join(n for n in names if n != patch_name)
+    return mutate
+
+
+MUTATIONS = {
+    "export_contiguous_lora_b": _export_contiguous_lora_b,
+    "quantize_noop": _quantize_noop,
+}
+
+
+def plant_from_env() -> str | None:
+    """Plant the mutation named in the environment, if any; return its name."""
+    name = os.environ.get(MUTATION_ENV)
+    if not name:
+        return None
+    if name.startswith("skip:"):
+        _skip(name.split(":", 1)[1])()
+    elif name in MUTATIONS:
+        MUTATIONS[name]()
+    else:
+        known = ", ".join([*MUTATIONS, "skip:<shim name>"])
+        raise ValueError(f"{MUTATION_ENV}: unknown mutation {name!r}; known: {known}")
+    return name
+
+
+def only_from_env() -> list[str] | None:
+    value = os.environ.get("MOE_SHIMS_ONLY")
+    return value.split(",") if value else None

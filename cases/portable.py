@@ -1,0 +1,136 @@
+"""Adapters travelling between cells: published by native runs, loaded by other cells.
+
+A cell publishes, per arch and quantization, its saved adapter, the base checkpoint it trained on and the
+trained model's logits on the fixed evaluation batch. Another cell (other peft or transformers) loads that
+adapter into that base and compares logits: the exact reference for "this adapter still means the same".
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import measure
+
+KL_FOREIGN_MAX = 1e-5
+
+
+class NothingToDo(Exception):
+    """The stage has nothing to check in this case (recorded as skipped, with the reason)."""
+
+
+def _versions() -> dict:
+    import peft
+    import transformers
+
+    return {"transformers": transformers.__version__, "peft": peft.__version__}
+
+
+def _entry_name(versions: dict) -> str:
+    return f"tf{versions['transformers']}-peft{versions['peft']}"
+
+
+def publish(store: Path, arch: str, quant: str, adapter_dir: Path, base_dir: Path, reference, batch) -> Path:
+    versions = _versions()
+    target = store / f"{arch}-{quant}" / _entry_name(versions)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    shutil.copytree(adapter_dir, tmp / "adapter")
+    torch.save({"logits": reference.cpu(), "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+               tmp / "reference.pt")
+    (tmp / "meta.json").write_text(json.dumps({**versions, "base_dir": str(base_dir), "arch": arch, "quant": quant}))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def foreign_entries(store: Path, arch: str, quant: str) -> list[Path]:
+    """Published entries of other (transformers, peft) pairs that this transformers can load.
+
+    transformers 5.x reads 4.57 checkpoints (it fuses per-expert tensors at load); the reverse is not a
+    supported path, so a 4.57 cell only looks at 4.57 entries.
+    """
+    mine = _versions()
+    folder = store / f"{arch}-{quant}"
+    if not folder.is_dir():
+        return []
+    out = []
+    for entry in sorted(folder.iterdir()):
+        meta_path = entry / "meta.json"
+        if entry.name.startswith(".") or not meta_path.exists():
+            continue
+        meta = json.loads(meta_path.read_text())
+        if (meta["transformers"], meta["peft"]) == (mine["transformers"], mine["peft"]):
+            continue
+        if _major(meta["transformers"]) > _major(mine["transformers"]):
+            continue
+        out.append(entry)
+    return out
+
+
+def _major(version: str) -> int:
+    return int(version.split(".")[0])
+
+
+def _target_layout(adapter_dir: Path, base) -> str | None:
+    """What shims.convert_adapter must produce for the installed peft and this base, or None if nothing."""
+    import peft
+    from shims import layout
+
+    per_expert = _is_per_expert_adapter(adapter_dir)
+    fused_base = any(p.dim() == 3 for n, p in base.named_parameters() if ".experts." in f".{n}")
+    wanted = layout.layout_from_peft_version(peft.__version__, False)
+    if per_expert and fused_base:
+        return f"fused:{wanted}"
+    if per_expert:
+        return None  # 4.57 -> 4.57: nothing to convert
+    written = json.loads((adapter_dir / "adapter_config.json").read_text()).get("peft_version")
+    theirs = layout.layout_from_peft_version(written, False)
+    return None if theirs == wanted else wanted
+
+
+def _is_per_expert_adapter(adapter_dir: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as fh:
+        return any(".experts.0." in k for k in fh.keys())
+
+
+def try_foreign(entry: Path, load_base, shims_on: bool, work: Path) -> dict:
+    from peft import PeftModel
+
+    meta = json.loads((entry / "meta.json").read_text())
+    ref = torch.load(entry / "reference.pt")
+    outcome = {"from": entry.name, "ok": False, "kl": None, "converted": None}
+    try:
+        base = load_base(Path(meta["base_dir"]))
+        adapter = entry / "adapter"
+        if shims_on:
+            adapter, outcome["converted"] = _convert_for_here(adapter, base, work / entry.name)
+        model = PeftModel.from_pretrained(base, adapter)
+        batch = {"input_ids": ref["input_ids"], "attention_mask": ref["attention_mask"]}
+        outcome["kl"] = measure.kl(ref["logits"], measure.logits(model, batch), batch["attention_mask"])
+        outcome["ok"] = outcome["kl"] <= KL_FOREIGN_MAX
+    except Exception as exc:  # recorded per adapter; the stage fails if any adapter failed
+        outcome["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    return outcome
+
+
+def _convert_for_here(adapter: Path, base, dest: Path) -> tuple[Path, str | None]:
+    import shims
+
+    target = _target_layout(adapter, base)
+    if target is None:
+        return adapter, None
+    shutil.rmtree(dest, ignore_errors=True)
+    if target.startswith("fused:"):
+        shims.convert_adapter(adapter, dest, to="fused", layout=target.split(":", 1)[1], base_config=base.config)
+    else:
+        shims.convert_adapter(adapter, dest, to=target, base_config=base.config)
+    return dest, target
