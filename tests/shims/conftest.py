@@ -44,7 +44,9 @@ def lx_build_tiny_moe(model_type, dtype=None, seed=0, expert_dim=None, **overrid
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     if dtype is not None:
-        model = model.to(dtype)
+        # parameters only: like from_pretrained(dtype=...), buffers such as rotary inv_freq stay float32
+        for param in model.parameters():
+            param.data = param.data.to(dtype)
     return model.eval()
 
 

@@ -1,0 +1,302 @@
+"""Merged 16-bit export of a PeftModel: every LoRA delta applied, the live model untouched.
+
+Each output tensor is built on its own (dequantize base if 4-bit -> add peft's own ``get_delta_weight`` in
+float32 -> cast), grouped into safetensors shards of at most ``max_shard_size`` bytes, converted back to the
+base's on-disk key format with transformers' own ``revert_weight_conversion`` (per-expert keys for qwen3_moe,
+mixtral, deepseek_v3, glm4_moe ...; gpt_oss stays fused) and written into a temp folder next to the
+destination, which is renamed into place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .layout import replace_dir
+
+log = logging.getLogger("shims")
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+_BNB_STATE = re.compile(r"\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..*)$")
+_PARAMETRIZED = re.compile(r"^(?P<owner>.*?)\.?parametrizations\.(?P<name>[^.]+)\.original$")
+
+
+class MergeError(RuntimeError):
+    """A LoRA delta could not be applied; nothing was written."""
+
+
+@dataclass
+class _Delta:
+    wrapper: object
+    adapter: str
+    kind: str  # "experts" or "attention" (every non-expert module LoRA)
+
+
+@dataclass
+class _Plan:
+    sources: dict = field(default_factory=dict)   # clean key -> (owner module, attr name, raw tensor)
+    deltas: dict = field(default_factory=dict)    # clean key -> [_Delta]
+
+
+def save_merged(model, save_directory, dtype=None, overwrite: bool = False, max_shard_size: int | str = "2GB",
+                tokenizer=None) -> dict:
+    """Write a standard Hugging Face checkpoint of ``model`` (a PeftModel) with every active LoRA merged.
+
+    ``dtype`` defaults to bfloat16. The base may be bf16/fp32, carry 4-bit experts quantized by
+    ``shims.quant``, or bitsandbytes ``Linear4bit`` layers; they are dequantized for the merge. Writes
+    model safetensors (sharded with an index when larger than ``max_shard_size``), config.json without
+    ``quantization_config``, generation_config.json, and tokenizer files (``tokenizer`` if given, else copied
+    from the base's local folder when there is one).
+
+    Returns ``{"applied": n, "attempted": n, "experts": n, "attention": n, "shards": n, "path": str}``.
+    Raises MergeError (and writes nothing) when any delta cannot be applied; FileExistsError when
+    ``save_directory`` exists and ``overwrite`` is False. With ``overwrite=True`` the old folder is replaced
+    only after the new one is complete.
+    """
+    import torch
+
+    dtype = torch.bfloat16 if dtype is None else dtype
+    limit = _parse_size(max_shard_size)
+    dst = Path(save_directory)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass overwrite=True to replace it")
+    base = _unwrap_peft(model)
+    adapters = _active_adapters(model)
+    plan = _plan(base, adapters)
+    _check_plan(plan)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp.", dir=dst.parent))
+    try:
+        counts = _write_shards(base, plan, tmp, dtype, limit)
+        _write_side_files(base, tmp, dtype, tokenizer)
+        replace_dir(tmp, dst, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    counts["path"] = str(dst)
+    log.info("shims: merged export to %s: %s", dst, counts)
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+def _unwrap_peft(model):
+    get_base = getattr(model, "get_base_model", None)
+    if get_base is None:
+        raise TypeError(f"expected a peft PeftModel, got {type(model).__name__}")
+    return get_base()
+
+
+def _active_adapters(model) -> list[str]:
+    active = model.active_adapters if hasattr(model, "active_adapters") else [model.active_adapter]
+    return [active] if isinstance(active, str) else list(active)
+
+
+def _clean(path: str) -> str:
+    return re.sub(r"\.base_layer(?=\.|$)", "", path)
+
+
+def _plan(base, adapters) -> _Plan:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    plan = _Plan()
+    for key, tensor in base.state_dict(keep_vars=True).items():
+        if ".lora_" in key or _BNB_STATE.search(key):
+            continue
+        m = _PARAMETRIZED.match(key)
+        if m:
+            owner_path, name = m["owner"], m["name"]
+        else:
+            owner_path, _, name = key.rpartition(".")
+        clean = f"{_clean(owner_path)}.{name}" if owner_path else name
+        if clean in plan.sources:
+            raise MergeError(f"two tensors map to {clean}")
+        plan.sources[clean] = (base.get_submodule(owner_path) if owner_path else base, name, tensor)
+
+    for path, module in base.named_modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        if getattr(module, "merged", False):
+            raise MergeError(f"{path} has merged adapters {module.merged_adapters}; unmerge them first")
+        names = set(getattr(module, "lora_A", {})) | set(getattr(module, "lora_embedding_A", {}))
+        for adapter in adapters:
+            if adapter not in names:
+                continue
+            if type(module).__name__ == "ParamWrapper":
+                clean, kind = f"{_clean(path)}.{module.parameter_name}", "experts"
+            else:
+                clean, kind = f"{_clean(path)}.weight", "attention"
+            plan.deltas.setdefault(clean, []).append(_Delta(module, adapter, kind))
+    return plan
+
+
+def _check_plan(plan: _Plan) -> None:
+    missing = sorted(set(plan.deltas) - set(plan.sources))
+    if missing:
+        raise MergeError(f"LoRA targets without a base tensor in the state dict: {missing[:5]}")
+    for key, deltas in plan.deltas.items():
+        for d in deltas:
+            if not hasattr(d.wrapper, "get_delta_weight"):
+                raise MergeError(f"{key}: {type(d.wrapper).__name__} has no get_delta_weight")
+
+
+# ---------------------------------------------------------------------------------------------------- tensors
+def _base_value(owner, name, raw):
+    """The logical float value of a base tensor (dequantized when stored in 4 bits)."""
+    import torch
+
+    quant = _quant_module()
+    if quant is not None and quant.is_quantized_experts(owner) and _is_param_quantized(quant, owner, name):
+        return quant.dequantize_param(owner, name)
+    quant_state = getattr(raw, "quant_state", None)
+    if quant_state is not None:  # bitsandbytes Params4bit (transformers 4.57 per-expert Linear4bit, attention)
+        import bitsandbytes.functional as F
+
+        return F.dequantize_4bit(raw.data, quant_state)
+    if raw.dtype == torch.uint8 and torch.nn.utils.parametrize.is_parametrized(owner, name):
+        return getattr(owner, name)
+    return raw.detach()
+
+
+def _is_param_quantized(quant, owner, name) -> bool:
+    finder = getattr(quant, "quantized_parametrization", None)
+    return finder is None or finder(owner, name) is not None
+
+
+def _quant_module():
+    try:
+        from . import quant
+    except ImportError:
+        return None
+    needed = ("is_quantized_experts", "dequantize_param")
+    return quant if all(hasattr(quant, n) for n in needed) else None
+
+
+def _merged_value(key, plan: _Plan, dtype, counts):
+    import torch
+
+    owner, name, raw = plan.sources[key]
+    with torch.no_grad():
+        value = _base_value(owner, name, raw).to(torch.float32)
+        for d in plan.deltas.get(key, ()):
+            counts["attempted"] += 1
+            delta = _float32_delta(d.wrapper, d.adapter)
+            if tuple(delta.shape) != tuple(value.shape):
+                raise MergeError(f"{key}: delta {tuple(delta.shape)} does not fit base {tuple(value.shape)}")
+            value = value + delta.to(torch.float32)
+            counts["applied"] += 1
+            counts[d.kind] += 1
+        out_dtype = dtype if value.is_floating_point() else raw.dtype
+        return value.to(out_dtype).contiguous()
+
+
+def _float32_delta(wrapper, adapter):
+    """peft's own ``get_delta_weight``, without its final cast to the base parameter's dtype.
+
+    ParamWrapper casts the delta to the (bf16 / dequantized) parameter's dtype, which would round the delta
+    before the float32 addition. It reads only that parameter's dtype and device, so it runs on a shallow
+    view whose base layer is a stub holding an empty float32 tensor: same factors, same convention, and the
+    live wrapper is not touched. lora.Linear and friends already return the delta in the adapter's dtype.
+    """
+    import torch
+
+    if type(wrapper).__name__ != "ParamWrapper":
+        return wrapper.get_delta_weight(adapter)
+    device = wrapper.lora_A[adapter].weight.device
+    stub = torch.nn.Module()
+    setattr(stub, wrapper.parameter_name, torch.empty(0, dtype=torch.float32, device=device))
+    view = copy.copy(wrapper)
+    view._modules = dict(wrapper._modules)  # own dict: the live wrapper keeps its real base layer
+    view._modules["base_layer"] = stub
+    return view.get_delta_weight(adapter)
+
+
+def _to_disk_format(base, shard: dict) -> dict:
+    """transformers' own reverse of its load-time conversion (fused experts -> per-expert keys)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4.x: the state dict is already the on-disk format
+        return shard
+    return revert_weight_conversion(base, shard)
+
+
+def _write_shards(base, plan: _Plan, tmp: Path, dtype, limit: int) -> dict:
+    from safetensors.torch import save_file
+
+    counts = {"applied": 0, "attempted": 0, "experts": 0, "attention": 0}
+    names, weight_map, shard, size = [], {}, {}, 0
+
+    def flush():
+        nonlocal shard, size
+        if not shard:
+            return
+        disk = _to_disk_format(base, shard)
+        fname = f"part-{len(names):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in disk.items()}, str(tmp / fname), metadata={"format": "pt"})
+        names.append((fname, list(disk)))
+        shard, size = {}, 0
+
+    for key in plan.sources:
+        value = _merged_value(key, plan, dtype, counts)
+        nbytes = value.numel() * value.element_size()
+        if shard and size + nbytes > limit:
+            flush()
+        shard[key] = value
+        size += nbytes
+    flush()
+
+    total = len(names)
+    if total == 1:
+        (tmp / names[0][0]).rename(tmp / "model.safetensors")
+    else:
+        for i, (fname, keys) in enumerate(names, 1):
+            final = f"model-{i:05d}-of-{total:05d}.safetensors"
+            (tmp / fname).rename(tmp / final)
+            weight_map.update({k: final for k in keys})
+        index = {"metadata": {"total_size": sum((tmp / f).stat().st_size for f in set(weight_map.values()))},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        _write_json(tmp / "model.safetensors.index.json", index)
+    counts["shards"] = total
+    return counts
+
+
+def _write_side_files(base, tmp: Path, dtype, tokenizer) -> None:
+    config = copy.deepcopy(base.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    # transformers 5 names it dtype (torch_dtype is a deprecated alias); 4.57 only has torch_dtype
+    setattr(config, "dtype" if "dtype" in type(config).__init__.__code__.co_varnames or hasattr(type(config), "dtype")
+            else "torch_dtype", dtype)
+    config.save_pretrained(tmp)
+    gen = getattr(base, "generation_config", None)
+    if gen is not None and getattr(base, "can_generate", lambda: False)():
+        gen.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+        return
+    source = Path(str(getattr(base.config, "_name_or_path", "") or ""))
+    if source.is_dir():
+        for name in _TOKENIZER_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, tmp / name)
+
+
+def _write_json(path: Path, data) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2)
+
+
+def _parse_size(size) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", str(size).upper())
+    if not m:
+        raise ValueError(f"max_shard_size {size!r}: expected bytes or e.g. '2GB', '500MB'")
+    return int(float(m[1]) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[m[2]])

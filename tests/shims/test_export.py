@@ -1,0 +1,243 @@
+"""save_merged: exact merged export (KL vs the trained PeftModel), on-disk format, atomicity, fault injection."""
+
+from __future__ import annotations
+
+import copy
+import re
+import errno
+import json
+
+import pytest
+
+pytestmark = pytest.mark.needs_ml
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from shims import export  # noqa: E402
+
+KL_MAX = 1e-4
+ARCHS = ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3", "glm4_moe", "qwen3_5_moe_text"]
+_FUSED = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def _peft_model(tiny_moe, lora_targets, model_type, dtype=torch.bfloat16, seed=0):
+    base = tiny_moe(model_type, dtype=dtype, seed=seed)
+    modules, params = lora_targets(model_type)
+    if model_type == "gpt_oss" and not _FUSED:
+        modules, params = modules[:2], ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+    extra = {"target_parameters": params} if params else {}
+    torch.manual_seed(seed + 1)
+    cfg = peft.LoraConfig(r=3, lora_alpha=5, target_modules=modules, init_lora_weights=False, **extra)
+    model = peft.get_peft_model(base, cfg).eval()
+    # Random non-zero factors at a fine-tuning-like size (delta ~10% of W) so that the bf16 rounding of the
+    # merged weights, which any bf16 export has, stays below the KL target; exactness is checked in fp32.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.1)
+    return model
+
+
+def _ids():
+    return torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(7))
+
+
+def _kl(p_logits, q_logits) -> float:
+    p = torch.log_softmax(p_logits.float(), -1)
+    q = torch.log_softmax(q_logits.float(), -1)
+    return torch.sum(p.exp() * (p - q), -1).mean().item()
+
+
+def _reload(path):
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _reference_logits(model, ids):
+    ref = copy.deepcopy(model).float()  # fp32 compute on the bf16 base
+    with torch.no_grad():
+        return ref(ids).logits, ref
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", ARCHS)
+def test_export_matches_trained_model(tmp_path, tiny_moe, lora_targets, model_type):
+    model = _peft_model(tiny_moe, lora_targets, model_type)
+    before = _snapshot(model)
+    ids = _ids()
+    want, ref = _reference_logits(model, ids)
+    counts = export.save_merged(model, tmp_path / "out")
+    after = _snapshot(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    n_wrappers = sum(1 for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
+    assert counts["applied"] == counts["attempted"] == n_wrappers
+    assert counts["experts"] > 0 and counts["attention"] > 0
+    reloaded = _reload(tmp_path / "out")
+    with torch.no_grad():
+        got = reloaded(ids).logits
+    kl = _kl(want, got)
+    print(f"{model_type}: KL={kl:.3e} max|d logits|={(want - got).abs().max().item():.3e}")
+    assert kl <= KL_MAX
+    # the LoRA matters: the base alone is much further away than the export is
+    with ref.disable_adapter(), torch.no_grad():
+        assert _kl(want, ref(ids).logits) > max(100 * kl, 10 * KL_MAX)
+    # the merge itself is exact: the same export in float32 matches to rounding of the additions
+    export.save_merged(model, tmp_path / "out32", dtype=torch.float32)
+    with torch.no_grad():
+        got32 = _reload(tmp_path / "out32")(ids).logits
+    d32 = (want - got32).abs().max().item()
+    print(f"{model_type}: fp32 export KL={_kl(want, got32):.3e} max|d logits|={d32:.3e}")
+    assert d32 < 1e-4 and abs(_kl(want, got32)) < 1e-6  # KL of equal models: float noise only
+    gen_kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        assert torch.equal(ref.generate(input_ids=ids[:1], **gen_kw), reloaded.generate(input_ids=ids[:1], **gen_kw))
+
+    cfg = json.loads((tmp_path / "out/config.json").read_text())
+    assert "quantization_config" not in cfg
+    keys = _saved_keys(tmp_path / "out")
+    if model_type == "gpt_oss":
+        assert any(k.endswith("mlp.experts.gate_up_proj") for k in keys)
+    else:
+        assert not any(k.endswith("experts.gate_up_proj") for k in keys)  # per-expert on disk, like upstream
+        per_expert = "w1" if model_type == "mixtral" else "gate_proj"
+        assert any(re.search(rf"experts\.3\.{per_expert}\.weight$", k) for k in keys)
+    assert not any("lora_" in k or "base_layer" in k for k in keys)
+
+
+
+
+
+def _saved_keys(path):
+    from safetensors import safe_open
+
+    keys = []
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            keys.extend(fh.keys())
+    return keys
+
+
+@pytest.mark.slow
+def test_wrong_merge_with_contiguous_b_slicing_is_caught(tmp_path, tiny_moe, lora_targets, monkeypatch):
+    if not _FUSED:
+        pytest.skip("per-expert Linear LoRA on transformers 4.x has no B slicing to get wrong")
+    model = _peft_model(tiny_moe, lora_targets, "qwen3_moe")
+    ids = _ids()
+    want, _ = _reference_logits(model, ids)
+    from peft.tuners.lora.layer import ParamWrapper
+
+    def contiguous_b(self, adapter, *a, **k):
+        A, B, E = self.lora_A[adapter].weight, self.lora_B[adapter].weight, self.num_experts
+        r = A.shape[0] // E
+        per = [B[:, e * r:(e + 1) * r] @ A[e * r:(e + 1) * r] for e in range(E)]
+        flag = getattr(self, "_did_swap_in_out_features", False)
+        return torch.stack([p if flag else p.T for p in per]) * self.scaling[adapter]
+
+    monkeypatch.setattr(ParamWrapper, "get_delta_weight", contiguous_b)
+    export.save_merged(model, tmp_path / "wrong")
+    with torch.no_grad():
+        kl = _kl(want, _reload(tmp_path / "wrong")(ids).logits)
+    assert kl > KL_MAX, kl  # the check in test_export_matches_trained_model would fail
+
+
+def _small_export_model(tiny_moe, lora_targets):
+    return _peft_model(tiny_moe, lora_targets, "qwen3_moe")
+
+
+def _leftovers(parent, keep):
+    return sorted(p.name for p in parent.iterdir() if p.name not in keep)
+
+
+@pytest.mark.parametrize("failure", ["exception", "enospc"])
+def test_failure_after_first_shard_leaves_nothing(tmp_path, tiny_moe, lora_targets, monkeypatch, failure):
+    model = _small_export_model(tiny_moe, lora_targets)
+    import safetensors.torch as st
+
+    real, calls = st.save_file, []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            if failure == "enospc":
+                raise OSError(errno.ENOSPC, "No space left on device")
+            raise RuntimeError("injected")
+        return real(*a, **k)
+
+    monkeypatch.setattr(st, "save_file", failing)
+    with pytest.raises(OSError if failure == "enospc" else RuntimeError):
+        export.save_merged(model, tmp_path / "out", max_shard_size="100KB")
+    assert len(calls) == 2
+    assert _leftovers(tmp_path, keep=set()) == []
+
+    # with an existing destination and overwrite=True the previous content survives
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/keep.txt").write_text("old")
+    calls.clear()
+    with pytest.raises(OSError if failure == "enospc" else RuntimeError):
+        export.save_merged(model, tmp_path / "out", max_shard_size="100KB", overwrite=True)
+    assert (tmp_path / "out/keep.txt").read_text() == "old"
+    assert _leftovers(tmp_path, keep={"out"}) == []
+
+
+def test_existing_destination_and_overwrite(tmp_path, tiny_moe, lora_targets):
+    model = _small_export_model(tiny_moe, lora_targets)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out/keep.txt").write_text("old")
+    with pytest.raises(FileExistsError):
+        export.save_merged(model, tmp_path / "out")
+    assert (tmp_path / "out/keep.txt").read_text() == "old"
+    counts = export.save_merged(model, tmp_path / "out", overwrite=True, max_shard_size="100KB")
+    assert counts["shards"] > 1
+    assert not (tmp_path / "out/keep.txt").exists()
+    index = json.loads((tmp_path / "out/model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == {p.name for p in (tmp_path / "out").glob("model-*.safetensors")}
+    assert _leftovers(tmp_path, keep={"out"}) == []
+
+
+def test_undeliverable_delta_raises_and_writes_nothing(tmp_path, tiny_moe, lora_targets, monkeypatch):
+    model = _small_export_model(tiny_moe, lora_targets)
+    from peft.tuners.lora import layer
+
+    def bad(self, adapter, *a, **k):
+        return torch.zeros(3, 3)
+
+    monkeypatch.setattr(layer.Linear, "get_delta_weight", bad)
+    with pytest.raises(export.MergeError, match="does not fit"):
+        export.save_merged(model, tmp_path / "out", max_shard_size="100KB")
+    assert _leftovers(tmp_path, keep=set()) == []
+
+
+@pytest.mark.slow
+def test_export_from_4bit_per_expert_linear4bit(tmp_path, tiny_moe, lora_targets):
+    """transformers 4.57: experts are nn.Linear -> bitsandbytes Linear4bit; export dequantizes them."""
+    if _FUSED:
+        pytest.skip("fused 3D experts on 5.x are quantized by shims.quant (tested with that shim)")
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    base = tiny_moe("qwen3_moe", dtype=torch.float32)
+    base.save_pretrained(tmp_path / "base")
+    qbase = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", dtype=torch.float32,
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32))
+    modules, _ = lora_targets("qwen3_moe")
+    torch.manual_seed(1)
+    model = peft.get_peft_model(qbase, peft.LoraConfig(r=3, lora_alpha=5, target_modules=modules,
+                                                       init_lora_weights=False)).eval()
+    ids = _ids()
+    with torch.no_grad():
+        want = model(ids).logits
+    counts = export.save_merged(model, tmp_path / "out", dtype=torch.float32)
+    assert counts["applied"] == counts["attempted"] > 0
+    with torch.no_grad():
+        got = _reload(tmp_path / "out")(ids).logits
+    kl = _kl(want, got)
+    print(f"4.57 Linear4bit: KL={kl:.3e} max|d logits|={(want - got).abs().max().item():.3e}")
+    assert kl <= KL_MAX
+    assert "quantization_config" not in json.loads((tmp_path / "out/config.json").read_text())
