@@ -6,6 +6,11 @@
     nox -s cell -- --transformers 5.6.2 --peft 0.19.1 --trl 1.4.0   an ad-hoc cell
     nox -s e2e_full                 the full cross product -> reports/COMPAT-full.md
     nox -s report                   re-render the report from results files alone
+    nox -j auto -s lanes            every release lane in parallel (own venv, work folder, results file each),
+                                    then the report; set MOE_SHIMS_JOBS=1 so cells x modes do not oversubscribe
+    nox -s gate                     release gate: reports/results vs reports/baseline.json (exit 0/1/2)
+    nox -s baseline                 accept reports/results as the new baseline (explicit, never a side effect)
+    nox -s release                  the gate, then sdist + wheel with `python -m build` into dist/
     nox -s tests                    unit and fault-injection tests, in each test lane's venv
 """
 
@@ -25,6 +30,7 @@ from harness.matrix import Cell, MatrixError, load_matrix  # noqa: E402
 MATRIX = load_matrix()
 PYTHON = MATRIX.environment["python"]
 RESULTS = REPO / "reports" / "results"
+BASELINE = REPO / "reports" / "baseline.json"
 FULL_RESULTS = REPO / "reports" / "full" / "results"
 WORK = REPO / ".cache" / "e2e"
 REPORT_DEPS = ("pandas", "tabulate", "matplotlib")
@@ -45,6 +51,18 @@ def _options(session: nox.Session):
         session.error(str(exc))
 
 
+def _notify(session: nox.Session, target: str) -> None:
+    """Queue ``target`` after this session, except where nox runs each session on its own (--parallel,
+    --no-dependencies: a CI job per cell), which forbids notify(); there `lanes` (requires=) or a final job
+    renders the report once, after every cell."""
+    try:
+        session.notify(target, [])
+    except ValueError as exc:
+        if "no-dependencies" not in str(exc):
+            raise
+        session.log(f"not queueing {target}: sessions run independently here; it runs after all of them")
+
+
 def _run_cell(session: nox.Session, cell: Cell, results_dir: Path, opts) -> None:
     python = _venv_python(session)
     try:
@@ -57,20 +75,30 @@ def _run_cell(session: nox.Session, cell: Cell, results_dir: Path, opts) -> None
         session.log(f"{cell.name}: {path.relative_to(REPO)}")
 
 
-@nox.session(python=PYTHON)
+# allow_parallel: each lane has its own venv, work folder (.cache/e2e/<cell>) and results files; the tiny-model
+# cache is shared but written by atomic rename. Under --parallel the report runs once, via `lanes`.
+@nox.session(python=PYTHON, allow_parallel=True)
 @nox.parametrize("cell", [nox.param(c, id=c.name) for c in MATRIX.lanes])
 def e2e(session: nox.Session, cell: Cell) -> None:
     """One release lane: install its pins, run every case with shims off and on."""
     _run_cell(session, cell, RESULTS, _options(session))
-    session.notify("report", [])
+    _notify(session, "report")
 
 
-@nox.session(python=PYTHON, default=False)
+@nox.session(python=PYTHON, default=False, allow_parallel=True)
 @nox.parametrize("cell", [nox.param(c, id=c.name) for c in MATRIX.full_cells()])
 def e2e_full(session: nox.Session, cell: Cell) -> None:
     """One cell of the full transformers x peft x trl cross product."""
     _run_cell(session, cell, FULL_RESULTS, _options(session))
-    session.notify("report_full", [])
+    _notify(session, "report_full")
+
+
+@nox.session(python=PYTHON, default=False, requires=["e2e"])
+def lanes(session: nox.Session) -> None:
+    """Every release lane (in parallel under `nox -j N`), then the report, once, after all of them."""
+    session.install(*REPORT_DEPS)
+    session.run("python", "-m", "harness", "report", "--results", str(RESULTS),
+                "--out", str(REPO / "reports" / "COMPAT.md"))
 
 
 @nox.session(python=PYTHON, default=False)
@@ -131,3 +159,35 @@ def tests(session: nox.Session, cell: Cell) -> None:
     # The harness tests do not depend on the ML versions: run them in the first test lane only.
     paths = [] if cell == MATRIX.test_lanes[0] else ["tests/shims"]
     session.run("python", "-m", "pytest", "-q", *(session.posargs or paths), env={"PYTHONPATH": str(REPO)})
+
+
+@nox.session(python=PYTHON, default=False)
+def gate(session: nox.Session) -> None:
+    """Release gate: reports/results against reports/baseline.json (harness/gate.py: exit 0 pass, 1 fail,
+    2 bad input). Standard library only: nothing to install."""
+    session.run("python", "-m", "harness", "gate", "--results", str(RESULTS), "--baseline", str(BASELINE))
+
+
+@nox.session(python=PYTHON, default=False)
+def baseline(session: nox.Session) -> None:
+    """Accept reports/results as the new reports/baseline.json (review the diff, commit it with the release)."""
+    session.run("python", "-m", "harness", "baseline", "--results", str(RESULTS), "--out", str(BASELINE))
+
+
+@nox.session(python=PYTHON, default=False)
+def release(session: nox.Session) -> None:
+    """The gate first; only if it passes, sdist + wheel of moe-shims (version: shims.__version__) into dist/."""
+    from harness import gate as release_gate
+
+    code = release_gate.run([RESULTS], BASELINE)
+    if code != release_gate.EXIT_PASS:
+        why = "failed" if code == release_gate.EXIT_FAIL else "could not judge the results (bad input)"
+        session.error(f"no release: the gate {why} (exit {code}); see above")
+    version = runner.shims_version()
+    dist = REPO / "dist"
+    session.install("build")
+    session.run("python", "-m", "build", "--sdist", "--wheel", "--outdir", str(dist), str(REPO))
+    built = sorted(p.name for p in dist.glob(f"moe_shims-{version}[.-]*"))
+    if not any(n.endswith(".whl") for n in built) or not any(n.endswith(".tar.gz") for n in built):
+        session.error(f"python -m build did not leave moe_shims-{version} sdist + wheel in {dist}: {built}")
+    session.log(f"released moe-shims {version}: {', '.join(built)}")

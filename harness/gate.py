@@ -42,7 +42,7 @@ from typing import Iterable
 from . import verdict
 from .matrix import MODES, Matrix, load_matrix
 from .merge import MergedResults, load_many
-from .results import write_json_atomic
+from .results import write_text_atomic
 
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 BASELINE_KIND = "moe-shims/baseline"
@@ -165,6 +165,28 @@ def make_baseline(docs: list[dict]) -> dict:
         cells.setdefault(doc["cell"]["name"], {})[doc["mode"]] = entry  # newest run wins
     return {"kind": BASELINE_KIND, "schema": BASELINE_SCHEMA, "shims_version": versions[0],
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "cells": cells}
+
+
+def dump_baseline(doc: dict) -> str:
+    """JSON with one line per case, so a re-baseline reads as a short diff in review."""
+    def one(value) -> str:
+        return json.dumps(value, sort_keys=True, separators=(", ", ": "))
+
+    head = {k: v for k, v in doc.items() if k != "cells"}
+    lines = ["{"] + [f" {json.dumps(k)}: {one(v)}," for k, v in sorted(head.items())] + [' "cells": {']
+    cells = sorted(doc["cells"].items())
+    for i, (cell, modes) in enumerate(cells):
+        lines.append(f"  {json.dumps(cell)}: {{")
+        for j, (mode, run) in enumerate(sorted(modes.items())):
+            meta = {k: v for k, v in run.items() if k != "cases"}
+            lines.append(f"   {json.dumps(mode)}: {one(meta)[:-1]}, \"cases\": {{")
+            cases = sorted(run["cases"].items())
+            lines += [f"    {json.dumps(c)}: {one(v)}" + ("," if k < len(cases) - 1 else "")
+                      for k, (c, v) in enumerate(cases)]
+            lines.append("   }}" + ("," if j < len(modes) - 1 else ""))
+        lines.append("  }" + ("," if i < len(cells) - 1 else ""))
+    lines += [" }", "}"]
+    return "\n".join(lines) + "\n"
 
 
 # -- the gate ------------------------------------------------------------------------------------------------
@@ -321,7 +343,7 @@ def accept(results: list[Path], out_path: Path, out=None) -> int:
     except BadInput as exc:
         print(f"baseline: bad input: {exc}", file=out)
         return EXIT_BAD_INPUT
-    write_json_atomic(Path(out_path), doc)
+    write_text_atomic(Path(out_path), dump_baseline(doc))
     n_cases = sum(len(run["cases"]) for modes in doc["cells"].values() for run in modes.values())
     print(f"baseline: wrote {out_path}: moe-shims {doc['shims_version']}, {len(doc['cells'])} cells, "
           f"{n_cases} cases; review and commit it", file=out)
