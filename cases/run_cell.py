@@ -93,6 +93,7 @@ def native_shims_status() -> dict:
 
 def run_case(spec_dict: dict, log: EventLog) -> None:
     from cases.pipeline import Case, CaseSpec, needs, stage_order
+    from cases.portable import NothingToDo
     from cases.tiny import ArchUnavailable
 
     spec = CaseSpec(**spec_dict)
@@ -111,6 +112,8 @@ def run_case(spec_dict: dict, log: EventLog) -> None:
             getattr(case, name)()
         except ArchUnavailable as exc:
             stages[name] = {"status": "unavailable", "reason": str(exc)}
+        except NothingToDo as exc:
+            stages[name] = {"status": "skipped", "reason": str(exc)}
         except Exception as exc:  # recorded with type, message and traceback: the report shows it
             stages[name] = {"status": "failed", "error": describe_error(exc)}
         else:
@@ -143,16 +146,20 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.disable_progress_bar()
     torch.set_num_threads(int(os.environ.get("MOE_SHIMS_THREADS", "1")))
     shims_status = None
+    mutation = None
     if spec["shims_on"]:
         import shims
 
+        from cases import mutations
+
+        mutation = mutations.plant_from_env()
         try:
-            shims_status = shims.apply()
+            shims_status = shims.apply(only=mutations.only_from_env())
         except Exception as exc:  # every case of this cell is then reported as failed at "shims.apply"
             log.emit("shims_apply_failed", error=describe_error(exc))
             return 3
     native = {} if spec["shims_on"] else native_shims_status()
-    log.emit("environment", **device_label(), shims_status=shims_status, **native)
+    log.emit("environment", **device_label(), shims_status=shims_status, **native, mutation=mutation)
     for case_spec in spec["cases"]:
         run_case(case_spec, log)
     log.emit("process_end")
