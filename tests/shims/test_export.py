@@ -60,6 +60,15 @@ def _reference_logits(model, ids):
         return ref(ids).logits, ref
 
 
+def _bf16_rounding_floor(ref, want, ids):
+    """KL of the best possible bf16 export: peft's own fp32 merge, rounded to bf16."""
+    merged = copy.deepcopy(ref).merge_and_unload()
+    for p in merged.parameters():
+        p.data = p.data.to(torch.bfloat16).float()
+    with torch.no_grad():
+        return _kl(want, merged(ids).logits)
+
+
 def _snapshot(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -82,8 +91,11 @@ def test_export_matches_trained_model(tmp_path, tiny_moe, lora_targets, model_ty
     with torch.no_grad():
         got = reloaded(ids).logits
     kl = _kl(want, got)
-    print(f"{model_type}: KL={kl:.3e} max|d logits|={(want - got).abs().max().item():.3e}")
-    assert kl <= KL_MAX
+    floor = _bf16_rounding_floor(ref, want, ids)
+    print(f"{model_type}: KL={kl:.3e} (bf16 rounding floor {floor:.3e}) max|d logits|="
+          f"{(want - got).abs().max().item():.3e}")
+    # KL_MAX, unless rounding the exactly merged weights to bf16 alone costs more (gpt_oss: ~1.0e-4)
+    assert kl <= max(KL_MAX, 1.05 * floor)
     # the LoRA matters: the base alone is much further away than the export is
     with ref.disable_adapter(), torch.no_grad():
         assert _kl(want, ref(ids).logits) > max(100 * kl, 10 * KL_MAX)
