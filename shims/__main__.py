@@ -1,0 +1,41 @@
+"""Command line: ``python -m shims convert-adapter SRC DST --to standard|swapped|fused`` (also ``moe-shims``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-shims", description="moe-shims tools")
+    sub = parser.add_subparsers(dest="command", required=True)
+    conv = sub.add_parser("convert-adapter", help="convert a saved LoRA adapter's expert layout")
+    conv.add_argument("src", help="saved peft adapter folder")
+    conv.add_argument("dst", help="destination folder (written atomically)")
+    conv.add_argument("--to", required=True, choices=("standard", "swapped", "fused"),
+                      help="standard: peft >= 0.19.1; swapped: peft 0.18; fused: transformers 4.57 per-expert -> 5.x")
+    conv.add_argument("--layout", default="standard", choices=("standard", "swapped"),
+                      help="with --to fused: the peft convention of the fused output (default standard)")
+    conv.add_argument("--base-config", default=None,
+                      help="base model folder or config.json (needed for peft 0.18 adapters and square dims)")
+    conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    from .layout import AmbiguousLayoutError, convert_adapter
+
+    try:
+        record = convert_adapter(args.src, args.dst, to=args.to, base_config=args.base_config,
+                                 layout=args.layout, overwrite=args.overwrite)
+    except (AmbiguousLayoutError, ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as exc:
+        print(f"moe-shims convert-adapter: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(record, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
