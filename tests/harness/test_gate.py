@@ -277,3 +277,14 @@ def test_baseline_refuses_mixed_shims_versions(tmp_path, matrix):
     assert gate.accept([results], tmp_path / "b.json", out=out) == 2
     assert "several moe-shims versions (0.0.9, " in out.getvalue()
     assert not (tmp_path / "b.json").exists()
+
+
+def test_baseline_cell_outside_the_lanes_missing_now_is_only_a_note(tmp_path, good, matrix):
+    results, baseline = good
+    adhoc = Cell("5.6.2", "0.19.1", "1.3.0")
+    write_run(results, adhoc, "on", [passing_case()])
+    gate.accept([results], baseline, out=io.StringIO())
+    (results / results_name(adhoc.name, "on")).unlink()
+    code, text = run_gate(results, baseline)
+    assert code == 0, text
+    assert f"note: baseline run {adhoc.name} shims-on (not a release lane) has no current results" in text
