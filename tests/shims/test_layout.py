@@ -222,3 +222,39 @@ def test_convert_refuses_bad_input(tmp_path):
         layout.convert_adapter(tmp_path, tmp_path / "x", to="standard")
     with pytest.raises(ValueError, match="to must be"):
         layout.convert_adapter(tmp_path, tmp_path / "x", to="sideways")
+
+
+# ---------------------------------------------------------------- 4.57 per-expert -> 5.x fused
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_fuse_per_expert_adapter_keeps_every_expert_delta(tmp_path, tiny_moe, model_type):
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        pytest.skip("per-expert expert Linear modules exist only on transformers 4.x")
+    base = tiny_moe(model_type, dtype=torch.float32)
+    names = ["w1", "w3", "w2"] if model_type == "mixtral" else ["gate_proj", "up_proj", "down_proj"]
+    torch.manual_seed(2)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj"] + names,
+                                                      init_lora_weights=False)).eval()
+    model.save_pretrained(tmp_path / "src")
+    rec = layout.convert_adapter(tmp_path / "src", tmp_path / "fused", to="fused")
+    cfg = json.loads((tmp_path / "fused/adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == {r".*\.gate_up_proj": 4} and cfg["alpha_pattern"] == {r".*\.gate_up_proj": 6}
+    assert set(cfg["target_parameters"]) == {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
+    assert rec["gate_up_rank"] == 4
+    from safetensors.torch import load_file
+
+    fused = load_file(str(tmp_path / "fused/adapter_model.safetensors"))
+    moe = "block_sparse_moe" if model_type == "mixtral" else "mlp"
+    for layer in range(2):
+        src = f"base_model.model.model.layers.{layer}.{moe}.experts"
+        dst = f"base_model.model.model.layers.{layer}.mlp.experts"
+        mods = dict(model.named_modules())
+        for param, key, parts in (("gate_up_proj", f"{dst}.base_layer", names[:2]), ("down_proj", dst, names[2:])):
+            A, B = fused[f"{key}.lora_A.weight"], fused[f"{key}.lora_B.weight"]
+            s = (3 * len(parts)) / (2 * len(parts))  # alpha' / r' of the fused parameter == alpha / r
+            got = layout.expert_delta(A, B, 4, a_on_d2=True, scaling=s)  # standard layout, (E, out, in)
+            with torch.no_grad():
+                want = torch.stack([torch.cat([mods[f"{src}.{e}.{p}"].get_delta_weight("default") for p in parts])
+                                    for e in range(4)])
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
