@@ -130,6 +130,31 @@ def mutations(session: nox.Session) -> None:
     session.notify("report", [])
 
 
+BENCH_CELLS = {"tf5": Cell("latest", "latest", "latest"), "tf457": Cell("4.57.6", "0.18.1", "0.25.1")}
+
+
+@nox.session(python=PYTHON, default=False)
+def bench(session: nox.Session) -> None:
+    """Side by side: 5.x + shims 4-bit, 5.x bf16, 5.x native "4-bit", 4.57.6 native 4-bit -> reports/BENCH.md.
+    Small dims by default (CPU); pass e.g. -- --device cuda --hidden 2048 --experts 128 --top-k 8
+    --moe-intermediate 768 --vocab 151936 --layers 4 --batch 2 --seq 512 for the Qwen3-30B-A3B shape."""
+    import subprocess
+
+    session.install(*REPORT_DEPS)
+    pythons = {"tf5": _venv_python(session)}
+    other = Path(session.virtualenv.location).with_name(Path(session.virtualenv.location).name + "-tf457")
+    if not (other / "bin" / "python").exists():
+        subprocess.run([install.uv_executable(), "venv", "-q", "-p", PYTHON, str(other)], check=True)
+    pythons["tf457"] = str(other / "bin" / "python")
+    for label, python in pythons.items():
+        try:
+            install.install(python, BENCH_CELLS[label], MATRIX.environment, float(MATRIX.run["install_timeout_s"]))
+        except install.InstallError as exc:
+            session.error(f"bench: cannot install {BENCH_CELLS[label].name}: {exc.message}")
+    interps = [f"--interp={label}={python}" for label, python in pythons.items()]
+    session.run("python", "-m", "harness", "bench", *interps, *session.posargs, env={"PYTHONPATH": str(REPO)})
+
+
 @nox.session(python=PYTHON, default=False)
 def report(session: nox.Session) -> None:
     """Render reports/COMPAT.md from reports/results alone."""

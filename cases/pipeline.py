@@ -78,6 +78,7 @@ class Case:
     reference_samples: list | None = None
     merged: object = None
     batch: dict | None = None
+    rounded_export_logits: torch.Tensor | None = None
 
     # -- helpers -------------------------------------------------------------------------------------------
     @property
@@ -213,6 +214,21 @@ class Case:
             counts = shims.save_merged(self.model, dest, dtype=torch.bfloat16)
             self.metrics["export_applied"] = counts.get("applied")
             self.metrics["export_attempted"] = counts.get("attempted")
+            # The same export in float32 isolates the merge itself from bf16 rounding of W + delta, and its
+            # weights rounded to bf16 are exactly what the bf16 export must hold (checked in export_reload).
+            exact = self.work / "export-fp32"
+            shutil.rmtree(exact, ignore_errors=True)
+            shims.save_merged(self.model, exact, dtype=torch.float32)
+            reloaded = self._load_exported(exact)
+            self.metrics["kl_export_fp32"] = measure.kl(self.reference, measure.logits(reloaded, self.batch),
+                                                        self.batch["attention_mask"])
+            samples = measure.greedy(reloaded, self.tokenizer, tiny.prompts(self.spec.run["prompts"]),
+                                     self.spec.run["new_tokens"])
+            self.metrics["samples_export_fp32"] = measure.agreement(self.reference_samples, samples)
+            with torch.no_grad():
+                for p in reloaded.parameters():
+                    p.copy_(p.to(torch.bfloat16).to(p.dtype))
+            self.rounded_export_logits = measure.logits(reloaded, self.batch)
         else:
             self.merged.save_pretrained(dest)
             self.tokenizer.save_pretrained(dest)
@@ -228,6 +244,9 @@ class Case:
         self.metrics.update({f"export_{k}": v for k, v in measure.expert_storage(reloaded).items()
                              if k in ("expert_tensors", "quantized")})
         self._compare(reloaded, "export")
+        if self.rounded_export_logits is not None:
+            out = measure.logits(reloaded, self.batch)
+            self.metrics["export_rounding_max_abs"] = float((out - self.rounded_export_logits).abs().max())
 
     def _load_exported(self, path: Path):
         from transformers import AutoModelForCausalLM
@@ -254,7 +273,9 @@ class Case:
         shims.convert_adapter to the layout the installed peft and transformers use. Each load is compared
         with the logits the publishing cell recorded for its trained model.
         """
-        if not self.spec.store_dir or self.spec.quant != "bf16":
+        if not self.spec.store_dir:
+            raise portable.NothingToDo("no adapter store configured for this run")
+        if self.spec.quant != "bf16":
             raise portable.NothingToDo("foreign adapters are checked on bf16 cases only")
         entries = portable.foreign_entries(Path(self.spec.store_dir), self.spec.arch, self.spec.quant)
         if not entries:
@@ -278,8 +299,10 @@ def expert_targets(model) -> dict[str, list[str]]:
     for mod_name, module in model.named_modules():
         if not measure._is_expert_module(mod_name):
             continue
-        for pname, p in module.named_parameters(recurse=False):
-            if p.dim() == 3 and pname in measure.EXPERT_PARAM_NAMES:
+        for pname in measure.EXPERT_PARAM_NAMES:
+            # getattr, not named_parameters: a parametrized (e.g. 4-bit) tensor is not a direct parameter
+            value = getattr(module, pname, None)
+            if isinstance(value, torch.Tensor) and value.dim() == 3:
                 parts = mod_name.split(".")
                 params.add(".".join(parts[-2:] + [pname]))
         leaf = mod_name.rsplit(".", 1)[-1]

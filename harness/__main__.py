@@ -38,6 +38,17 @@ def main(argv: list[str] | None = None) -> int:
                       help="a results folder; repeat to merge several (default: reports/results)")
     base.add_argument("--out", type=Path, default=REPO / "reports" / "baseline.json")
     sub.add_parser("list", help="print the release lanes and archs as JSON")
+    bench = sub.add_parser("bench", help="side-by-side benchmark -> reports/BENCH.md")
+    bench.add_argument("--interp", action="append", required=True,
+                       help="label=command: tf5=<python with transformers 5.x>, tf457=<python with 4.57>")
+    bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    for dim in ("hidden", "experts", "top-k", "moe-intermediate", "vocab", "layers", "heads", "kv-heads"):
+        bench.add_argument(f"--{dim}", type=int, default=None)
+    for opt, default in (("batch", None), ("seq", None), ("rank", None), ("steps", None), ("new-tokens", None)):
+        bench.add_argument(f"--{opt}", type=int, default=default)
+    bench.add_argument("--work", type=Path, default=REPO / ".cache" / "bench")
+    bench.add_argument("--out", type=Path, default=REPO / "reports" / "BENCH.md")
+    bench.add_argument("--json", type=Path, default=REPO / "reports" / "bench.json")
     args = parser.parse_args(argv)
     results = getattr(args, "results", None) or [REPO / "reports" / "results"]
     try:
@@ -55,6 +66,15 @@ def main(argv: list[str] | None = None) -> int:
             from . import gate as gate_mod
 
             return gate_mod.accept(results, args.out)
+        elif args.command == "bench":
+            from . import bench as bench_mod
+
+            dims = {k: getattr(args, k) for k in bench_mod.DIM_FLAGS}
+            run_opts = {"device": args.device, "batch": args.batch, "seq": args.seq, "rank": args.rank,
+                        "steps": args.steps, "new_tokens": args.new_tokens}
+            doc = bench_mod.run_bench(bench_mod.parse_interpreters(args.interp), dims, run_opts, args.work)
+            bench_mod.write(doc, args.out, args.json)
+            print(bench_mod.render(doc))
         elif args.command == "list":
             m = load_matrix()
             print(json.dumps({"lanes": [c.as_dict() for c in m.lanes], "archs": list(m.archs),

@@ -48,23 +48,9 @@ EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 BASELINE_KIND = "moe-shims/baseline"
 BASELINE_SCHEMA = 1
 
-# The metrics each verdict rule reads: recorded in the baseline so the rules can be re-evaluated on it, and
-# printed when a rule breaks. Only names here, never bounds (those are in harness/verdict.py).
-RULE_METRICS: dict[str, tuple[str, ...]] = {
-    "loss_falls": ("loss_first3", "loss_last3"),
-    "grad_norm": ("grad_norm",),
-    "expert_lora_trains": ("expert_lora_grad_norm", "expert_lora_A_moved", "expert_lora_A_total",
-                           "expert_lora_B_moved", "expert_lora_B_total"),
-    "experts_4bit": ("experts_quantized", "experts_expert_tensors"),
-    "kl_merged": ("kl_merged",),
-    "samples_merged": ("samples_merged",),
-    "export_complete": ("export_applied", "export_attempted"),
-    "export_16bit": ("export_quantized", "export_attempted"),
-    "kl_export": ("kl_export",),
-    "samples_export": ("samples_export",),
-    "kl_adapter": ("kl_adapter",),
-    "samples_adapter": ("samples_adapter",),
-}
+# The metrics each verdict rule reads (declared with the rule in harness/verdict.py): recorded in the baseline so
+# the rules can be re-evaluated on it, and printed when a rule breaks.
+RULE_METRICS: dict[str, tuple[str, ...]] = {rule.name: rule.metrics for rule in verdict.RULES}
 KEY_METRICS: tuple[str, ...] = tuple(dict.fromkeys(m for ms in RULE_METRICS.values() for m in ms))
 DID_NOT_RUN = ("unresolvable", "install_failed")
 

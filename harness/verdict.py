@@ -12,6 +12,7 @@ from typing import Callable
 
 KL_ADAPTER_MAX = 1e-5      # reloading the same adapter into the same base must reproduce the logits
 KL_EXPORT_MAX = 1e-4       # merged export reloaded in fp32: only bf16 rounding of W + delta remains
+KL_EXPORT_FP32_MAX = 1e-6  # the same export in float32: the merge itself must be exact
 KL_MERGED_MAX = 1e-4       # in-place merge into float experts (4-bit merges re-quantize: reported, not bounded)
 LOSS_FALL_RATIO = 0.9      # mean of the last 3 logged losses <= 0.9 x mean of the first 3
 
@@ -38,6 +39,7 @@ class Rule:
     description: str
     applies: Callable[[dict], bool]
     holds: Callable[[dict], bool]
+    metrics: tuple[str, ...] = ()  # what applies/holds read: the gate's baseline keeps exactly these
 
 
 def _is(quant: str) -> Callable[[dict], bool]:
@@ -91,35 +93,63 @@ def _export_is_16bit(case: dict) -> bool:
     return case.get("metrics", {}).get("export_quantized") == 0
 
 
+def _shims_export(case: dict) -> bool:
+    return "export_attempted" in case.get("metrics", {})
+
+
 def _samples(key: str) -> Callable[[dict], bool]:
     return lambda case: _all_agree(case.get("metrics", {}).get(key))
 
 
 RULES: tuple[Rule, ...] = (
     Rule("loss_falls", f"training loss falls: mean(last 3) <= {LOSS_FALL_RATIO} x mean(first 3)",
-         _ran("train"), _loss_falls),
-    Rule("grad_norm", "trainer grad_norm > 0 and finite", _ran("train"), _positive("grad_norm")),
+         _ran("train"), _loss_falls,
+         metrics=("loss_first3", "loss_last3")),
+    Rule("grad_norm", "trainer grad_norm > 0 and finite", _ran("train"), _positive("grad_norm"),
+         metrics=("grad_norm",)),
     Rule("expert_lora_trains", "expert LoRA grad norm > 0 and every expert lora_A and lora_B changed",
-         _ran("train"), lambda c: _positive("expert_lora_grad_norm")(c) and _expert_lora_moved(c)),
+         _ran("train"), lambda c: _positive("expert_lora_grad_norm")(c) and _expert_lora_moved(c),
+         metrics=("expert_lora_grad_norm", "expert_lora_A_moved", "expert_lora_A_total",
+                  "expert_lora_B_moved", "expert_lora_B_total")),
     Rule("experts_4bit", "nf4: every routed-expert weight tensor is stored in 4 bits after load",
-         lambda c: _is("nf4")(c) and _ran("load")(c), _experts_quantized),
+         lambda c: _is("nf4")(c) and _ran("load")(c), _experts_quantized,
+         metrics=("experts_quantized", "experts_expert_tensors")),
     Rule("kl_merged", f"bf16: KL(trained || merged) <= {KL_MERGED_MAX:g}",
-         lambda c: _is("bf16")(c) and _ran("merge")(c), _le("kl_merged", KL_MERGED_MAX)),
+         lambda c: _is("bf16")(c) and _ran("merge")(c), _le("kl_merged", KL_MERGED_MAX),
+         metrics=("kl_merged",)),
     Rule("samples_merged", "bf16: greedy samples of the merged model match the trained model's",
-         lambda c: _is("bf16")(c) and _ran("merge")(c), _samples("samples_merged")),
+         lambda c: _is("bf16")(c) and _ran("merge")(c), _samples("samples_merged"),
+         metrics=("samples_merged",)),
     Rule("export_complete", "shims export: every LoRA delta applied (applied == attempted > 0)",
-         _ran("export"), _export_complete),
+         _ran("export"), _export_complete,
+         metrics=("export_applied", "export_attempted")),
     Rule("export_16bit", "the exported checkpoint reloads with 16-bit (not 4-bit) experts",
          lambda c: _ran("export_reload")(c) and c.get("metrics", {}).get("export_attempted") is not None,
-         _export_is_16bit),
-    Rule("kl_export", f"KL(trained || reloaded export) <= {KL_EXPORT_MAX:g}", _ran("export_reload"),
-         _le("kl_export", KL_EXPORT_MAX)),
-    Rule("samples_export", "greedy samples of the reloaded export match the trained model's",
-         _ran("export_reload"), _samples("samples_export")),
+         _export_is_16bit,
+         metrics=("export_quantized", "export_attempted")),
+    Rule("kl_export", f"native export (merged model's save_pretrained): KL(trained || reload) <= {KL_EXPORT_MAX:g}",
+         lambda c: _ran("export_reload")(c) and not _shims_export(c), _le("kl_export", KL_EXPORT_MAX),
+         metrics=("kl_export", "export_attempted")),
+    Rule("samples_export", "native export: greedy samples of the reload match the trained model's",
+         lambda c: _ran("export_reload")(c) and not _shims_export(c), _samples("samples_export"),
+         metrics=("samples_export", "export_attempted")),
+    Rule("kl_export_fp32", f"shims export written in float32: KL(trained || reload) <= {KL_EXPORT_FP32_MAX:g} "
+         "(the merge itself is exact)", lambda c: _ran("export")(c) and _shims_export(c),
+         _le("kl_export_fp32", KL_EXPORT_FP32_MAX),
+         metrics=("kl_export_fp32", "export_attempted")),
+    Rule("samples_export_fp32", "shims export in float32: greedy samples match the trained model's",
+         lambda c: _ran("export")(c) and _shims_export(c), _samples("samples_export_fp32"),
+         metrics=("samples_export_fp32", "export_attempted")),
+    Rule("export_rounding", "shims 16-bit export == the float32 export rounded to bf16 (max |d logits| == 0); "
+         "its KL to the trained model, bf16 rounding of W + delta only, is reported",
+         lambda c: _ran("export_reload")(c) and _shims_export(c), _le("export_rounding_max_abs", 0.0),
+         metrics=("export_rounding_max_abs", "export_attempted")),
     Rule("kl_adapter", f"KL(trained || base + reloaded adapter) <= {KL_ADAPTER_MAX:g}", _ran("adapter_reload"),
-         _le("kl_adapter", KL_ADAPTER_MAX)),
+         _le("kl_adapter", KL_ADAPTER_MAX),
+         metrics=("kl_adapter",)),
     Rule("samples_adapter", "greedy samples after adapter reload match the trained model's",
-         _ran("adapter_reload"), _samples("samples_adapter")),
+         _ran("adapter_reload"), _samples("samples_adapter"),
+         metrics=("samples_adapter",)),
 )
 
 

@@ -25,7 +25,7 @@ def passing_case(arch="qwen3_moe", quant="bf16") -> dict:
         "expert_lora_grad_norm": 0.7, "expert_lora_A_moved": 4, "expert_lora_B_moved": 4,
         "expert_lora_A_total": 4, "expert_lora_B_total": 4, "kl_merged": 1e-12, "samples_merged": "4/4",
         "export_applied": 24, "export_attempted": 24, "export_expert_tensors": 4, "export_quantized": 0,
-        "kl_export": 2e-6, "samples_export": "4/4", "kl_adapter": 0.0, "samples_adapter": "4/4",
+        "kl_export": 2e-6, "kl_export_fp32": 1e-9, "samples_export_fp32": "4/4", "export_rounding_max_abs": 0.0, "samples_export": "4/4", "kl_adapter": 0.0, "samples_adapter": "4/4",
     }
     return {"case": f"{arch}/{quant}", "arch": arch, "quant": quant, "stages": stages, "metrics": metrics}
 

@@ -14,10 +14,11 @@ def test_a_complete_case_passes():
     ("grad_norm", 0.0, "grad_norm"),
     ("expert_lora_grad_norm", 0.0, "expert_lora_trains"),
     ("expert_lora_A_moved", 0, "expert_lora_trains"),
-    ("kl_export", 3e-3, "kl_export"),
+    ("kl_export_fp32", 3e-6, "kl_export_fp32"),
+    ("samples_export_fp32", "3/4", "samples_export_fp32"),
+    ("export_rounding_max_abs", 1e-3, "export_rounding"),
     ("kl_adapter", 2e-5, "kl_adapter"),
     ("kl_merged", float("nan"), "kl_merged"),
-    ("samples_export", "3/4", "samples_export"),
     ("export_applied", 20, "export_complete"),
     ("export_quantized", 4, "export_16bit"),
 ])
@@ -61,5 +62,32 @@ def test_unavailable_arch_is_not_applicable():
 
 def test_missing_metric_fails_rather_than_passes():
     case = passing_case()
-    del case["metrics"]["kl_export"]
+    del case["metrics"]["kl_export_fp32"]
     assert verdict.judge(case)[0] == "fail"
+
+
+def native_case() -> dict:
+    """Native runs export with the merged model's save_pretrained and report no applied/attempted counts."""
+    case = passing_case()
+    for key in ("export_applied", "export_attempted", "kl_export_fp32", "samples_export_fp32",
+                "export_rounding_max_abs"):
+        del case["metrics"][key]
+    return case
+
+
+def test_native_export_is_judged_on_its_reload():
+    assert verdict.judge(native_case()) == ("pass", [])
+    for key, value, rule in (("kl_export", 3e-3, "kl_export"), ("samples_export", "3/4", "samples_export")):
+        case = native_case()
+        case["metrics"][key] = value
+        v, reasons = verdict.judge(case)
+        assert v == "fail" and any(f"rule {rule}" in r for r in reasons)
+
+
+def test_every_rule_declares_the_metrics_it_reads():
+    for rule in verdict.RULES:
+        assert rule.metrics, rule.name
+        case = passing_case()
+        trimmed = {**case, "metrics": {k: v for k, v in case["metrics"].items() if k in rule.metrics}}
+        if rule.applies(case):
+            assert rule.holds(trimmed), f"{rule.name} reads a metric it does not declare"

@@ -1,0 +1,158 @@
+"""Side-by-side benchmark: transformers 5.x + shims 4-bit vs 5.x bf16 vs 5.x native "4-bit" vs 4.57 native
+4-bit, on the same machine in one run, each configuration in its own process. Writes reports/BENCH.md.
+
+The interpreters are given as command prefixes (`label=command`), so the same code runs from nox (two uv venvs)
+and on a GPU machine whose python has the CUDA stack (a 4.57 interpreter there is the same python with 4.57 on
+PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+from .results import write_json_atomic, write_text_atomic
+
+REPO = Path(__file__).resolve().parent.parent
+# Which configurations run under which interpreter label.
+PLAN = (("tf5", "shims-nf4"), ("tf5", "bf16"), ("tf5", "native-nf4"), ("tf457", "native-nf4"))
+DIM_FLAGS = ("hidden", "experts", "top_k", "moe_intermediate", "vocab", "layers", "heads", "kv_heads")
+GIB = 1024 ** 3
+
+
+def _flags(dims: dict) -> list[str]:
+    out = []
+    for key, value in dims.items():
+        if value is not None:
+            out += [f"--{key.replace('_', '-')}", str(value)]
+    return out
+
+
+def _run(prefix: list[str], args: list[str], timeout_s: float) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    start = time.monotonic()
+    try:
+        proc = subprocess.run([*prefix, "-m", "cases.bench_model", *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            result = json.loads(line.split(" ", 1)[1])
+            result["wall_s"] = round(time.monotonic() - start, 1)
+            return result
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    return {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-600:]}
+
+
+def run_bench(interpreters: dict[str, list[str]], dims: dict, run_opts: dict, work: Path,
+              timeout_s: float = 1800) -> dict:
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / ("ckpt-" + "-".join(f"{k}{v}" for k, v in dims.items() if v is not None))
+    if not (ckpt / "config.json").exists():
+        built = _run(interpreters["tf5"], ["build", str(ckpt), *_flags(dims)], timeout_s)
+        if "error" in built:
+            raise RuntimeError(f"building the benchmark checkpoint failed: {built['error']}")
+    results = {}
+    for label, config in PLAN:
+        if label not in interpreters:
+            results[f"{label}:{config}"] = {"error": f"no interpreter given for {label}"}
+            continue
+        args = ["run", str(ckpt), "--config", config, *_flags(dims), *_flags(run_opts)]
+        results[f"{label}:{config}"] = _run(interpreters[label], args, timeout_s)
+    return {"when": time.time(), "host": platform.node(), "dims": dims, "run": run_opts, "results": results}
+
+
+def _get(results, key, metric):
+    value = results.get(key, {}).get(metric)
+    return value if isinstance(value, (int, float)) else None
+
+
+def _ratio(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+TARGETS = (
+    # (name, numerator, denominator, bound, direction, what)
+    ("resident", ("tf5:shims-nf4", "resident_bytes"), ("tf457:native-nf4", "resident_bytes"), 1.0, "<=",
+     "5.x + shims 4-bit resident <= 4.57 native 4-bit resident"),
+    ("load peak", ("tf5:shims-nf4", "load_peak_bytes"), ("tf5:shims-nf4", "resident_bytes"), 1.15, "<=",
+     "5.x + shims load peak <= 1.15x its resident"),
+    ("train step", ("tf5:shims-nf4", "train_step_s"), ("tf5:bf16", "train_step_s"), 1.5, "<=",
+     "5.x + shims 4-bit train step <= 1.5x 5.x bf16 step"),
+    ("speed-up vs 4.57", ("tf457:native-nf4", "train_step_s"), ("tf5:shims-nf4", "train_step_s"), 20.0, ">=",
+     "4.57 native 4-bit step / 5.x + shims step >= 20"),
+    ("train peak", ("tf5:shims-nf4", "train_peak_bytes"), ("tf457:native-nf4", "train_peak_bytes"), 1.0, "<=",
+     "5.x + shims 4-bit train peak <= 4.57 native 4-bit train peak"),
+    ("generation", ("tf5:shims-nf4", "gen_tokens_per_s"), ("tf5:bf16", "gen_tokens_per_s"), 0.5, ">=",
+     "5.x + shims generation tokens/s >= 0.5x 5.x bf16"),
+    ("expert bytes", ("tf5:shims-nf4", "experts_bytes"), ("tf5:shims-nf4", "experts_bf16_bytes"), 0.29, "<=",
+     "5.x + shims expert bytes (packed + state) <= 0.29x bf16"),
+)
+
+
+def render(doc: dict) -> str:
+    import pandas as pd
+
+    res = doc["results"]
+    rows = []
+    for key, r in res.items():
+        rows.append({
+            "configuration": key, "transformers": r.get("transformers", ""),
+            "resident GiB": _gib(r.get("resident_bytes")), "load peak GiB": _gib(r.get("load_peak_bytes")),
+            "expert bytes vs bf16": (f"{r['experts_bytes'] / r['experts_bf16_bytes']:.3f}"
+                                     if r.get("experts_bf16_bytes") else ""),
+            "experts 4-bit": (f"{r.get('experts_quantized')}/{r.get('experts_expert_tensors')}"
+                              if "experts_expert_tensors" in r else ""),
+            "train step s": _num(r.get("train_step_s"), ".4f"), "train peak GiB": _gib(r.get("train_peak_bytes")),
+            "gen tokens/s": _num(r.get("gen_tokens_per_s"), ".1f"), "error": r.get("error", ""),
+        })
+    targets = []
+    for name, (nk, nm), (dk, dm), bound, direction, what in TARGETS:
+        ratio = _ratio(_get(res, nk, nm), _get(res, dk, dm))
+        met = None if ratio is None else (ratio <= bound if direction == "<=" else ratio >= bound)
+        targets.append({"target": what, "ratio": _num(ratio, ".3f") or "not measured",
+                        "bound": f"{direction} {bound:g}",
+                        "met": {True: "yes", False: "**no**", None: "n/a"}[met]})
+    device = next((r.get("device_name") for r in res.values() if r.get("device_name")), "?")
+    when = dt.datetime.fromtimestamp(doc["when"], dt.timezone.utc)
+    dims = ", ".join(f"{k}={v}" for k, v in doc["dims"].items() if v is not None)
+    run = ", ".join(f"{k}={v}" for k, v in doc["run"].items() if v is not None)
+    return "\n".join([
+        f"# moe-shims benchmark ({device})", "",
+        f"- when: {when:%Y-%m-%d %H:%M} UTC on {doc['host']}; device: {device}",
+        f"- model: Qwen3-MoE-shaped, random bf16 weights; {dims}",
+        f"- run: {run}; LoRA on attention + routed experts; AdamW; median step after 2 warm-ups",
+        "- each configuration ran in its own process, one after another, in this one run", "",
+        "## Measurements", "", pd.DataFrame(rows).to_markdown(index=False), "",
+        "## Targets (ratios from the table above)", "", pd.DataFrame(targets).to_markdown(index=False), "",
+    ])
+
+
+def _gib(value):
+    return "" if not isinstance(value, (int, float)) else f"{value / GIB:.3f}"
+
+
+def _num(value, spec):
+    return "" if not isinstance(value, (int, float)) else format(value, spec)
+
+
+def write(doc: dict, md: Path, js: Path) -> None:
+    write_json_atomic(js, doc)
+    write_text_atomic(md, render(doc))
+
+
+def parse_interpreters(values: list[str]) -> dict[str, list[str]]:
+    out = {}
+    for value in values:
+        label, sep, command = value.partition("=")
+        if not sep or label not in {lbl for lbl, _ in PLAN}:
+            raise ValueError(f"--interp {value!r}: use label=command with label tf5 or tf457")
+        out[label] = shlex.split(command)
+    return out
