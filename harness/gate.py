@@ -48,10 +48,9 @@ EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 BASELINE_KIND = "moe-shims/baseline"
 BASELINE_SCHEMA = 1
 
-# The metrics each verdict rule reads (declared with the rule in harness/verdict.py): recorded in the baseline so
-# the rules can be re-evaluated on it, and printed when a rule breaks.
-RULE_METRICS: dict[str, tuple[str, ...]] = {rule.name: rule.metrics for rule in verdict.RULES}
-KEY_METRICS: tuple[str, ...] = tuple(dict.fromkeys(m for ms in RULE_METRICS.values() for m in ms))
+# The metrics the verdict rules read (each Rule declares its own in harness/verdict.py): the baseline keeps
+# these, so the rules can be re-evaluated on it, and the gate prints them when a rule breaks.
+KEY_METRICS: tuple[str, ...] = tuple(dict.fromkeys(m for rule in verdict.RULES for m in rule.metrics))
 DID_NOT_RUN = ("unresolvable", "install_failed")
 
 
@@ -199,9 +198,9 @@ def _case_id(case: dict) -> str:
     return case.get("case", f"{case.get('arch')}/{case.get('quant')}")
 
 
-def _values(case: dict, rule: str) -> str:
+def _values(case: dict, rule: verdict.Rule) -> str:
     metrics = case.get("metrics", {})
-    return ", ".join(f"{k}={metrics.get(k, 'absent')}" for k in RULE_METRICS.get(rule, ()))
+    return ", ".join(f"{k}={metrics.get(k, 'absent')}" for k in rule.metrics)
 
 
 def _check_version(docs: list[dict], release_version: str, result: GateResult) -> None:
@@ -247,7 +246,7 @@ def _check_case(where: str, case: dict, base: dict | None, mode: str, result: Ga
         result.count("rules compared with baseline")
         if rule.applies(case) and not rule.holds(case):
             result.fail(f"out of bounds: {where}: rule {rule.name} ({rule.description}) broke: now "
-                        f"{_values(case, rule.name)}; baseline {_values(then, rule.name)}")
+                        f"{_values(case, rule)}; baseline {_values(then, rule)}")
 
 
 def _check_cases(docs: list[dict], baseline: dict, lanes: set[str], result: GateResult) -> None:

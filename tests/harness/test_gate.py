@@ -68,16 +68,18 @@ def test_baseline_is_compact_and_reevaluates_every_rule_like_the_full_record(goo
     assert doc["kind"] == gate.BASELINE_KIND and doc["schema"] == gate.BASELINE_SCHEMA
     assert doc["shims_version"] == shims_version()
     cell = next(iter(doc["cells"]))
-    entry = doc["cells"][cell]["on"]["cases"]["qwen3_moe/nf4"]
-    assert entry["verdict"] == "pass" and set(entry["metrics"]) <= set(gate.KEY_METRICS)
-    full = passing_case("qwen3_moe", "nf4")
-    rebuilt = gate.expand_case("qwen3_moe/nf4", entry)
-    for rule in verdict.RULES:
-        assert (rule.applies(rebuilt), rule.holds(rebuilt)) == (rule.applies(full), rule.holds(full)), rule.name
+    for arch, quant in CASES:
+        entry = doc["cells"][cell]["on"]["cases"][f"{arch}/{quant}"]
+        assert entry["verdict"] == "pass" and set(entry["metrics"]) <= set(gate.KEY_METRICS)
+        full = passing_case(arch, quant)
+        rebuilt = gate.expand_case(f"{arch}/{quant}", entry)
+        for rule in verdict.RULES:
+            assert (rule.applies(rebuilt), rule.holds(rebuilt)) == (rule.applies(full), rule.holds(full)), rule.name
 
 
-def test_every_verdict_rule_has_its_metrics_listed():
-    assert {r.name for r in verdict.RULES} == set(gate.RULE_METRICS)
+def test_every_verdict_rule_declares_the_metrics_the_baseline_keeps():
+    assert all(rule.metrics for rule in verdict.RULES)
+    assert set(gate.KEY_METRICS) == {m for rule in verdict.RULES for m in rule.metrics}
 
 
 def test_regressed_case_fails_the_gate_naming_it(good, matrix):
@@ -288,3 +290,16 @@ def test_baseline_cell_outside_the_lanes_missing_now_is_only_a_note(tmp_path, go
     code, text = run_gate(results, baseline)
     assert code == 0, text
     assert f"note: baseline run {adhoc.name} shims-on (not a release lane) has no current results" in text
+
+
+def test_noxfile_runs_lanes_in_parallel_and_the_report_after_them():
+    registry = pytest.importorskip("nox.registry")
+    import runpy
+
+    from harness.runner import REPO
+
+    runpy.run_path(str(REPO / "noxfile.py"))
+    sessions = registry.get()
+    assert sessions["e2e"].allow_parallel is True
+    assert sessions["lanes"].requires == ["e2e"] and not sessions["lanes"].allow_parallel
+    assert {"gate", "baseline", "release"} <= set(sessions)
