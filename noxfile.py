@@ -71,7 +71,8 @@ def _run_cell(session: nox.Session, cell: Cell, results_dir: Path, opts) -> None
         runner.write_install_failure(cell, exc.status, exc.message, results_dir)
         session.warn(f"{cell.name}: {exc.status}: {exc.message.splitlines()[-1] if exc.message else ''}")
         return
-    for path in runner.run_modes(cell, opts.mode, python, MATRIX, results_dir, WORK, opts.arch, opts.quant, info):
+    matrix = MATRIX.on_device(opts.device)
+    for path in runner.run_modes(cell, opts.mode, python, matrix, results_dir, WORK, opts.arch, opts.quant, info):
         session.log(f"{cell.name}: {path.relative_to(REPO)}")
 
 

@@ -13,8 +13,14 @@ EXPERT_PARAM_NAMES = ("gate_up_proj", "down_proj")
 @torch.no_grad()
 def logits(model, batch: dict) -> torch.Tensor:
     model.eval()
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return out.logits.float()
+    device = _device_of(model)
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                use_cache=False)
+    return out.logits.float().cpu()
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 def disable_router_logits(model) -> None:
@@ -28,10 +34,10 @@ def disable_router_logits(model) -> None:
 
 def kl(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean over real tokens of KL(softmax(reference) || softmax(other)), in float64."""
-    ref = F.log_softmax(reference.double(), dim=-1)
-    oth = F.log_softmax(other.double(), dim=-1)
+    ref = F.log_softmax(reference.double().cpu(), dim=-1)
+    oth = F.log_softmax(other.double().cpu(), dim=-1)
     per_token = (ref.exp() * (ref - oth)).sum(-1)
-    m = mask.bool()
+    m = mask.bool().to(per_token.device)
     return float(per_token[m].mean())
 
 
@@ -39,8 +45,9 @@ def kl(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> floa
 def greedy(model, tokenizer, texts: list[str], new_tokens: int) -> list[list[int]]:
     model.eval()
     enc = tokenizer(texts, return_tensors="pt", padding=True)
+    device = _device_of(model)
     out = model.generate(
-        input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+        input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=None,
     )
     return out[:, enc["input_ids"].shape[1]:].tolist()

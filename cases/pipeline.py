@@ -104,7 +104,7 @@ class Case:
     def _load_base(self, path: Path):
         from transformers import AutoModelForCausalLM
 
-        kwargs = {"dtype": self._dtype()}
+        kwargs = {"dtype": self._dtype(), **_placement(self.spec.run)}
         qc = self._quantization_config()
         if qc is not None:
             kwargs["quantization_config"] = qc
@@ -176,7 +176,8 @@ class Case:
                 norms.append(measure.grad_norm(expert_lora.values()))
 
         trainer = _sft_trainer(self.model, self.tokenizer, Dataset.from_dict({"text": tiny.training_texts()}),
-                               self.work / "trainer", self.spec.run["train_steps"], [ExpertGrad()])
+                               self.work / "trainer", self.spec.run["train_steps"], [ExpertGrad()],
+                               use_cpu=self.spec.run.get("device", "cpu") == "cpu")
         trainer.train()
         measure.disable_router_logits(self.model)
         history = [h for h in trainer.state.log_history if "loss" in h]
@@ -251,12 +252,13 @@ class Case:
     def _load_exported(self, path: Path):
         from transformers import AutoModelForCausalLM
 
+        placement = _placement(self.spec.run)
         try:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **placement)
         except TypeError as exc:
             if "dtype" not in str(exc):
                 raise
-            return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32)
+            return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, **placement)
 
     def adapter_reload(self) -> None:
         from peft import PeftModel
@@ -312,7 +314,12 @@ def expert_targets(model) -> dict[str, list[str]]:
     return {"parameters": sorted(params), "modules": modules}
 
 
-def _sft_trainer(model, tokenizer, dataset, out_dir: Path, steps: int, callbacks: list):
+def _placement(run: dict) -> dict:
+    """from_pretrained placement: everything on the first GPU when the run asks for CUDA."""
+    return {"device_map": {"": 0}} if run.get("device", "cpu") == "cuda" else {}
+
+
+def _sft_trainer(model, tokenizer, dataset, out_dir: Path, steps: int, callbacks: list, use_cpu: bool = True):
     import inspect
 
     from transformers.trainer_callback import PrinterCallback
@@ -321,7 +328,7 @@ def _sft_trainer(model, tokenizer, dataset, out_dir: Path, steps: int, callbacks
     kwargs = dict(
         output_dir=str(out_dir), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-2,
         lr_scheduler_type="constant", warmup_steps=0, logging_steps=1, save_strategy="no", report_to=[],
-        seed=0, use_cpu=True, dataloader_num_workers=0, dataset_text_field="text", packing=False,
+        seed=0, use_cpu=use_cpu, dataloader_num_workers=0, dataset_text_field="text", packing=False,
         bf16=False, fp16=False, disable_tqdm=True,
     )
     accepted = inspect.signature(SFTConfig).parameters

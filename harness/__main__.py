@@ -49,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--work", type=Path, default=REPO / ".cache" / "bench")
     bench.add_argument("--out", type=Path, default=REPO / "reports" / "BENCH.md")
     bench.add_argument("--json", type=Path, default=REPO / "reports" / "bench.json")
+    rc = sub.add_parser("run-cell", help="run the cases with an existing interpreter (e.g. on a GPU machine)")
+    rc.add_argument("--python", required=True, help="interpreter that has torch/transformers/peft/trl")
+    rc.add_argument("--results", type=Path, required=True)
+    rc.add_argument("--work", type=Path, default=REPO / ".cache" / "e2e")
+    rc.add_argument("options", nargs=argparse.REMAINDER, help="--arch/--quant/--mode/--device as for nox -s e2e")
     args = parser.parse_args(argv)
     results = getattr(args, "results", None) or [REPO / "reports" / "results"]
     try:
@@ -75,6 +80,16 @@ def main(argv: list[str] | None = None) -> int:
             doc = bench_mod.run_bench(bench_mod.parse_interpreters(args.interp), dims, run_opts, args.work)
             bench_mod.write(doc, args.out, args.json)
             print(bench_mod.render(doc))
+        elif args.command == "run-cell":
+            from .cli import parse_cell_options
+            from .runner import interpreter_cell, run_modes
+
+            matrix = load_matrix()
+            opts = parse_cell_options([o for o in args.options if o != "--"], matrix)
+            cell = interpreter_cell(args.python)
+            for path in run_modes(cell, opts.mode, args.python, matrix.on_device(opts.device), args.results,
+                                  args.work, opts.arch, opts.quant):
+                print(f"wrote {path}")
         elif args.command == "list":
             m = load_matrix()
             print(json.dumps({"lanes": [c.as_dict() for c in m.lanes], "archs": list(m.archs),

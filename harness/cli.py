@@ -16,6 +16,7 @@ def cell_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", type=_csv, default=None, help="comma-separated archs (default: all)")
     p.add_argument("--quant", type=_csv, default=None, help="comma-separated quantizations (default: all)")
     p.add_argument("--mode", type=_csv, default=list(MODES), help="shims modes: off,on (default: both)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the cases run (default cpu)")
     for package in PACKAGES:
         p.add_argument(f"--{package}", default=None, help=f"{package} version for an ad-hoc cell, or 'latest'")
     return p
@@ -24,7 +25,10 @@ def cell_parser() -> argparse.ArgumentParser:
 def parse_cell_options(argv: list[str], matrix: Matrix) -> argparse.Namespace:
     """Validate everything before anything runs; errors name the bad value and the allowed ones."""
     parser = cell_parser()
-    opts, unknown = parser.parse_known_args(argv)
+    try:
+        opts, unknown = parser.parse_known_args(argv)
+    except SystemExit as exc:  # argparse already printed which value was bad
+        raise MatrixError(f"invalid command-line options {' '.join(argv)}") from exc
     if unknown:
         allowed = ", ".join(a for action in parser._actions for a in action.option_strings)
         raise MatrixError(f"unknown option(s) {' '.join(unknown)}; allowed: {allowed}")

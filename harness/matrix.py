@@ -74,6 +74,12 @@ class Matrix:
     test_lanes: tuple[Cell, ...] = ()
     mutations: dict = field(default_factory=dict, hash=False, compare=False)
 
+    def on_device(self, device: str) -> "Matrix":
+        """The same matrix with its cases placed on ``device`` ("cpu" or "cuda")."""
+        import dataclasses
+
+        return dataclasses.replace(self, run={**self.run, "device": device})
+
     def mutation_cell(self) -> Cell:
         return Cell(**self.mutations["cell"])
 

@@ -192,6 +192,15 @@ def run_cell(cell: Cell, mode: str, python: str, matrix: Matrix, results_dir: Pa
     return path
 
 
+def interpreter_cell(python: str) -> Cell:
+    """The cell an existing interpreter represents: the transformers / peft / trl it has installed."""
+    code = ("import importlib.metadata as m, json; "
+            "print(json.dumps({p: m.version(p) for p in ('transformers', 'peft', 'trl')}))")
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True).stdout
+    versions = json.loads(out.strip().splitlines()[-1])
+    return Cell(versions["transformers"], versions["peft"], versions["trl"], trl_why="installed in the interpreter")
+
+
 def parallel_jobs() -> int:
     """Child processes run at once: MOE_SHIMS_JOBS, else one per CPU (each child uses one torch thread)."""
     return max(1, int(os.environ.get("MOE_SHIMS_JOBS") or os.cpu_count() or 1))

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Prepare .whl/ (ignored by git) with what a GPU machine without internet needs beyond its own CUDA torch and
+# transformers 5.x: bitsandbytes (only its CPU and CUDA 13 kernels, to stay small), peft, trl, and for the
+# transformers 4.57 comparison transformers 4.57.6 with the tokenizers / huggingface_hub it needs.
+# Run on a connected machine in the repo root; then carry .whl to the GPU machine (gpu/run.sh installs it).
+set -euo pipefail
+PY=${PY:-3.12}
+dl() { python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PY" --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+        --platform manylinux2014_x86_64 -d "$1" "${@:2}"; }
+rm -rf .whl && mkdir -p .whl/site .whl/tf457 .whl/extra .whl/tmp
+dl .whl/tmp "bitsandbytes==${BNB:-0.50.2}" "peft==${PEFT:-0.21.2}"
+(cd .whl/site && for w in ../tmp/*.whl; do unzip -q "$w"; done \
+  && rm -f bitsandbytes/libbitsandbytes_cuda1[12]*.so bitsandbytes/libbitsandbytes_rocm*.so bitsandbytes/libbitsandbytes_xpu*.so)
+dl .whl/tf457 transformers==4.57.6 tokenizers==0.22.1 huggingface_hub==0.36.0
+dl .whl/extra "trl==${TRL:-1.16.0}"
+rm -rf .whl/tmp
+du -sh .whl

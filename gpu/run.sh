@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine, in the repo root, with .whl/ carried along (gpu/fetch_wheels.sh made it).
+#   bash gpu/run.sh cases  OUT [harness options]   the e2e cases on CUDA -> OUT/results-cuda/*.json
+#   bash gpu/run.sh bench  OUT [bench options]     the side-by-side benchmark -> OUT/bench.json (+ BENCH.md)
+set -euo pipefail
+what=$1; out=$2; shift 2
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site457 .whl/tf457/*.whl
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/siteextra .whl/extra/*.whl
+export PYTHONPATH="$PWD:/tmp/siteextra:$PWD/.whl/site" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch, transformers, peft, bitsandbytes as b; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', b.__version__)" | tee -a "$out/gpu.txt"
+case "$what" in
+  cases) python3 -m harness run-cell --python python3 --results "$out/results-cuda" --work /tmp/e2e -- --device cuda "$@" ;;
+  bench) python3 -m harness bench --device cuda --interp tf5=python3 \
+           --interp "tf457=env PYTHONPATH=$PWD:/tmp/site457:/tmp/siteextra:$PWD/.whl/site python3" \
+           --work /tmp/bench --out "$out/BENCH.md" --json "$out/bench.json" "$@" ;;
+  *) echo "unknown action $what: use cases or bench" >&2; exit 2 ;;
+esac
