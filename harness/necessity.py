@@ -13,6 +13,7 @@ A cell's entry is the worst of its cases (broken > needed > not needed here > un
 
     n/a               the shim was not applied on this cell (shims.status() says why: not needed, drift), or no
                       case of the shim's quantization ran there
+    no shims run      the cell has no shimmed run that ran (yet)
     not exercised     no case shows the symptom the shim fixes yet ([shim_symptoms] says why)
 
 Drift comes from the shims status each case process records (``environment.shims_status`` with shims on,
@@ -29,7 +30,7 @@ from . import verdict
 from .matrix import MATRIX_FILE, MatrixError
 
 NEEDED, NOT_NEEDED, BROKEN, UNPROVEN = "needed", "not needed here", "broken", "unproven"
-NA, UNEXERCISED, UNDECLARED = "n/a", "not exercised", "no symptom declared"
+NA, UNEXERCISED, UNDECLARED, NO_RUN = "n/a", "not exercised", "no symptom declared", "no shims run"
 SEVERITY = (BROKEN, NEEDED, NOT_NEEDED, UNPROVEN)  # worst first
 FAILED_STAGE = ("failed",) + verdict.ABORTED
 KINDS = ("stage", "rule")
@@ -154,9 +155,9 @@ def necessity_entry(shim: str, native_doc: dict | None, shims_doc: dict | None,
                     symptom: Symptom | None) -> Entry:
     statuses = _status_list(shims_doc, "shims_status")
     if shims_doc is None:
-        return Entry(NA, "no shimmed run on this cell")
+        return Entry(NO_RUN)
     if shims_doc["status"] != "ran":
-        return Entry(NA, f"the shimmed run did not run ({shims_doc['status']})")
+        return Entry(NO_RUN, f"the shimmed run did not run ({shims_doc['status']})")
     if statuses is None:
         return Entry(NA, "the shimmed run recorded no shims status")
     status = next((s for s in statuses if s.get("name") == shim), None)

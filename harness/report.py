@@ -205,7 +205,8 @@ def _necessity(docs: list[dict]) -> str:
               "([shim_symptoms] in harness/matrix.toml): `needed` = native shows it, shims fix it; "
               "`not needed here` = native is clean too (a retirement candidate); `broken` = the shimmed run "
               "still shows it; `unproven` = the native run cannot tell; `n/a` = the shim did not apply here; "
-              "`not exercised` = no case shows its symptom yet. (k/n): cases with that outcome / cases judged.")
+              "`not exercised` = no case shows its symptom yet; `no shims run` = the cell has no shimmed run. "
+              "(k/n): cases with that outcome / cases judged.")
     details = _entry_details(entries)
     return "\n".join([legend, "", _by_cell_table(entries).to_markdown(), "",
                       "<details><summary>Why, per shim and cell</summary>", "", *details, "", "</details>"])

@@ -180,3 +180,12 @@ def test_bad_symptom_entries_are_rejected(tmp_path):
     bad.write_text('[shim_symptoms.x]\nquant = "nf4"\n')
     with pytest.raises(MatrixError, match="needs symptoms"):
         necessity.load_symptoms(bad)
+
+
+def test_cell_without_a_shimmed_run_says_so(symptoms):
+    docs = [run(C1, "off", [passing_case()], native_statuses=ALL_APPLIED), run(C2, "off", [passing_case()]),
+            run(C2, "on", [passing_case()])]
+    entries = necessity.necessity(docs, symptoms)
+    assert entries["quantize_fused_experts"][C1.name] == necessity.Entry(necessity.NO_RUN)
+    assert entries["quantize_fused_experts"][C2.name].label == "n/a"  # bf16 only: no nf4 case to judge
+    assert entries["quantize_fused_experts"][C2.name].detail == "no nf4 case ran here"
