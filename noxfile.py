@@ -77,7 +77,9 @@ def _run_cell(session: nox.Session, cell: Cell, results_dir: Path, opts) -> None
 
 
 # allow_parallel: each lane has its own venv, work folder (.cache/e2e/<cell>) and results files; the tiny-model
-# cache is shared but written by atomic rename. Under --parallel the report runs once, via `lanes`.
+# cache and the adapter store (.cache/e2e/adapters) are shared but written by atomic rename, so a cell sees whole
+# entries only (which foreign adapters it sees depends on what finished before it, in parallel as in sequence).
+# Under --parallel the report runs once, via `lanes`.
 @nox.session(python=PYTHON, allow_parallel=True)
 @nox.parametrize("cell", [nox.param(c, id=c.name) for c in MATRIX.lanes])
 def e2e(session: nox.Session, cell: Cell) -> None:
