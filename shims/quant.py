@@ -253,6 +253,34 @@ def quantize_expert_param(module, name: str, settings: QuantSettings, owner: str
     log.debug("quantized %s %s -> 4-bit %s", label, tuple(quant_state.shape), settings.quant_type)
 
 
+def install_packed_param(module, name: str, packed, quant_state, owner: str = "") -> None:
+    """Store already packed 4-bit data + its QuantState as ``module.<name>`` (a saved 4-bit checkpoint).
+
+    Replaces the (usually meta) float placeholder without ever materialising it in float: the logical shape and
+    dtype come from ``quant_state``.
+    """
+    from .forward import install_forward_hooks
+
+    torch, P = _torch_nn()
+    owner = owner or type(module).__name__
+    label = f"{owner}.{name}"
+    if quant_state is None:
+        raise ExpertQuantError(f"{label}: packed 4-bit data without quantization state (QuantState)")
+    if P.is_parametrized(module, name):
+        raise ExpertQuantError(f"{label}: already parametrized; expected the float placeholder of a fresh model")
+    if len(quant_state.shape) != 3:
+        raise ExpertQuantError(f"{label}: quantization state has shape {tuple(quant_state.shape)}; expected 3D experts")
+    settings = QuantSettings(quant_state.quant_type, bool(quant_state.nested), quant_state.dtype, packed.dtype,
+                             quant_state.blocksize)
+    module._parameters.pop(name, None)
+    packed_param = torch.nn.Parameter(packed.detach(), requires_grad=False)
+    packed_param._is_hf_initialized = True
+    module.register_parameter(name, packed_param)
+    P.register_parametrization(module, name, parametrization_class()(quant_state, settings, label), unsafe=True)
+    install_forward_hooks(module)
+    log.debug("loaded %s %s as packed 4-bit %s", label, tuple(quant_state.shape), quant_state.quant_type)
+
+
 def requantize_param(module, name: str, value) -> None:
     """Store ``value`` (logical shape) into an already quantized tensor with the same settings (used by merge)."""
     import bitsandbytes.functional as F

@@ -1,0 +1,277 @@
+"""Save and reload a model whose fused experts are shim-quantized 4-bit (a pre-quantized checkpoint).
+
+Without this, ``save_pretrained`` writes the packed bytes under ``...experts.parametrizations.gate_up_proj.original``
+and no quantization state: the file cannot be reloaded. With it, each 4-bit expert tensor is written the way
+transformers writes a bitsandbytes ``Linear4bit`` weight, with the tensor name in place of ``weight``:
+
+    model.layers.0.mlp.experts.gate_up_proj                                   packed 4-bit data (uint8)
+    model.layers.0.mlp.experts.gate_up_proj.absmax / .quant_map               \
+    model.layers.0.mlp.experts.gate_up_proj.nested_absmax / .nested_quant_map  > QuantState.as_dict(packed=True)
+    model.layers.0.mlp.experts.gate_up_proj.quant_state.bitsandbytes__nf4     /
+
+The config carries ``quantization_config``, so ``from_pretrained(dir)`` runs transformers' pre-quantized bnb path.
+We hook into that same path: the bnb quantizer's ``get_weight_conversions`` also returns one ``WeightConverter`` per
+expert tensor name whose operation rebuilds the QuantState with ``QuantState.from_dict`` (as ``Bnb4bitDeserialize``
+does for Linear4bit), and ``set_param_for_module`` stores packed data + state directly in the 4-bit parametrization.
+Nothing is dequantized or re-quantized on load.
+
+Packed (non-float) expert data without its quantization state is refused with an error naming the tensor: it is
+never loaded as weights. Fused expert keys are kept out of transformers' reverse weight conversion on save (which
+would otherwise split the packed bytes per expert as if they were a float (E, 2I, H) tensor).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import re
+from functools import wraps
+
+from .registry import Patch, Target, chain_undo, swap_attr
+
+log = logging.getLogger("shims")
+
+# QuantState.as_dict(packed=True) keys (bitsandbytes >= 0.41); the quant_state one carries the non-tensor fields.
+_STAT_NAMES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
+               "quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")
+_STATE_ATTR = "_shims_quant_state"
+_ERROR_ATTR = "_shims_state_error"
+
+
+def _quantized_tensors(model):
+    """(key prefix, module, tensor name, parametrization) for every shim-quantized expert tensor of ``model``."""
+    from .quant import EXPERT_WEIGHT_NAMES, quantized_parametrization
+
+    for module_name, module in model.named_modules():
+        for name in EXPERT_WEIGHT_NAMES:
+            param = quantized_parametrization(module, name)
+            if param is not None:
+                yield (f"{module_name}." if module_name else ""), module, name, param
+
+
+def quantized_expert_state_dict(model, state_dict: dict) -> dict:
+    """Rewrite ``state_dict`` (of ``model``) so every 4-bit expert tensor is saved as packed data + QuantState keys."""
+    for prefix, _, name, param in _quantized_tensors(model):
+        stored = f"{prefix}parametrizations.{name}.original"
+        if stored not in state_dict:
+            continue
+        state_dict[f"{prefix}{name}"] = state_dict.pop(stored)
+        for stat, value in param.quant_state.as_dict(packed=True).items():
+            state_dict[f"{prefix}{name}.{stat}"] = value
+    return state_dict
+
+
+def _is_quantized_expert_key(key: str, owned: dict) -> bool:
+    base = key
+    for stat in _STAT_NAMES:
+        if key.endswith("." + stat):
+            base = key[: -len(stat) - 1]
+            break
+    return base in owned
+
+
+# --------------------------------------------------------------------------------------------------------------
+# load: a WeightConverter per expert tensor name, its op, and set_param_for_module
+
+
+def _source_patterns(name: str) -> dict[str, str]:
+    r"""Regex source pattern -> QuantState.from_dict key ("" for the packed data itself).
+
+    Anchored at the end of the key and at a name boundary (``\b``): ``up_proj`` must not match ``gate_up_proj``,
+    ``down_proj`` must not match ``mlp.down_proj.weight`` of a dense layer, nor ``gate_up_proj`` its ``_bias``.
+    """
+    patterns = {rf"\b{name}$": ""}
+    for stat in _STAT_NAMES:
+        patterns[rf"\b{name}\.{re.escape(stat)}$"] = stat
+    return patterns
+
+
+def _make_ops():
+    from transformers.core_model_loading import ConversionOps
+
+    class _KeepAsSaved(ConversionOps):
+        """Reverse of the deserialization: saving is done by quantized_expert_state_dict, nothing to undo here."""
+
+        def convert(self, input_dict, *args, **kwargs):
+            return input_dict
+
+    class ExpertQuantStateDeserialize(ConversionOps):
+        """Packed 4-bit expert data + its QuantState keys -> one tensor carrying the rebuilt QuantState.
+
+        Never raises (transformers turns an op's exception into a logged conversion error and the tensor would be
+        re-initialised): a problem is attached to the result and set_param_for_module raises it, naming the tensor.
+        """
+
+        def __init__(self, hf_quantizer, name: str):
+            self.hf_quantizer = hf_quantizer  # also tells transformers 5.24's loader not to cast these tensors
+            self.name = name
+            self.stats = _source_patterns(name)
+
+        def convert(self, input_dict, *args, full_layer_name=None, **kwargs):
+            import torch
+            from bitsandbytes.functional import QuantState
+
+            values = {self.stats.get(k, k): (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
+            packed = values.pop("", None)
+            if packed is None:
+                marker = torch.empty(0, device="meta")
+                setattr(marker, _ERROR_ATTR, f"quantization state {sorted(values)} without the packed data")
+                return {self.name: marker}
+            if not values:
+                return {self.name: packed}  # float experts, or packed bytes without state: set_param decides
+            try:
+                state = QuantState.from_dict(values, device=packed.device)
+            except (KeyError, ValueError, AssertionError) as exc:
+                out = torch.nn.Parameter(packed, requires_grad=False)
+                setattr(out, _ERROR_ATTR, f"unreadable quantization state {sorted(values)}: {exc!r}")
+                return {self.name: out}
+            out = torch.nn.Parameter(packed, requires_grad=False)
+            setattr(out, _STATE_ATTR, state)
+            return {self.name: out}
+
+        @property
+        def reverse_op(self):
+            return _KeepAsSaved()
+
+    return ExpertQuantStateDeserialize
+
+
+_OP_CLASS = None
+
+
+def _op_class():
+    global _OP_CLASS
+    if _OP_CLASS is None:
+        _OP_CLASS = _make_ops()
+    return _OP_CLASS
+
+
+def expert_weight_converters(hf_quantizer) -> list:
+    """One WeightConverter per fused expert tensor name, collecting its packed data and QuantState keys."""
+    from transformers.core_model_loading import WeightConverter
+
+    from .quant import EXPERT_WEIGHT_NAMES
+
+    out = []
+    for name in EXPERT_WEIGHT_NAMES:
+        out.append(WeightConverter(source_patterns=list(_source_patterns(name)), target_patterns=name,
+                                   operations=[_op_class()(hf_quantizer, name)]))
+    return out
+
+
+def _store_loaded(model, target_name: str, value) -> bool:
+    """Store a deserialized 4-bit expert tensor; False when ``value`` is not one (let transformers handle it)."""
+    from .quant import EXPERT_WEIGHT_NAMES, ExpertQuantError, install_packed_param
+
+    module_path, _, name = target_name.rpartition(".")
+    if name not in EXPERT_WEIGHT_NAMES:
+        return False
+    error = getattr(value, _ERROR_ATTR, None)
+    if error is not None:
+        raise ExpertQuantError(f"{target_name}: {error}; refusing to load it (the checkpoint is incomplete)")
+    state = getattr(value, _STATE_ATTR, None)
+    if state is None:
+        if value.is_floating_point():
+            return False
+        raise ExpertQuantError(
+            f"{target_name}: the checkpoint stores packed {value.dtype} data {tuple(value.shape)} for this expert "
+            f"tensor but no 4-bit quantization state ({target_name}.absmax, .quant_state.bitsandbytes__nf4 ...); "
+            "refusing to load packed bytes as weights")
+    module = model.get_submodule(module_path) if module_path else model
+    install_packed_param(module, name, value.data, state, owner=module_path)
+    return True
+
+
+def _needed() -> str | None:
+    from .quant import _needed as quant_needed
+
+    return quant_needed()
+
+
+def _install():
+    import transformers.core_model_loading as cml
+    import transformers.modeling_utils as mu
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+    from .quant import _is_bnb_4bit
+
+    original_set = cml.set_param_for_module
+    set_signature = inspect.signature(original_set)
+    original_conversions = Bnb4BitHfQuantizer.get_weight_conversions
+    original_state_dict = Bnb4BitHfQuantizer.get_state_dict_and_metadata
+    original_revert = mu.revert_weight_conversion
+
+    @wraps(original_set)
+    def set_param_for_module(model, target_name, param_value, *args, **kwargs):
+        if _store_loaded(model, target_name, param_value):
+            bound = set_signature.bind(model, target_name, param_value, *args, **kwargs)
+            bound.arguments["loading_info"].missing_keys.discard(target_name)
+            return None
+        return original_set(model, target_name, param_value, *args, **kwargs)
+
+    @wraps(original_conversions)
+    def get_weight_conversions(self, *args, **kwargs):
+        upstream = original_conversions(self, *args, **kwargs)
+        if not (getattr(self, "pre_quantized", False) and _is_bnb_4bit(self)):
+            return upstream
+        return expert_weight_converters(self) + list(upstream)
+
+    @wraps(original_state_dict)
+    def get_state_dict_and_metadata(self, model, *args, **kwargs):
+        state_dict, metadata = original_state_dict(self, model, *args, **kwargs)
+        if not any(True for _ in _quantized_tensors(model)):
+            return state_dict, metadata
+        if state_dict is None:
+            state_dict = model.state_dict()
+        return quantized_expert_state_dict(model, dict(state_dict)), metadata
+
+    @wraps(original_revert)
+    def revert_weight_conversion(model, state_dict, *args, **kwargs):
+        owned = {f"{prefix}{name}": None for prefix, _, name, _ in _quantized_tensors(model)}
+        if not owned:
+            return original_revert(model, state_dict, *args, **kwargs)
+        kept = {k: state_dict[k] for k in list(state_dict) if _is_quantized_expert_key(k, owned)}
+        rest = {k: v for k, v in state_dict.items() if k not in kept}
+        result = original_revert(model, rest, *args, **kwargs)
+        result.update(kept)
+        return result
+
+    return chain_undo([
+        swap_attr(cml, "set_param_for_module", set_param_for_module),
+        swap_attr(Bnb4BitHfQuantizer, "get_weight_conversions", get_weight_conversions),
+        swap_attr(Bnb4BitHfQuantizer, "get_state_dict_and_metadata", get_state_dict_and_metadata),
+        swap_attr(mu, "revert_weight_conversion", revert_weight_conversion),
+    ])
+
+
+_TARGETS = (
+    Target("transformers.core_model_loading", "set_param_for_module",
+           ("model", "target_name", "param_value", "loading_info", "hf_quantizer")),
+    Target("transformers.core_model_loading", "WeightConverter", ("source_patterns", "target_patterns", "operations")),
+    Target("transformers.core_model_loading", "ConversionOps.convert"),
+    Target("transformers.quantizers.quantizer_bnb_4bit", "Bnb4BitHfQuantizer.get_weight_conversions"),
+    Target("transformers.quantizers.quantizer_bnb_4bit", "Bnb4BitHfQuantizer.get_state_dict_and_metadata", ("model",)),
+    Target("transformers.modeling_utils", "revert_weight_conversion", ("model", "state_dict")),
+    Target("bitsandbytes.functional", "QuantState.from_dict", ("qs_dict", "device")),
+    Target("bitsandbytes.functional", "QuantState.as_dict", ("packed",)),
+)
+
+
+def _fused() -> bool:
+    from .quant import _has_fused_experts
+
+    return _has_fused_experts()
+
+
+PATCHES: tuple = (
+    Patch(
+        name="prequantized_experts_checkpoint",
+        summary="save_pretrained of a model with 4-bit experts writes packed data + QuantState (bnb's packed "
+                "as_dict keys); from_pretrained reads them back into the same 4-bit storage, without float copies",
+        # On transformers 4.x these symbols do not exist and the patch is not needed (see quant.PATCHES).
+        targets=_TARGETS if _fused() else (),
+        optional_targets=() if _fused() else _TARGETS,
+        needed=_needed,
+        install=_install,
+    ),
+)
