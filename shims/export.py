@@ -130,9 +130,12 @@ def _plan(base, adapters) -> _Plan:
             if adapter not in names:
                 continue
             if type(module).__name__ == "ParamWrapper":
-                clean, kind = f"{_clean(path)}.{module.parameter_name}", "experts"
+                clean = f"{_clean(path)}.{module.parameter_name}"
             else:
-                clean, kind = f"{_clean(path)}.weight", "attention"
+                clean = f"{_clean(path)}.weight"
+            # routed experts (fused 3D on 5.x, experts.N.* Linear on 4.57) vs everything else (attention,
+            # dense/shared MLPs), reported as "attention"
+            kind = "experts" if re.search(r"\.experts(\.|$)", _clean(path)) else "attention"
             plan.deltas.setdefault(clean, []).append(_Delta(module, adapter, kind))
     return plan
 
@@ -269,11 +272,11 @@ def _write_shards(base, plan: _Plan, tmp: Path, dtype, limit: int) -> dict:
 
 def _write_side_files(base, tmp: Path, dtype, tokenizer) -> None:
     config = copy.deepcopy(base.config)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
+    for attr in ("quantization_config", "_pre_quantization_dtype"):  # the export is not quantized
+        if hasattr(config, attr):
+            delattr(config, attr)
     # transformers 5 names it dtype (torch_dtype is a deprecated alias); 4.57 only has torch_dtype
-    setattr(config, "dtype" if "dtype" in type(config).__init__.__code__.co_varnames or hasattr(type(config), "dtype")
-            else "torch_dtype", dtype)
+    setattr(config, "dtype" if "dtype" in config.to_dict() else "torch_dtype", dtype)
     config.save_pretrained(tmp)
     gen = getattr(base, "generation_config", None)
     if gen is not None and getattr(base, "can_generate", lambda: False)():
