@@ -12,7 +12,9 @@ rm -rf .whl && mkdir -p .whl/site .whl/tf457 .whl/extra .whl/tmp
 dl .whl/tmp "bitsandbytes==${BNB:-0.50.2}" "peft==${PEFT:-0.21.2}"
 (cd .whl/site && for w in ../tmp/*.whl; do unzip -q "$w"; done \
   && rm -f bitsandbytes/libbitsandbytes_cuda1[12]*.so bitsandbytes/libbitsandbytes_rocm*.so bitsandbytes/libbitsandbytes_xpu*.so)
-dl .whl/tf457 transformers==4.57.6 tokenizers==0.22.1 huggingface_hub==0.36.0
-dl .whl/extra "trl==${TRL:-1.16.0}"
+# peft 0.18.1 beside transformers 4.57 (peft 0.21 fails on 4.57 per-expert Linear4bit targets)
+dl .whl/tf457 transformers==4.57.6 tokenizers==0.22.1 huggingface_hub==0.36.0 peft==0.18.1
+# trl and datasets for SFTTrainer (the GPU image has pyarrow, pandas, fsspec, httpx already)
+dl .whl/extra "trl==${TRL:-1.16.0}" datasets==5.0.1 dill multiprocess xxhash
 rm -rf .whl/tmp
 du -sh .whl

@@ -80,7 +80,8 @@ class CellRun:
         events_path = self.work / f"events-{self.children}.jsonl"
         spec_path.write_text(json.dumps({"shims_on": self.pending[0]["shims_on"], "cases": self.pending}))
         events_path.unlink(missing_ok=True)
-        env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1")
+        pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1")
         with open(self.log_path, "a", encoding="utf-8") as log:
             child = subprocess.Popen(
                 [self.python, "-m", "cases.run_cell", "--spec", str(spec_path), "--events", str(events_path)],
