@@ -180,6 +180,7 @@ class Case:
                                use_cpu=self.spec.run.get("device", "cpu") == "cpu")
         trainer.train()
         measure.disable_router_logits(self.model)
+        self.metrics["adapter_dtype_trained"] = upcast_adapter(self.model)
         history = [h for h in trainer.state.log_history if "loss" in h]
         losses = [float(h["loss"]) for h in history]
         gnorms = [float(h["grad_norm"]) for h in history if "grad_norm" in h]
@@ -312,6 +313,20 @@ def expert_targets(model) -> dict[str, list[str]]:
             linear_names.add(leaf)
     modules = [rf".*\.experts\.\d+\.({'|'.join(sorted(linear_names))})"] if linear_names else []
     return {"parameters": sorted(params), "modules": modules}
+
+
+def upcast_adapter(model) -> str:
+    """trl keeps QLoRA adapters in bf16 while training; a reloaded adapter computes in fp32. Cast the trained
+    factors to fp32 (their values are unchanged) so the reference is what the saved adapter means. Returns the
+    dtypes the factors had."""
+    dtypes = set()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.is_floating_point():
+                dtypes.add(str(p.dtype).removeprefix("torch."))
+                if p.dtype != torch.float32:
+                    p.data = p.data.float()
+    return ",".join(sorted(dtypes))
 
 
 def _placement(run: dict) -> dict:
