@@ -1,0 +1,143 @@
+"""The registry's contract: drift check -> need check -> install, idempotent, reversible, every outcome
+visible in status(). Uses small fake patches against a real module, plus the real patch list."""
+
+import inspect
+import sys
+import types
+
+import pytest
+
+from shims.registry import Patch, Registry, Target, swap_attr
+
+
+@pytest.fixture
+def upstream(monkeypatch):
+    """A stand-in upstream module with one function a patch replaces."""
+    mod = types.ModuleType("fake_upstream")
+
+    def convert(source, target, operations=None):
+        return "native"
+
+    mod.convert = convert
+    monkeypatch.setitem(sys.modules, "fake_upstream", mod)
+    return mod
+
+
+def _patch(upstream, needed=lambda: None, expects=("source", "target")):
+    def install():
+        return swap_attr(upstream, "convert", lambda *a, **k: "patched")
+
+    return Patch("fix_convert", "replace convert", (Target("fake_upstream", "convert", expects),), needed, install)
+
+
+def test_apply_twice_is_a_noop_and_restore_undoes(upstream):
+    reg = Registry([_patch(upstream)])
+    reg.apply()
+    first = upstream.convert
+    reg.apply()
+    assert upstream.convert is first and upstream.convert(1, 2) == "patched"
+    assert [s.applied for s in reg.status()] == [True]
+    reg.restore()
+    assert upstream.convert(1, 2) == "native"
+    assert reg.status()[0].reason.startswith("not applied")
+    reg.apply()
+    assert upstream.convert(1, 2) == "patched", "apply after restore works again"
+
+
+def test_not_needed_is_reported_with_its_reason(upstream):
+    reg = Registry([_patch(upstream, needed=lambda: "fixed upstream in 9.9")])
+    status = reg.apply()[0]
+    assert not status.applied and status.reason == "not needed: fixed upstream in 9.9"
+    assert upstream.convert(1, 2) == "native"
+
+
+def test_changed_signature_is_drift_and_nothing_is_patched(upstream, monkeypatch):
+    def convert(sources, targets):  # upstream renamed its parameters
+        return "native"
+
+    monkeypatch.setattr(upstream, "convert", convert)
+    status = Registry([_patch(upstream)]).apply()[0]
+    assert not status.applied
+    assert "drift" in status.reason and "lacks source, target" in status.reason
+    assert status.drift["fake_upstream.convert"].startswith("signature changed")
+    assert upstream.convert is convert
+
+
+def test_missing_symbol_is_drift(upstream, monkeypatch):
+    monkeypatch.delattr(upstream, "convert")
+    status = Registry([_patch(upstream)]).apply()[0]
+    assert not status.applied and "missing" in status.drift["fake_upstream.convert"]
+
+
+def test_install_failure_is_raised_not_hidden(upstream):
+    def install():
+        raise TypeError("upstream changed in a way detection missed")
+
+    reg = Registry([Patch("boom", "x", (Target("fake_upstream", "convert"),), lambda: None, install)])
+    with pytest.raises(TypeError, match="detection missed"):
+        reg.apply()
+
+
+def test_unknown_shim_name_is_rejected(upstream):
+    with pytest.raises(ValueError, match="unknown shim"):
+        Registry([_patch(upstream)]).apply(only=["nope"])
+
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+
+def test_real_patches_status_is_complete_and_apply_is_idempotent():
+    import shims
+
+    try:
+        first = shims.apply()
+        second = shims.apply()
+        assert first == second
+        for s in first:
+            assert s["reason"] and isinstance(s["drift"], dict) and s["drift"], s["name"]
+            assert s["applied"] == (s["reason"] == "applied")
+    finally:
+        shims.restore()
+    assert not any(s["applied"] for s in shims.status())
+
+
+def test_real_patches_with_a_simulated_signature_change(monkeypatch):
+    """Upstream renames a parameter a shim relies on: that shim reports drift and stays off."""
+    from shims.patches import build_registry
+
+    registry = build_registry()
+    patch = next(p for p in registry.patches if p.targets and p.targets[0].expects)
+    target = patch.targets[0]
+    owner_path, _, attr = target.qualname.rpartition(".")
+    module = __import__(target.module, fromlist=["_"])
+    holder = module
+    for part in filter(None, owner_path.split(".")):
+        holder = getattr(holder, part)
+    original = getattr(holder, attr)
+
+    def renamed(*args, renamed_kw=None):
+        return original
+
+    monkeypatch.setattr(holder, attr, renamed)
+    try:
+        status = {s.name: s for s in registry.apply()}[patch.name]
+        assert not status.applied and status.reason.startswith("drift")
+        assert status.drift[target.symbol].startswith("signature changed")
+    finally:
+        registry.restore()
+
+
+def test_without_bitsandbytes_quantization_reports_why_and_others_apply(monkeypatch):
+    from shims.patches import build_registry
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # makes `import bitsandbytes` raise ImportError
+    registry = build_registry()
+    try:
+        statuses = {s.name: s for s in registry.apply()}
+    finally:
+        registry.restore()
+    quant = statuses["quantize_fused_experts"]
+    assert not quant.applied and "bitsandbytes" in quant.reason
+    others = [s for n, s in statuses.items() if n in ("weight_converter_kwargs", "all_linear_moe")]
+    assert others and all(s.reason for s in others)
