@@ -6,6 +6,10 @@ Qwen3-30B-A3B dims on a GPU: --device cuda --hidden 2048 --experts 128 --layers 
 
 Prints a markdown table: expert bytes and their ratio to bf16 (measured side by side), resident memory after load,
 and the median LoRA train-step time (4-bit / bf16) after warm-up.
+
+--fast-lora: instead compares, side by side in one run, the 4-bit LoRA train step with shims' fast expert LoRA path
+(shims.fast_lora) on and off: median step time, peak memory growth during the steps (CPU: ru_maxrss of a fresh process
+per mode; CUDA: torch.cuda.max_memory_allocated) and the exact bytes autograd saves for backward.
 """
 
 from __future__ import annotations
@@ -31,6 +35,10 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="timed train steps (after 2 warm-up steps)")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--fast-lora", action="store_true",
+                   help="instead: 4-bit LoRA train step with shims' fast expert LoRA path on vs off (side by side)")
+    p.add_argument("--fast-lora-worker", choices=["on", "off"], help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -157,8 +165,129 @@ def write_json(path, data):
     os.replace(tmp, path)
 
 
+# ---- fast expert LoRA on vs off -----------------------------------------------------------------------------------
+# Each mode runs in its own process so that CPU peak RSS (ru_maxrss, monotone per process) is comparable; on CUDA
+# torch.cuda.max_memory_allocated is reset after load. "saved for backward" is the exact byte count of the tensors
+# autograd keeps between forward and backward (unique storages, via torch.autograd.graph.saved_tensors_hooks): the
+# quantity the fast path changes, measured the same way on every device.
+
+
+def _saved_bytes(pm, ids):
+    import torch
+
+    storages = {}
+
+    def pack(t):
+        st = t.untyped_storage()
+        storages[st.data_ptr()] = st.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = pm(input_ids=ids, labels=ids).loss
+    loss.backward()
+    pm.zero_grad()
+    return sum(storages.values())
+
+
+def fast_lora_worker(args):
+    import resource
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import shims
+    from shims import fast_lora
+
+    shims.apply()
+    fast_lora.ENABLED = args.fast_lora_worker == "on"
+    model, _ = load(args.checkpoint, args.device, "nf4")
+    torch.manual_seed(0)
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    paths = sorted(set(fast_lora.expert_lora_paths(pm).values()))
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
+    saved = _saved_bytes(pm, ids)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    times = []
+    for step in range(2 + args.steps):
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = pm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        if step >= 2:
+            times.append(time.perf_counter() - t)
+    if args.device == "cuda":
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    return dict(mode=args.fast_lora_worker, paths=paths, train_step_s=statistics.median(times),
+                peak_growth_bytes=peak, saved_for_backward_bytes=saved)
+
+
+def run_fast_lora(args):
+    import subprocess
+    import sys
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        build_checkpoint(args, tmp)
+        for mode in ("on", "off"):
+            out = os.path.join(tmp, f"{mode}.json")
+            cmd = [sys.executable, os.path.abspath(__file__), "--fast-lora-worker", mode, "--checkpoint", tmp,
+                   "--out", out] + _shape_args(args)
+            subprocess.run(cmd, check=True)
+            with open(out) as fh:
+                rows.append(json.load(fh))
+    on, off = rows
+    return dict(args=vars(args), rows=rows, step_ratio=on["train_step_s"] / off["train_step_s"],
+                saved_ratio=on["saved_for_backward_bytes"] / off["saved_for_backward_bytes"],
+                peak_ratio=(on["peak_growth_bytes"] / off["peak_growth_bytes"]) if off["peak_growth_bytes"] else None)
+
+
+def _shape_args(args):
+    out = []
+    for name in ("device", "hidden", "experts", "layers", "moe_intermediate", "top_k", "vocab", "seq", "batch", "steps"):
+        out += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+    return out
+
+
+def markdown_fast_lora(result) -> str:
+    memory = "cuda max_memory_allocated growth" if result["args"]["device"] == "cuda" else "peak RSS growth (ru_maxrss)"
+    lines = [f"| fast expert LoRA | expert LoRA path | train step s | {memory} MiB | saved for backward MiB |",
+             "| --- | --- | --- | --- | --- |"]
+    for r in result["rows"]:
+        lines.append(f"| {r['mode']} | {', '.join(r['paths'])} | {r['train_step_s']:.3f} | "
+                     f"{r['peak_growth_bytes'] / 2**20:,.1f} | {r['saved_for_backward_bytes'] / 2**20:,.1f} |")
+    peak = "n/a" if result["peak_ratio"] is None else f"{result['peak_ratio']:.2f}x"
+    lines.append(f"\non/off: step {result['step_ratio']:.2f}x, peak growth {peak}, "
+                 f"saved for backward {result['saved_ratio']:.2f}x")
+    lines.append("peak growth = peak after the timed steps minus before them, each mode in a fresh process; "
+                 "saved for backward = bytes autograd keeps between forward and backward (exact, any device)")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.fast_lora_worker:
+        write_json(args.out, fast_lora_worker(args))
+        return
+    if args.fast_lora:
+        result = run_fast_lora(args)
+        print(markdown_fast_lora(result))
+        if args.out:
+            write_json(args.out, result)
+        return
     result = run(args)
     print(markdown(result))
     if args.out:
