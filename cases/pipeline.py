@@ -28,6 +28,8 @@ STAGES: dict[str, tuple[str, ...]] = {
     "export_reload": ("export",),
     "adapter_reload": ("save_adapter",),
     "foreign_adapters": ("build",),
+    "all_linear": ("build",),
+    "prequantized": ("build",),
 }
 
 
@@ -38,7 +40,7 @@ def stage_order(shims_on: bool) -> list[str]:
     else:
         middle = ["merge", "export"]
     return ["build", "load", "lora", "train", "save_adapter", *middle, "export_reload", "adapter_reload",
-            "foreign_adapters"]
+            "foreign_adapters", "all_linear", "prequantized"]
 
 
 def needs(stage: str, shims_on: bool) -> tuple[str, ...]:
@@ -295,6 +297,39 @@ class Case:
         bad = [o for o in outcomes if not o.get("ok")]
         if bad:
             raise AssertionError("; ".join(f"{o['from']}: {o.get('error') or 'KL %.3g' % o['kl']}" for o in bad))
+
+
+    def all_linear(self) -> None:
+        """LoraConfig(target_modules="all-linear"), the most common config in tutorials, attaches LoRA to the
+        attention projections (checked on a fresh bf16 base; no training)."""
+        from peft import LoraConfig, get_peft_model
+
+        if self.spec.quant != "bf16":
+            raise portable.NothingToDo("all-linear is checked on bf16 cases only")
+        model = get_peft_model(self._load_base(self.model_dir),
+                               LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+        wrapped = [n for n, m in model.named_modules() if hasattr(m, "lora_A") and
+                   n.rsplit(".", 1)[-1] in self.spec.attention]
+        self.metrics["all_linear_attention_targets"] = len(wrapped)
+        if not wrapped:
+            raise AssertionError("target_modules='all-linear' attached no LoRA to the attention projections")
+
+    def prequantized(self) -> None:
+        """Save the 4-bit model itself and load it back: same logits, experts still 4-bit."""
+        if self.spec.quant == "bf16":
+            raise portable.NothingToDo("pre-quantized checkpoints are checked on 4-bit cases only")
+        from transformers import AutoModelForCausalLM
+
+        model = self._load_base(self.model_dir)
+        before = measure.logits(model, self.batch)
+        dest = self.work / "prequantized"
+        shutil.rmtree(dest, ignore_errors=True)
+        model.save_pretrained(dest)
+        reloaded = AutoModelForCausalLM.from_pretrained(dest, **_placement(self.spec.run))
+        storage = self._expert_storage(reloaded)
+        self.metrics["prequantized_experts_quantized"] = storage["quantized"]
+        self.metrics["prequantized_expert_tensors"] = storage["expert_tensors"]
+        self.metrics["prequantized_max_abs"] = float((measure.logits(reloaded, self.batch) - before).abs().max())
 
 
 def expert_targets(model) -> dict[str, list[str]]:

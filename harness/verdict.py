@@ -93,6 +93,13 @@ def _export_is_16bit(case: dict) -> bool:
     return case.get("metrics", {}).get("export_quantized") == 0
 
 
+def _prequantized_roundtrip(case: dict) -> bool:
+    m = case.get("metrics", {})
+    total = m.get("prequantized_expert_tensors") or 0
+    return (total > 0 and m.get("prequantized_experts_quantized") == total
+            and _le("prequantized_max_abs", 0.0)(case))
+
+
 def _shims_export(case: dict) -> bool:
     return "export_attempted" in case.get("metrics", {})
 
@@ -144,6 +151,9 @@ RULES: tuple[Rule, ...] = (
          "its KL to the trained model, bf16 rounding of W + delta only, is reported",
          lambda c: _ran("export_reload")(c) and _shims_export(c), _le("export_rounding_max_abs", 0.0),
          metrics=("export_rounding_max_abs", "export_attempted")),
+    Rule("prequantized_roundtrip", "4-bit model saved and reloaded: same logits (max |d| == 0), every expert "
+         "tensor still 4-bit", _ran("prequantized"), _prequantized_roundtrip,
+         metrics=("prequantized_max_abs", "prequantized_experts_quantized", "prequantized_expert_tensors")),
     Rule("kl_adapter", f"KL(trained || base + reloaded adapter) <= {KL_ADAPTER_MAX:g}", _ran("adapter_reload"),
          _le("kl_adapter", KL_ADAPTER_MAX),
          metrics=("kl_adapter",)),

@@ -17,7 +17,7 @@ def passing_case(arch="qwen3_moe", quant="bf16") -> dict:
     """A case record as cases/run_cell.py writes it, with every stage ok and every rule satisfied."""
     stages = {s: {"status": "ok", "seconds": 0.1} for s in
               ("build", "load", "lora", "train", "save_adapter", "export", "merge", "export_reload",
-               "adapter_reload")}
+               "adapter_reload", "all_linear" if quant == "bf16" else "prequantized")}
     metrics = {
         "experts_expert_tensors": 4, "experts_quantized": 4 if quant == "nf4" else 0,
         "experts_bytes": 20736 if quant == "nf4" else 73728, "experts_bf16_bytes": 73728,
@@ -25,6 +25,8 @@ def passing_case(arch="qwen3_moe", quant="bf16") -> dict:
         "expert_lora_grad_norm": 0.7, "expert_lora_A_moved": 4, "expert_lora_B_moved": 4,
         "expert_lora_A_total": 4, "expert_lora_B_total": 4, "kl_merged": 1e-12, "samples_merged": "4/4",
         "export_applied": 24, "export_attempted": 24, "export_expert_tensors": 4, "export_quantized": 0,
+        "all_linear_attention_targets": 8, "prequantized_max_abs": 0.0,
+        "prequantized_experts_quantized": 4, "prequantized_expert_tensors": 4,
         "kl_export": 2e-6, "kl_export_fp32": 1e-9, "samples_export_fp32": "4/4", "export_rounding_max_abs": 0.0, "samples_export": "4/4", "kl_adapter": 0.0, "samples_adapter": "4/4",
     }
     return {"case": f"{arch}/{quant}", "arch": arch, "quant": quant, "stages": stages, "metrics": metrics}

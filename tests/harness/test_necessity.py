@@ -1,3 +1,4 @@
+import dataclasses
 import ast
 import copy
 from pathlib import Path
@@ -79,7 +80,9 @@ def test_stage_symptom_any_quant_and_unexercised_and_precondition(symptoms):
         case["stages"]["adapter_reload"] = {"status": "failed", "error": {"type": "TypeError", "message": "kw"}}
     docs = [run(C1, "off", [native_bf16, native_nf4]),
             run(C1, "on", [passing_case(), passing_case(quant="nf4")])]
-    t = table(docs, symptoms)
+    unexercised = {**symptoms, "all_linear_moe": dataclasses.replace(
+        symptoms["all_linear_moe"], checks=(), unexercised="no case uses it")}
+    t = table(docs, unexercised)
     assert t["weight_converter_kwargs"][C1.name] == "needed (2/2)"
     assert t["all_linear_moe"][C1.name] == "not exercised"
     # natively the experts are not 4-bit, so the native run cannot show what the 4-bit LoRA/merge fixes fix
@@ -154,7 +157,6 @@ def test_report_has_necessity_and_drift_sections(tmp_path, matrix):
     cols = [c.strip() for c in header.strip("|").split("|")]
     vals = [c.strip() for c in row.strip("|").split("|")]
     assert dict(zip(cols, vals))["quantize_fused_experts"] == "needed (1/1)"
-    assert dict(zip(cols, vals))["all_linear_moe"] == "not exercised"
     assert "## Shim drift" in text and "ok, applied" in text
 
 
@@ -166,7 +168,6 @@ def test_symptom_table_names_real_rules_and_stages(symptoms):
         for kind, name in symptom.checks:
             if kind == "stage":
                 assert name in stages, f"{symptom.shim}: no stage {name!r} in cases/pipeline.py"
-    assert symptoms["all_linear_moe"].unexercised
 
 
 def test_bad_symptom_entries_are_rejected(tmp_path):

@@ -30,6 +30,14 @@ def test_each_rule_can_fail(key, value, rule):
     assert any(f"rule {rule}" in r for r in reasons)
 
 
+def test_prequantized_roundtrip_must_keep_4bit_experts_and_logits():
+    for key, value in (("prequantized_experts_quantized", 0), ("prequantized_max_abs", 1e-3)):
+        case = passing_case(quant="nf4")
+        case["metrics"][key] = value
+        v, reasons = verdict.judge(case)
+        assert v == "fail" and any("prequantized_roundtrip" in r for r in reasons)
+
+
 def test_unquantized_experts_fail_nf4_only():
     case = passing_case(quant="nf4")
     case["metrics"]["experts_quantized"] = 0
