@@ -418,8 +418,9 @@ def _fuse_per_expert(tensors, config, layout):
     config = dict(config)
     modules = config.get("target_modules")
     if isinstance(modules, str):
-        raise ValueError("string target_modules (regex / all-linear) cannot be rewritten for fused experts")
-    config["target_modules"] = sorted(set(modules or ()) - _PER_EXPERT_MODULE_NAMES) or None
+        config["target_modules"] = _regex_for_fused(modules, groups)
+    else:
+        config["target_modules"] = sorted(set(modules or ()) - _PER_EXPERT_MODULE_NAMES) or None
     if any(".shared_expert" in k or ".mlp.gate_proj" in k for k in rest):
         log.warning("shims: adapter also targets shared/dense MLP gate/up/down modules; their target_modules "
                     "names were removed and those LoRAs will not load on 5.x")
@@ -431,6 +432,22 @@ def _fuse_per_expert(tensors, config, layout):
         config["alpha_pattern"] = {r".*\.gate_up_proj": fused_alpha}
     return out, config, {"fused_modules": len(groups), "fused_params": sorted(fused_params),
                          "gate_up_rank": 2 * r if "gate_up_proj" in fused_params else None}
+
+
+def _regex_for_fused(pattern: str, groups) -> str:
+    """A regex target_modules carries over unchanged: on 5.x its per-expert alternatives match no module (the
+    experts are fused parameters now, targeted by target_parameters) and the rest match as before. It must not
+    match the fused experts module itself, which is not a Linear; "all-linear" is resolved by peft per version
+    and cannot be carried over faithfully."""
+    if pattern == "all-linear":
+        raise ValueError("target_modules='all-linear' cannot be carried over to fused experts: peft resolves it "
+                         "differently per version; list the modules instead")
+
+    for moe in groups:
+        if re.fullmatch(pattern, f"{moe}.experts"):
+            raise ValueError(f"target_modules regex {pattern!r} matches the fused experts module {moe}.experts, "
+                             "which LoRA cannot wrap on transformers 5.x")
+    return pattern
 
 
 def _fused_params_of(moe, roles):

@@ -258,3 +258,15 @@ def test_fuse_per_expert_adapter_keeps_every_expert_delta(tmp_path, tiny_moe, mo
                 want = torch.stack([torch.cat([mods[f"{src}.{e}.{p}"].get_delta_weight("default") for p in parts])
                                     for e in range(4)])
             torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def test_regex_target_modules_carry_over_to_fused_unless_they_match_the_experts_module():
+    from shims.layout import _regex_for_fused
+
+    groups = {"base_model.model.model.layers.0.mlp": {}}
+    regex = r"(?:.*\.(q_proj|v_proj))|(?:.*\.experts\.\d+\.(gate_proj|up_proj|down_proj))"
+    assert _regex_for_fused(regex, groups) == regex
+    with pytest.raises(ValueError, match="matches the fused experts module"):
+        _regex_for_fused(r".*experts.*", groups)
+    with pytest.raises(ValueError, match="all-linear"):
+        _regex_for_fused("all-linear", groups)
