@@ -17,6 +17,9 @@ import pandas as pd
 from . import history, necessity, verdict
 from .matrix import Matrix, load_matrix
 from .merge import MergedResults, load_many
+from .mutations import render_section as render_mutations
+
+MUTATIONS_FILE = Path(__file__).resolve().parent.parent / "reports" / "mutations.json"
 from .results import Problem
 
 SHIMS_LABEL = {"off": "native", "on": "shims"}
@@ -168,6 +171,7 @@ def render_merged(merged: MergedResults, df: pd.DataFrame, title: str = "release
         parts += ["## Shim drift", "", _drift(docs), ""]
     parts += ["## Conflicting results", "", _conflicts(merged), ""]
     parts += ["## Verdict rules", "", _rules(), ""]
+    parts += ["## Mutation check", "", render_mutations(MUTATIONS_FILE), ""]
     parts += ["## Unusable results files", "", _problems(problems), ""]
     parts += ["## Run times", "", _timings(docs), ""]
     return "\n".join(parts)
