@@ -18,9 +18,9 @@ from . import history, necessity, verdict
 from .matrix import Matrix, load_matrix
 from .merge import MergedResults, load_many
 from .mutations import render_section as render_mutations
+from .results import Problem
 
 MUTATIONS_FILE = Path(__file__).resolve().parent.parent / "reports" / "mutations.json"
-from .results import Problem
 
 SHIMS_LABEL = {"off": "native", "on": "shims"}
 
