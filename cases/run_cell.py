@@ -48,11 +48,23 @@ def describe_error(exc: BaseException) -> dict:
     return {"type": type(exc).__name__, "message": str(exc)[:2000], "traceback": short[-4000:]}
 
 
+def _nvidia_driver() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
 def device_label() -> dict:
     import torch
 
     if torch.cuda.is_available():
-        return {"device": "cuda", "device_name": torch.cuda.get_device_name(0)}
+        return {"device": "cuda", "device_name": torch.cuda.get_device_name(0), "cuda": torch.version.cuda,
+                "driver": _nvidia_driver()}
     return {"device": "cpu", "device_name": platform.processor() or platform.machine()}
 
 

@@ -83,6 +83,8 @@ def case_rows(docs: list[dict]) -> pd.DataFrame:
                 "merged": (f"{m.get('export_applied')}/{m.get('export_attempted')}"
                            if "export_attempted" in m else ""),
                 "kl_merged": _fmt(m.get("kl_merged")), "kl_export": _fmt(m.get("kl_export")),
+                "kl_export_fp32": _fmt(m.get("kl_export_fp32")),
+                "foreign": (f"{m['foreign_ok']}/{m['foreign_total']}" if "foreign_total" in m else ""),
                 "kl_adapter": _fmt(m.get("kl_adapter")),
                 "samples": " ".join(f"{k}:{m[f'samples_{k}']}" for k in ("merged", "export", "adapter")
                                     if f"samples_{k}" in m),
@@ -236,23 +238,34 @@ def _conflicts(merged: MergedResults) -> str:
     return "\n".join(lines) if lines else "None."
 
 
+def _machine_label(doc: dict) -> str:
+    machine, env = doc.get("machine") or {}, doc.get("environment") or {}
+    parts = [env.get("device_name") or machine.get("platform", "")]
+    if env.get("driver"):
+        parts.append(f"driver {env['driver']}, CUDA {env.get('cuda')}")
+    parts.append(f"{machine.get('cpus', '?')} CPUs")
+    return f"{machine.get('host', '?')} ({', '.join(parts)})"
+
+
 def _header(docs: list[dict]) -> list[str]:
     if not docs:
         return []
-    machines = sorted({f"{(d.get('machine') or {}).get('host', '?')} ({(d.get('environment') or {}).get('device_name') or (d.get('machine') or {}).get('platform', '')}, {(d.get('machine') or {}).get('cpus', '?')} CPUs)" for d in docs})
+    machines = sorted({_machine_label(d) for d in docs})
     newest = max(d.get("started", 0) for d in docs)
     shims_versions = sorted({d.get("shims_version", "?") for d in docs})
-    torch_v = sorted({(d.get("versions") or {}).get("torch") or "?" for d in docs if d["status"] == "ran"})
-    bnb_v = sorted({(d.get("versions") or {}).get("bitsandbytes") or "?" for d in docs if d["status"] == "ran"})
+    ran = [d for d in docs if d["status"] == "ran"]
+    libs = ", ".join(f"{lib} {', '.join(sorted({(d.get('versions') or {}).get(lib) or '?' for d in ran}))}"
+                     for lib in ("torch", "bitsandbytes", "accelerate"))
     return [f"- moe-shims version: {', '.join(shims_versions)}",
             f"- newest run: {dt.datetime.fromtimestamp(newest, dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
             f"- machines: {'; '.join(machines)}",
-            f"- torch: {', '.join(torch_v)}; bitsandbytes: {', '.join(bnb_v)}", ""]
+            f"- {libs}", ""]
 
 
 def _details(df: pd.DataFrame) -> str:
-    cols = ["transformers", "peft", "trl", "arch", "quant", "shims", "machine", "device", "loss", "grad_norm", "expert_grad",
-            "experts_4bit", "expert_bytes", "merged", "kl_merged", "kl_export", "kl_adapter", "samples", "verdict"]
+    cols = ["transformers", "peft", "trl", "arch", "quant", "shims", "machine", "device", "loss", "grad_norm",
+            "expert_grad", "experts_4bit", "expert_bytes", "merged", "kl_merged", "kl_export_fp32", "kl_export",
+            "kl_adapter", "foreign", "samples", "verdict"]
     cols = [c for c in cols if c in df.columns]
     view = df.sort_values(["cell", "arch", "quant", "mode"])[cols].fillna("")
     return view.to_markdown(index=False)
