@@ -182,6 +182,11 @@ def _store_loaded(model, target_name: str, value) -> bool:
     return True
 
 
+def _is_load_only(conversion) -> bool:
+    """A quantizer's deserialization converter (its ops carry ``hf_quantizer``, as transformers itself tests)."""
+    return any(getattr(op, "hf_quantizer", None) is not None for op in getattr(conversion, "operations", ()) or ())
+
+
 def _needed() -> str | None:
     from .quant import _needed as quant_needed
 
@@ -232,7 +237,17 @@ def _install():
             return original_revert(model, state_dict, *args, **kwargs)
         kept = {k: state_dict[k] for k in list(state_dict) if _is_quantized_expert_key(k, owned)}
         rest = {k: v for k, v in state_dict.items() if k not in kept}
-        result = original_revert(model, rest, *args, **kwargs)
+        # A model loaded from a pre-quantized checkpoint remembers the quantizer's load-only converters (bnb's
+        # Bnb4bitDeserialize has no reverse_op: re-saving raised NotImplementedError). Their tensors are already in
+        # serialized form in the state dict, so saving needs no reversal: leave them out for this call.
+        conversions = getattr(model, "_weight_conversions", None)
+        if conversions:
+            model._weight_conversions = [c for c in conversions if not _is_load_only(c)]
+        try:
+            result = original_revert(model, rest, *args, **kwargs)
+        finally:
+            if conversions:
+                model._weight_conversions = conversions
         result.update(kept)
         return result
 
