@@ -174,7 +174,8 @@ def report_full(session: nox.Session) -> None:
                 *session.posargs)
 
 
-@nox.session(python=PYTHON, default=False)
+# allow_parallel: each test lane has its own venv; tests write only under pytest's tmp_path.
+@nox.session(python=PYTHON, default=False, allow_parallel=True)
 @nox.parametrize("cell", [nox.param(c, id=c.name) for c in MATRIX.test_cells()])
 def tests(session: nox.Session, cell: Cell) -> None:
     """Unit, property and fault-injection tests, in a venv with this test lane's ML pins."""
@@ -186,7 +187,8 @@ def tests(session: nox.Session, cell: Cell) -> None:
     session.install("pytest", "hypothesis", *REPORT_DEPS)
     # The harness tests do not depend on the ML versions: run them in the first test lane only.
     paths = [] if cell == MATRIX.test_lanes[0] else ["tests/shims"]
-    session.run("python", "-m", "pytest", "-q", *(session.posargs or paths), env={"PYTHONPATH": str(REPO)})
+    session.run("python", "-m", "pytest", "-q", *(session.posargs or paths),
+                env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MOE_SHIMS_JOBS": "1"})
 
 
 @nox.session(python=PYTHON, default=False)
