@@ -86,6 +86,21 @@ def _source_patterns(name: str) -> dict[str, str]:
     return patterns
 
 
+def _storage_problem(packed, hf_quantizer):
+    """Why ``packed`` cannot be the saved bytes, or None. transformers 5.5/5.6 cast an un-renamed float key to the
+    model dtype; with a float ``bnb_4bit_quant_storage`` that rewrites the packed bytes (NaN bit patterns are not
+    preserved even by a widening cast), so such a tensor is refused rather than repaired."""
+    import torch
+
+    storage = getattr(getattr(hf_quantizer, "quantization_config", None), "bnb_4bit_quant_storage", None)
+    if isinstance(storage, str):
+        storage = getattr(torch, storage, None)
+    if storage is None or packed.dtype == storage:
+        return None
+    return (f"packed 4-bit data arrived as {packed.dtype} but the checkpoint's quant_storage is {storage}: the "
+            f"loader cast it and the packed bytes are lost (load with dtype={storage} or use uint8 quant_storage)")
+
+
 def _make_ops():
     from transformers.core_model_loading import ConversionOps
 
@@ -115,10 +130,16 @@ def _make_ops():
             packed = values.pop("", None)
             if packed is None:
                 marker = torch.empty(0, device="meta")
-                setattr(marker, _ERROR_ATTR, f"quantization state {sorted(values)} without the packed data")
+                setattr(marker, _ERROR_ATTR, f"quantization state {sorted(values)} without the packed data "
+                                             "(incomplete checkpoint)")
                 return {self.name: marker}
             if not values:
                 return {self.name: packed}  # float experts, or packed bytes without state: set_param decides
+            problem = _storage_problem(packed, self.hf_quantizer)
+            if problem is not None:
+                out = torch.nn.Parameter(packed, requires_grad=False)
+                setattr(out, _ERROR_ATTR, problem)
+                return {self.name: out}
             try:
                 state = QuantState.from_dict(values, device=packed.device)
             except (KeyError, ValueError, AssertionError) as exc:
@@ -168,7 +189,7 @@ def _store_loaded(model, target_name: str, value) -> bool:
         return False
     error = getattr(value, _ERROR_ATTR, None)
     if error is not None:
-        raise ExpertQuantError(f"{target_name}: {error}; refusing to load it (the checkpoint is incomplete)")
+        raise ExpertQuantError(f"{target_name}: {error}; refusing to load it")
     state = getattr(value, _STATE_ATTR, None)
     if state is None:
         if value.is_floating_point():
@@ -177,6 +198,11 @@ def _store_loaded(model, target_name: str, value) -> bool:
             f"{target_name}: the checkpoint stores packed {value.dtype} data {tuple(value.shape)} for this expert "
             f"tensor but no 4-bit quantization state ({target_name}.absmax, .quant_state.bitsandbytes__nf4 ...); "
             "refusing to load packed bytes as weights")
+    expected = (state.shape.numel() + 1) // 2  # two 4-bit values per byte
+    stored = value.numel() * value.element_size()
+    if stored != expected:
+        raise ExpertQuantError(f"{target_name}: packed data holds {stored} bytes, its quantization state describes "
+                               f"{tuple(state.shape)} ({expected} bytes); refusing to load it")
     module = model.get_submodule(module_path) if module_path else model
     install_packed_param(module, name, value.data, state, owner=module_path)
     return True

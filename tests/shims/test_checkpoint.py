@@ -155,3 +155,34 @@ def test_not_needed_without_fused_experts():
     for name in ("prequantized_experts_checkpoint", "fast_expert_lora"):
         assert not result[name]["applied"]
         assert result[name]["reason"].startswith("not needed: transformers")
+
+
+def test_float_quant_storage_is_exact_or_refused(q4_checkpoint, ckpt_shims, tmp_path):
+    """bf16 quant_storage: exact when the loader keeps the bytes; where it casts them (5.5/5.6 load the un-renamed
+    float key in the model dtype) the load is refused naming the tensor, never silently different."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from shims import quant
+
+    q4_requires_fused()
+    model = q4_load(q4_checkpoint("qwen3_moe"), bnb_4bit_quant_storage=torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    ids = q4_ids()
+    with torch.no_grad():
+        want = model(ids).logits
+    same_dtype = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    param = quant.quantized_parametrization(same_dtype.model.layers[0].mlp.experts, "down_proj")
+    assert param.settings.quant_storage == torch.bfloat16
+    for (_, a), (_, b) in zip(quant.iter_expert_modules(model), quant.iter_expert_modules(same_dtype)):
+        for name in ("gate_up_proj", "down_proj"):
+            # compare bytes: packed bytes viewed as bf16 include NaN patterns (NaN != NaN)
+            assert torch.equal(a.parametrizations[name].original.view(torch.uint8),
+                               b.parametrizations[name].original.view(torch.uint8))
+    try:
+        cast = _reload(tmp_path)
+    except quant.ExpertQuantError as exc:
+        assert "model.layers." in str(exc) and "loader cast it" in str(exc)
+    else:
+        with torch.no_grad():
+            assert torch.equal(cast(ids).logits, want)
