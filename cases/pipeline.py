@@ -106,17 +106,16 @@ class Case:
     def _load_base(self, path: Path):
         from transformers import AutoModelForCausalLM
 
-        kwargs = {"dtype": self._dtype(), **_placement(self.spec.run)}
+        kwargs = dict(_placement(self.spec.run))
         qc = self._quantization_config()
         if qc is not None:
             kwargs["quantization_config"] = qc
-        try:
-            return AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        except TypeError as exc:  # transformers 4.57 knows only torch_dtype
-            if "dtype" not in str(exc):
-                raise
-            kwargs["torch_dtype"] = kwargs.pop("dtype")
-            return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return self._from_pretrained(AutoModelForCausalLM, path, self._dtype(), **kwargs)
+
+    @staticmethod
+    def _from_pretrained(cls, path, dtype, **kwargs):
+        # every transformers in the matrix (4.57.6 onwards) spells it dtype=
+        return cls.from_pretrained(path, dtype=dtype, **kwargs)
 
     def _compare(self, model, prefix: str) -> None:
         out = measure.logits(model, self.batch)
@@ -258,13 +257,7 @@ class Case:
     def _load_exported(self, path: Path):
         from transformers import AutoModelForCausalLM
 
-        placement = _placement(self.spec.run)
-        try:
-            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **placement)
-        except TypeError as exc:
-            if "dtype" not in str(exc):
-                raise
-            return AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32, **placement)
+        return self._from_pretrained(AutoModelForCausalLM, path, torch.float32, **_placement(self.spec.run))
 
     def adapter_reload(self) -> None:
         from peft import PeftModel
@@ -325,7 +318,8 @@ class Case:
         dest = self.work / "prequantized"
         shutil.rmtree(dest, ignore_errors=True)
         model.save_pretrained(dest)
-        reloaded = AutoModelForCausalLM.from_pretrained(dest, **_placement(self.spec.run))
+        # the quantization config travels in the checkpoint; the dtype of the rest is the user's choice, as at load
+        reloaded = self._from_pretrained(AutoModelForCausalLM, dest, dtype=self._dtype(), **_placement(self.spec.run))
         storage = self._expert_storage(reloaded)
         self.metrics["prequantized_experts_quantized"] = storage["quantized"]
         self.metrics["prequantized_expert_tensors"] = storage["expert_tensors"]

@@ -84,14 +84,16 @@ def _target_layout(adapter_dir: Path, base) -> str | None:
     from shims import layout
 
     per_expert = _is_per_expert_adapter(adapter_dir)
-    fused_base = any(p.dim() == 3 for n, p in base.named_parameters() if ".experts." in f".{n}")
-    wanted = layout.layout_from_peft_version(peft.__version__, False)
+    experts = [m for n, m in base.named_modules() if n.endswith(".experts")]
+    fused_base = any(getattr(m, "gate_up_proj", None) is not None for m in experts)
+    transposed = any(getattr(m, "is_transposed", False) for m in experts)  # gpt_oss: both pefts agree
+    wanted = layout.layout_from_peft_version(peft.__version__, transposed)
     if per_expert and fused_base:
         return f"fused:{wanted}"
     if per_expert:
         return None  # 4.57 -> 4.57: nothing to convert
     written = json.loads((adapter_dir / "adapter_config.json").read_text()).get("peft_version")
-    theirs = layout.layout_from_peft_version(written, False)
+    theirs = layout.layout_from_peft_version(written, transposed)
     return None if theirs == wanted else wanted
 
 
