@@ -19,7 +19,7 @@ import statistics
 import sys
 import time
 
-CONFIGS = ("shims-nf4", "bf16", "native-nf4")
+CONFIGS = ("shims-nf4", "shims-nf4-peft-path", "bf16", "native-nf4")
 
 
 def parse_args(argv=None):
@@ -115,16 +115,19 @@ def run(args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    shims_on = args.config == "shims-nf4"
+    shims_on = args.config.startswith("shims-nf4")
     if shims_on:
         import shims
 
-        shims.apply()
+        names = [s["name"] for s in shims.status()]
+        if args.config == "shims-nf4-peft-path":  # the same shims with peft's own LoRA path for the experts
+            names.remove("fast_expert_lora")
+        shims.apply(only=names)
     mem = Memory(args.device)
     kwargs = {"device_map": {"": 0} if args.device == "cuda" else {"": "cpu"}}
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     kwargs[dtype_key] = torch.bfloat16
-    if args.config.endswith("nf4"):
+    if "nf4" in args.config:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
     mem.reset_peak()
@@ -162,7 +165,13 @@ def run(args) -> dict:
         mem.sync()
         if step >= 2:
             times.append(time.perf_counter() - t0)
-    out.update(train_step_s=statistics.median(times), train_peak_bytes=mem.peak(), trainable=sum(p.numel() for p in params))
+    out.update(train_step_s=statistics.median(times), train_peak_bytes=mem.peak(),
+               trainable=sum(p.numel() for p in params))
+    if shims_on:
+        from shims.fast_lora import expert_lora_paths
+
+        paths = expert_lora_paths(model)
+        out["fast_lora_modules"] = f"{sum(1 for p in paths.values() if p == 'fast')}/{len(paths)}"
     del opt
     model.eval()
     prompt = ids[:1, :16]

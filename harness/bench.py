@@ -21,7 +21,8 @@ from .results import write_json_atomic, write_text_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 # Which configurations run under which interpreter label.
-PLAN = (("tf5", "shims-nf4"), ("tf5", "bf16"), ("tf5", "native-nf4"), ("tf457", "native-nf4"))
+PLAN = (("tf5", "shims-nf4"), ("tf5", "shims-nf4-peft-path"), ("tf5", "bf16"), ("tf5", "native-nf4"),
+        ("tf457", "native-nf4"))
 DIM_FLAGS = ("hidden", "experts", "top_k", "moe_intermediate", "vocab", "layers", "heads", "kv_heads")
 GIB = 1024 ** 3
 
@@ -111,7 +112,8 @@ def render(doc: dict) -> str:
             "experts 4-bit": (f"{r.get('experts_quantized')}/{r.get('experts_expert_tensors')}"
                               if "experts_expert_tensors" in r else ""),
             "train step s": _num(r.get("train_step_s"), ".4f"), "train peak GiB": _gib(r.get("train_peak_bytes")),
-            "gen tokens/s": _num(r.get("gen_tokens_per_s"), ".1f"), "error": r.get("error", ""),
+            "gen tokens/s": _num(r.get("gen_tokens_per_s"), ".1f"), "fast LoRA": r.get("fast_lora_modules", ""),
+            "error": r.get("error", ""),
         })
     targets = []
     for name, (nk, nm), (dk, dm), bound, direction, what in TARGETS:
