@@ -119,9 +119,10 @@ def render(doc: dict) -> str:
     for name, (nk, nm), (dk, dm), bound, direction, what in TARGETS:
         ratio = _ratio(_get(res, nk, nm), _get(res, dk, dm))
         met = None if ratio is None else (ratio <= bound if direction == "<=" else ratio >= bound)
-        targets.append({"target": what, "ratio": _num(ratio, ".3f") or "not measured",
+        targets.append({"target": what, "ratio": _num(ratio, ".4f") or "not measured",
                         "bound": f"{direction} {bound:g}",
                         "met": {True: "yes", False: "**no**", None: "n/a"}[met]})
+    notes = _notes(res)
     device = next((r.get("device_name") for r in res.values() if r.get("device_name")), "?")
     when = dt.datetime.fromtimestamp(doc["when"], dt.timezone.utc)
     dims = ", ".join(f"{k}={v}" for k, v in doc["dims"].items() if v is not None)
@@ -134,7 +135,37 @@ def render(doc: dict) -> str:
         "- each configuration ran in its own process, one after another, in this one run", "",
         "## Measurements", "", pd.DataFrame(rows).to_markdown(index=False), "",
         "## Targets (ratios from the table above)", "", pd.DataFrame(targets).to_markdown(index=False), "",
+        "## Where a target is missed, and why", "", *(notes or ["All targets met."]), "",
     ])
+
+
+def _notes(res: dict) -> list[str]:
+    """Explanations derived from the measurements themselves (the mechanisms are documented in shims/)."""
+    shims, peft_path = res.get("tf5:shims-nf4", {}), res.get("tf5:shims-nf4-peft-path", {})
+    bf16, v457 = res.get("tf5:bf16", {}), res.get("tf457:native-nf4", {})
+    out = []
+    if shims.get("resident_bytes") and v457.get("resident_bytes") and shims["resident_bytes"] > v457["resident_bytes"]:
+        extra = shims["resident_bytes"] - v457["resident_bytes"]
+        out.append(f"- resident: 5.x + shims holds {extra / 2**20:.1f} MiB more than 4.57 "
+                   f"({100 * extra / v457['resident_bytes']:.2f} %). The expert bytes are the same nf4 blocks in both "
+                   "(same ratio to bf16), so the difference lies outside the expert storage.")
+    if shims.get("load_peak_bytes") and shims.get("resident_bytes"):
+        transient = shims["load_peak_bytes"] - shims["resident_bytes"]
+        if transient > 0.15 * shims["resident_bytes"]:
+            out.append(f"- load peak: {transient / GIB:.2f} GiB above resident. Experts are quantized per fused "
+                       "tensor as the checkpoint is read, so one layer's fused bf16 gate_up (built by transformers "
+                       "from the per-expert tensors) and bitsandbytes' quantization temporaries exist at once.")
+    if shims.get("train_step_s") and bf16.get("train_step_s") and shims["train_step_s"] > 1.5 * bf16["train_step_s"]:
+        line = (f"- train step: the fast expert LoRA path takes {shims['train_step_s']:.3f} s "
+                f"({shims['train_step_s'] / bf16['train_step_s']:.1f}x bf16).")
+        if peft_path.get("train_step_s"):
+            line += (f" With peft's own path on the same 4-bit experts a step takes {peft_path['train_step_s']:.3f} s "
+                     f"({peft_path['train_step_s'] / bf16['train_step_s']:.2f}x bf16) but its train peak is "
+                     f"{_gib(peft_path.get('train_peak_bytes'))} GiB (it materializes W + delta for every expert), vs "
+                     f"{_gib(shims.get('train_peak_bytes'))} GiB for the fast path: speed and memory trade off "
+                     "until the fast path runs as grouped matmuls.")
+        out.append(line)
+    return out
 
 
 def _gib(value):
