@@ -18,6 +18,13 @@ When shims are applied, the OUTERMOST ``ParamWrapper`` of a chain whose base is 
   (``has_gate``, ``has_bias``, ``is_transposed``, ``has_post_expert_norm``), so it REPLACES whichever experts
   implementation (grouped_mm, batched_mm, eager) the config selects, for wrapped 4-bit experts only.
 
+Kernels (:func:`kernel_of`, shown by :func:`path_of` as ``"fast (grouped)"`` / ``"fast (loop: <why>)"``): the
+routed products run as three grouped matmuls per projection (base, ``x @ A^T``, ``@ B^T``) through
+``torch._grouped_mm`` -- forward and backward -- when the kernel runs for the layer's device and compute dtype (probed
+once per device/dtype with a tiny call, as feature detection) and every row it touches is 16-byte aligned (the
+kernel's stride rule: hidden, expert and rank dims times the element size); otherwise a Python loop over experts
+with the same math. ``KERNEL = "loop"`` forces the loop (comparisons, benchmarks).
+
 Fallback rule (documented, logged at debug, inspectable with :func:`path_of`): peft's path is used whenever the chain
 is not understood: experts not 4-bit, several or no active adapters, merged or disabled adapters, expert parallelism,
 an unknown tensor name or call signature, missing experts flags, or ``ENABLED = False``.
@@ -34,6 +41,7 @@ from .registry import Patch, Target, swap_attr
 
 log = logging.getLogger("shims")
 
+KERNEL = "auto"  # "auto": grouped where torch._grouped_mm runs for the layer, else the loop; "loop": always loop
 ENABLED = True  # runtime switch (e.g. to compare both paths in one process); the registry patch installs the hook
 FAST = "fast"
 _IN_PEFT_PATH = contextvars.ContextVar("shims_fast_lora_in_peft_path", default=False)
@@ -45,6 +53,7 @@ class FastPlan:
     base: object  # the experts module
     adapter: str
     wrappers: dict = field(default_factory=dict)  # tensor name -> ParamWrapper
+    kernel: str = "loop"  # "grouped" or "loop: <why not grouped>" (see kernel_of)
 
 
 def _chain(wrapper):
@@ -102,13 +111,22 @@ def plan_of(wrapper) -> FastPlan | str:
     if len(adapters) != 1:
         return f"different active adapters across the chain: {sorted(adapters)}"
     plan.adapter = adapters.pop()
+    why_not = _why_not_grouped(plan)
+    plan.kernel = "grouped" if why_not is None else f"loop: {why_not}"
     return plan
 
 
 def path_of(module) -> str:
-    """``"fast"`` or ``"peft: <reason>"``: which path the ParamWrapper ``module`` (outermost of its chain) uses."""
+    """Which path the ParamWrapper ``module`` (outermost of its chain) uses: ``"fast (grouped)"``,
+    ``"fast (loop: <why not grouped>)"`` or ``"peft: <why not fast>"``."""
     plan = plan_of(module)
-    return FAST if isinstance(plan, FastPlan) else f"peft: {plan}"
+    return f"{FAST} ({plan.kernel})" if isinstance(plan, FastPlan) else f"peft: {plan}"
+
+
+def kernel_of(module) -> str | None:
+    """``"grouped"`` or ``"loop: <why>"`` for a ParamWrapper on the fast path; None where peft's path runs."""
+    plan = plan_of(module)
+    return plan.kernel if isinstance(plan, FastPlan) else None
 
 
 def expert_lora_paths(model) -> dict[str, str]:
@@ -227,18 +245,191 @@ def routed_lora_forward(plan: FastPlan, hidden_states, top_k_index, top_k_weight
     expert_ids = top_k_index.reshape(-1)
     expert_sorted, order = torch.sort(expert_ids, stable=True)
     token_sorted = order // top_k
-    counts = torch.bincount(expert_ids, minlength=E)[:E].tolist()
+    counts = torch.bincount(expert_ids, minlength=E)[:E]
     x_sorted = x[token_sorted]
 
-    h = _project(plan, gate_name, x_sorted, counts, expert_sorted, compute_dtype)
+    if plan.kernel == "grouped":
+        # offsets stay on the device: no host sync for the grouping
+        groups, project = torch.cumsum(counts, 0, dtype=torch.int32), _project_grouped
+    else:
+        groups, project = counts.tolist(), _project
+    h = project(plan, gate_name, x_sorted, groups, expert_sorted, compute_dtype)
     h = base._apply_gate(h) if base.has_gate else base.act_fn(h)
-    out = _project(plan, "down_proj", h, counts, expert_sorted, compute_dtype)
+    out = project(plan, "down_proj", h, groups, expert_sorted, compute_dtype)
     if getattr(base, "has_post_expert_norm", False):
         out = base.post_expert_norm(out)
     out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1).to(out.dtype)
     result = torch.zeros(num_tokens, out.shape[-1], dtype=out.dtype, device=out.device)
     result = result.index_add(0, token_sorted, out)
     return result.to(hidden_states.dtype)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# grouped kernel: torch._grouped_mm over the expert-sorted rows (forward and backward)
+
+_GROUPED_DTYPES = ("float32", "bfloat16", "float16")
+_PROBED: dict = {}  # (device, dtype) -> None if torch._grouped_mm runs there, else why not
+
+
+def _grouped_mm_fn():
+    import torch
+
+    return getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _probe_grouped_mm(device, dtype) -> str | None:
+    """Feature detection: one tiny aligned grouped_mm (with an empty group) on ``device``/``dtype``, cached."""
+    import torch
+
+    key = (str(device), dtype)
+    if key not in _PROBED:
+        x = torch.ones(4, 8, device=device, dtype=dtype)
+        w = torch.ones(2, 8, 8, device=device, dtype=dtype)
+        offs = torch.tensor([0, 4], device=device, dtype=torch.int32)
+        try:
+            out = _grouped_mm_fn()(x, w, offs=offs)
+            _PROBED[key] = None if bool((out == 8).all()) else "grouped_mm gave a wrong result in the probe"
+        except (RuntimeError, NotImplementedError) as exc:  # no kernel for this device/dtype/capability
+            _PROBED[key] = f"torch grouped_mm unavailable on {device} {dtype}: {str(exc).splitlines()[0][:120]}"
+    return _PROBED[key]
+
+
+def _why_not_grouped(plan) -> str | None:
+    """None when every grouped product of this plan can run through torch's grouped_mm kernel, else why not."""
+    import torch
+
+    from .quant import quantized_parametrization
+
+    if KERNEL == "loop":
+        return "forced (shims.fast_lora.KERNEL = 'loop')"
+    if KERNEL != "auto":
+        raise ValueError(f"shims.fast_lora.KERNEL must be 'auto' or 'loop', not {KERNEL!r}")
+    if _grouped_mm_fn() is None:
+        return "this torch has no grouped_mm"
+    base = plan.base
+    gate_name = "gate_up_proj" if base.has_gate else "up_proj"
+    param = quantized_parametrization(base, gate_name)
+    dtype = param.settings.compute_dtype
+    if dtype is None or str(dtype).removeprefix("torch.") not in _GROUPED_DTYPES:
+        return f"compute dtype {dtype} (grouped kernel: {', '.join(_GROUPED_DTYPES)})"
+    # the kernel wants 16-byte aligned row strides on every operand, forward and backward: the hidden, expert and
+    # rank dims (static per layer) decide it
+    dims = {d for name in (gate_name, "down_proj") for d in quantized_parametrization(base, name).logical_shape[1:]}
+    dims |= {w.lora_A[plan.adapter].weight.shape[0] // w.num_experts for w in plan.wrappers.values()}
+    item = torch.empty((), dtype=dtype).element_size()
+    unaligned = sorted(d for d in dims if d * item % 16)
+    if unaligned:
+        return f"dims {unaligned} x {item} bytes not 16-byte aligned"
+    return _probe_grouped_mm(base.parametrizations[gate_name].original.device, dtype)
+
+
+def _as_grouped_weight(w):
+    """``w`` (E, K, N) laid out as the kernel accepts: one of the two inner dims contiguous."""
+    return w if w.stride(-1) == 1 or w.stride(-2) == 1 else w.contiguous()
+
+
+def _aligned_rows(x):
+    x = x.contiguous()
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
+def _gmm(x, w, offs):
+    """Rows ``offs[e-1]:offs[e]`` of ``x`` (S, K) times ``w[e]`` (K, N) -> (S, N)."""
+    return _grouped_mm_fn()(_aligned_rows(x), _as_grouped_weight(w), offs=offs)
+
+
+def _gmm_weight_grad(x, grad, offs):
+    """Per group ``x_e^T @ grad_e`` -> (E, K, N): the weight gradient of :func:`_gmm` (empty groups give zeros)."""
+    return _grouped_mm_fn()(_aligned_rows(x).t(), _aligned_rows(grad), offs=offs)
+
+
+def _grouped_classes():
+    import torch
+
+    class GroupedMatmul(torch.autograd.Function):
+        """Differentiable :func:`_gmm` with a grouped backward (input and weight gradients)."""
+
+        @staticmethod
+        def forward(ctx, x, w, offs):
+            ctx.save_for_backward(x, w, offs)
+            return _gmm(x, w, offs)
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            x, w, offs = ctx.saved_tensors
+            grad_x = _gmm(grad_out, w.transpose(-2, -1), offs) if ctx.needs_input_grad[0] else None
+            grad_w = _gmm_weight_grad(x, grad_out, offs) if ctx.needs_input_grad[1] else None
+            return grad_x, grad_w, None
+
+    class GroupedDequantMatmul(torch.autograd.Function):
+        """x_sorted @ W_e^T (W_e when transposed) per group, W dequantized transiently in forward AND backward."""
+
+        @staticmethod
+        def forward(ctx, x_sorted, offs, base, name, transposed):
+            from .quant import dequantize_param
+
+            ctx.save_for_backward(offs)
+            ctx.base, ctx.name, ctx.transposed = base, name, transposed
+            with torch.no_grad():
+                weight = dequantize_param(base, name).to(x_sorted.dtype)
+                return _gmm(x_sorted, weight if transposed else weight.transpose(-2, -1), offs)
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            from .quant import dequantize_param
+
+            if not ctx.needs_input_grad[0]:
+                return None, None, None, None, None
+            (offs,) = ctx.saved_tensors
+            weight = dequantize_param(ctx.base, ctx.name).to(grad_out.dtype)
+            grad = _gmm(grad_out, weight.transpose(-2, -1) if ctx.transposed else weight, offs)
+            return grad, None, None, None, None
+
+    return GroupedMatmul, GroupedDequantMatmul
+
+
+_GROUPED = None
+
+
+def _grouped():
+    global _GROUPED
+    if _GROUPED is None:
+        _GROUPED = _grouped_classes()
+    return _GROUPED
+
+
+def _factor_stacks(wrapper, adapter: str, dtype):
+    """(LHS (E, d1, r), RHS (E, r, d2), scaling): :func:`_factors` for all experts at once, as views/copies of A, B."""
+    E = wrapper.num_experts
+    A = wrapper.lora_A[adapter].weight.to(dtype)  # (E*r, in): expert e owns rows e*r:(e+1)*r
+    B = wrapper.lora_B[adapter].weight.to(dtype)  # (out, E*r): expert e owns columns e::E
+    r = A.shape[0] // E
+    a = A.reshape(E, r, A.shape[1])  # a[e] = A_e (r, in)
+    b = B.reshape(B.shape[0], r, E).permute(2, 0, 1)  # b[e] = B_e (out, r)
+    if getattr(wrapper, "_did_swap_in_out_features", False):
+        return b, a, wrapper.scaling[adapter]  # delta_e = B_e A_e
+    return a.transpose(1, 2), b.transpose(1, 2), wrapper.scaling[adapter]  # delta_e = A_e^T B_e^T
+
+
+def _grouped_lora_term(x_sorted, offs, wrapper, adapter, transposed: bool, dtype):
+    """The loop's per-expert LoRA term as two grouped matmuls: (x @ lhs) @ rhs, or (x @ rhs^T) @ lhs^T."""
+    matmul = _grouped()[0].apply
+    lhs, rhs, s = _factor_stacks(wrapper, adapter, dtype)
+    first, second = (lhs, rhs) if transposed else (rhs.transpose(1, 2), lhs.transpose(1, 2))
+    first, second = _as_grouped_weight(first), _as_grouped_weight(second)
+    return matmul(matmul(x_sorted, first, offs), second, offs) * s
+
+
+def _project_grouped(plan, name, x_sorted, offs, expert_sorted, dtype):
+    base = plan.base
+    transposed = bool(base.is_transposed)
+    out = _grouped()[1].apply(x_sorted, offs, base, name, transposed)
+    if base.has_bias:
+        out = out + getattr(base, f"{name}_bias")[expert_sorted].to(dtype)
+    wrapper = plan.wrappers.get(name)
+    if wrapper is not None:
+        out = out + _grouped_lora_term(x_sorted, offs, wrapper, plan.adapter, transposed, dtype)
+    return out
 
 
 # --------------------------------------------------------------------------------------------------------------

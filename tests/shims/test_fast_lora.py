@@ -8,6 +8,9 @@ pytestmark = pytest.mark.needs_ml
 
 _SHIMS = ("quantize_fused_experts", "peft_quantized_experts", "peft_merge_quantized_experts", "fast_expert_lora")
 IMPLEMENTATIONS = ("grouped_mm", "batched_mm", "eager")
+# the fast path's two kernels: "auto" takes torch._grouped_mm (torch 2.13 has CPU fp32 kernels and the tiny models'
+# dims are 16-byte aligned in fp32), "loop" forces the per-expert Python loop
+KERNELS = {"auto": "fast (grouped)", "loop": "fast (loop: forced (shims.fast_lora.KERNEL = 'loop'))"}
 
 
 @pytest.fixture
@@ -18,16 +21,17 @@ def fast_shims():
     status = {s["name"]: s for s in shims.apply(only=_SHIMS)}
     yield status
     fast_lora.ENABLED = True
+    fast_lora.KERNEL = "auto"
     shims.restore()
 
 
-def _peft(model, seed=1, adapter_name="default"):
+def _peft(model, seed=1, adapter_name="default", r=4):
     import torch
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
     return get_peft_model(model, LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+        r=r, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]), adapter_name=adapter_name)
 
 
@@ -41,18 +45,30 @@ def _step(pm, ids):
     return out.logits.detach(), grads, embeds.grad.detach().clone()
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("model_type", Q4_ARCHS)
-def test_fast_path_equals_peft_path(model_type, q4_checkpoint, fast_shims, monkeypatch):
+def test_fast_path_equals_peft_path(model_type, kernel, q4_checkpoint, fast_shims, monkeypatch):
+    _assert_fast_equals_peft(model_type, kernel, KERNELS[kernel], q4_checkpoint, fast_shims, monkeypatch)
+
+
+def test_unaligned_rank_falls_back_to_loop_and_stays_exact(q4_checkpoint, fast_shims, monkeypatch):
+    """r=3 in fp32: 12-byte rows the grouped kernel refuses -> the loop, chosen automatically, equal to peft's path."""
+    _assert_fast_equals_peft("qwen3_moe", "auto", "fast (loop: dims [3] x 4 bytes not 16-byte aligned)",
+                             q4_checkpoint, fast_shims, monkeypatch, r=3)
+
+
+def _assert_fast_equals_peft(model_type, kernel, expected_path, q4_checkpoint, fast_shims, monkeypatch, r=4):
     import torch
 
     from shims import fast_lora
 
     q4_requires_fused()
     assert fast_shims["fast_expert_lora"]["applied"]
+    fast_lora.KERNEL = kernel
     model = q4_load(q4_checkpoint(model_type))
-    pm = _peft(model)
+    pm = _peft(model, r=r)
     paths = fast_lora.expert_lora_paths(pm)
-    assert len(paths) == model.config.num_hidden_layers and set(paths.values()) == {"fast"}
+    assert len(paths) == model.config.num_hidden_layers and set(paths.values()) == {expected_path}
     calls = []
     routed = fast_lora.routed_lora_forward
     monkeypatch.setattr(fast_lora, "routed_lora_forward", lambda *a: calls.append(1) or routed(*a))
@@ -82,13 +98,15 @@ def test_fast_path_equals_peft_path(model_type, q4_checkpoint, fast_shims, monke
         assert all(ref_grads[n].abs().max() > 0 for n in expert_lora)
 
 
-def test_fast_path_keeps_no_float_expert_stack_for_backward(q4_checkpoint, fast_shims):
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_fast_path_keeps_no_float_expert_stack_for_backward(kernel, q4_checkpoint, fast_shims):
     """What autograd saves between forward and backward: peft's path keeps W + delta stacks, the fast path does not."""
     import torch
 
     from shims import fast_lora, quant
 
     q4_requires_fused()
+    fast_lora.KERNEL = kernel
     model = q4_load(q4_checkpoint("qwen3_moe"))
     pm = _peft(model)
     # compare as sorted dims: implementations may save a transposed view of the stack
@@ -107,6 +125,7 @@ def test_fast_path_keeps_no_float_expert_stack_for_backward(q4_checkpoint, fast_
             pm(input_ids=q4_ids(), labels=q4_ids()).loss.backward()
         return shapes
 
+    assert set(fast_lora.expert_lora_paths(pm).values()) == {KERNELS[kernel]}
     try:
         fast, peft = saved(True), saved(False)
     finally:
@@ -124,16 +143,19 @@ def test_fallback_rules_are_reported(q4_checkpoint, fast_shims):
     q4_requires_fused()
     pm = _peft(q4_load(q4_checkpoint("qwen3_moe")))
     name, wrapper = next((n, m) for n, m in pm.named_modules() if n.endswith("layers.0.mlp.experts"))
-    assert fast_lora.path_of(wrapper) == "fast"
+    assert fast_lora.path_of(wrapper) == "fast (grouped)" and fast_lora.kernel_of(wrapper) == "grouped"
+    fast_lora.KERNEL = "loop"
+    assert fast_lora.path_of(wrapper).startswith("fast (loop: forced")
+    fast_lora.KERNEL = "auto"
     with pm.disable_adapter():
         assert fast_lora.path_of(wrapper) == "peft: adapters disabled"
     fast_lora.ENABLED = False
     assert fast_lora.path_of(wrapper).startswith("peft: fast path disabled")
     fast_lora.ENABLED = True
     pm.merge_adapter()
-    assert fast_lora.path_of(wrapper) == "peft: adapter merged"
+    assert fast_lora.path_of(wrapper) == "peft: adapter merged" and fast_lora.kernel_of(wrapper) is None
     pm.unmerge_adapter()
-    assert fast_lora.path_of(wrapper) == "fast"
+    assert fast_lora.path_of(wrapper) == "fast (grouped)"
     if _add_second_adapter(pm):  # a second adapter active at once -> peft's path
         assert "2 active adapters" in fast_lora.path_of(wrapper)
 
@@ -204,3 +226,31 @@ def test_patch_disable_and_restore(q4_checkpoint):
     finally:
         shims.restore()
     assert ParamWrapper.forward is native
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_grouped_matmul_equals_per_group_matmuls(dtype):
+    """The grouped autograd function (forward, input and weight gradients) == per-group matmuls, empty groups too."""
+    import torch
+
+    from shims import fast_lora
+
+    dtype = getattr(torch, dtype)
+    if fast_lora._grouped_mm_fn() is None or fast_lora._probe_grouped_mm(torch.device("cpu"), dtype):
+        pytest.skip(f"no CPU grouped_mm kernel for {dtype} in this torch")
+    g = torch.Generator().manual_seed(0)
+    counts = [3, 0, 5, 0, 8]  # empty groups in the middle and no trailing rows
+    x = torch.randn(sum(counts), 16, generator=g).to(dtype).requires_grad_(True)
+    w_t = torch.randn(5, 32, 16, generator=g).to(dtype).requires_grad_(True)  # used transposed, as the experts are
+    grad = torch.randn(sum(counts), 32, generator=g).to(dtype)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    out = fast_lora._grouped()[0].apply(x, w_t.transpose(1, 2), offs)
+    out.backward(grad)
+    xr, wr = x.detach().clone().requires_grad_(True), w_t.detach().clone().requires_grad_(True)
+    ref = torch.cat([xe @ wr[e].t() for e, xe in enumerate(xr.split(counts)) if counts[e]])
+    ref.backward(grad)
+    exact = dict(rtol=0, atol=0) if dtype == torch.float32 else {}
+    torch.testing.assert_close(out, ref, **exact)
+    torch.testing.assert_close(x.grad, xr.grad, **exact)
+    torch.testing.assert_close(w_t.grad, wr.grad, **exact)
+    assert torch.equal(w_t.grad[1], torch.zeros_like(w_t.grad[1]))  # an empty group's weight gets exactly zero
