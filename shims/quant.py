@@ -217,10 +217,81 @@ def is_quantized_experts(module) -> bool:
 # quantize / dequantize
 
 
-def quantize_expert_param(module, name: str, settings: QuantSettings, owner: str = "") -> None:
-    """Replace the float 3D tensor ``module.<name>`` by packed 4-bit storage + a dequantizing parametrization."""
+# Elements per quantization chunk: bitsandbytes' CPU kernel makes ~20 bytes of temporaries per element (fp32 copy,
+# scaled values, int32 codes); 2**22 elements keeps that near 80 MB whatever the tensor size.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _nest_absmax(absmax, blocksize: int, quant_type: str, shape, dtype):
+    """Double quantization of the concatenated per-block absmax, exactly as bitsandbytes' quantize_4bit does it.
+
+    The nested statistics are taken over ALL blocks of the tensor (mean offset, then 256-blockwise 8-bit), so they
+    are computed once, after every chunk is in; the result equals quantize_4bit(..., compress_statistics=True)
+    bit for bit (tested against it).
+    """
     import bitsandbytes.functional as F
 
+    offset = absmax.mean()
+    qabsmax, state2 = F.quantize_blockwise(absmax - offset, blocksize=256)
+    return F.QuantState(absmax=qabsmax, shape=shape, dtype=dtype, blocksize=blocksize,
+                        code=F.get_4bit_type(quant_type, device=absmax.device), quant_type=quant_type,
+                        offset=offset, state2=state2)
+
+
+def quantize_experts_chunked(tensor, compute_dtype, blocksize=None, compress_statistics=False, quant_type="nf4",
+                             quant_storage=None, chunk_elements: int | None = None):
+    """bitsandbytes ``quantize_4bit`` of a 3D (E, d1, d2) tensor, a few experts at a time.
+
+    Blockwise quantization runs over the row-major flattened tensor; when d1*d2 is a multiple of the blocksize no
+    block straddles two experts, so quantizing expert slices and concatenating packed bytes and absmax gives the
+    very bytes and absmax of the whole-tensor call, while the float temporaries (the cast to ``compute_dtype`` and
+    the kernel's own) exist for one chunk only. Otherwise it falls back to one whole-tensor call.
+    Returns (packed, QuantState) like ``quantize_4bit``.
+    """
+    import bitsandbytes.functional as F
+    import torch
+
+    quant_storage = quant_storage or torch.uint8
+    experts = tensor.shape[0]
+    per_expert = tensor[0].numel() if experts else 0
+    budget = chunk_elements or CHUNK_ELEMENTS
+    step = max(1, budget // max(per_expert, 1))
+
+    def quantize(part, nested):
+        return F.quantize_4bit(part.to(compute_dtype).contiguous(), blocksize=blocksize, compress_statistics=nested,
+                               quant_type=quant_type, quant_storage=quant_storage)
+
+    if experts <= step:
+        return quantize(tensor, compress_statistics)
+    first_packed, first_state = quantize(tensor[:step], False)
+    block = first_state.blocksize
+    bytes_per_expert = per_expert // 2  # two 4-bit codes per byte
+    if per_expert % block or bytes_per_expert % quant_storage.itemsize:
+        log.debug("expert slice of %d elements is not whole %d-blocks: quantizing %s at once",
+                  per_expert, block, tuple(tensor.shape))
+        del first_packed, first_state
+        return quantize(tensor, compress_statistics)
+    rows, blocks = first_packed.shape[0] // step, per_expert // block
+    packed = first_packed.new_empty((rows * experts, *first_packed.shape[1:]))
+    absmax = first_state.absmax.new_empty((blocks * experts,))
+    packed[: rows * step] = first_packed
+    absmax[: blocks * step] = first_state.absmax
+    del first_packed, first_state
+    for start in range(step, experts, step):
+        stop = min(start + step, experts)
+        part_packed, part_state = quantize(tensor[start:stop], False)
+        packed[rows * start: rows * stop] = part_packed
+        absmax[blocks * start: blocks * stop] = part_state.absmax
+        del part_packed, part_state
+    shape = tensor.shape
+    if compress_statistics:
+        return packed, _nest_absmax(absmax, block, quant_type, shape, compute_dtype)
+    return packed, F.QuantState(absmax=absmax, shape=shape, dtype=compute_dtype, blocksize=block,
+                                code=F.get_4bit_type(quant_type, device=absmax.device), quant_type=quant_type)
+
+
+def quantize_expert_param(module, name: str, settings: QuantSettings, owner: str = "") -> None:
+    """Replace the float 3D tensor ``module.<name>`` by packed 4-bit storage + a dequantizing parametrization."""
     from .forward import install_forward_hooks
 
     torch, P = _torch_nn()
@@ -235,8 +306,8 @@ def quantize_expert_param(module, name: str, settings: QuantSettings, owner: str
         got = None if tensor is None else f"{tensor.dtype} {tuple(tensor.shape)}"
         raise ExpertQuantError(f"{label}: expected a float 3D nn.Parameter, got {got}")
     compute_dtype = settings.compute_dtype or tensor.dtype
-    packed, quant_state = F.quantize_4bit(
-        tensor.detach().to(compute_dtype),
+    packed, quant_state = quantize_experts_chunked(
+        tensor.detach(), compute_dtype,
         blocksize=settings.blocksize,
         compress_statistics=settings.compress_statistics,
         quant_type=settings.quant_type,
@@ -283,8 +354,6 @@ def install_packed_param(module, name: str, packed, quant_state, owner: str = ""
 
 def requantize_param(module, name: str, value) -> None:
     """Store ``value`` (logical shape) into an already quantized tensor with the same settings (used by merge)."""
-    import bitsandbytes.functional as F
-
     param = quantized_parametrization(module, name)
     if param is None:
         raise ExpertQuantError(f"{type(module).__name__}.{name} is not a shim-quantized expert tensor")
@@ -292,8 +361,8 @@ def requantize_param(module, name: str, value) -> None:
         raise ExpertQuantError(f"{param.owner}: new value has shape {tuple(value.shape)}, expected {param.logical_shape}")
     s = param.settings
     original = module.parametrizations[name].original
-    packed, quant_state = F.quantize_4bit(
-        value.detach().to(device=original.device, dtype=s.compute_dtype),
+    packed, quant_state = quantize_experts_chunked(
+        value.detach().to(device=original.device), s.compute_dtype,
         blocksize=s.blocksize, compress_statistics=s.compress_statistics,
         quant_type=s.quant_type, quant_storage=s.quant_storage,
     )

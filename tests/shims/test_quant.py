@@ -227,3 +227,80 @@ def test_cast_packed_storage_is_detected():
     m.to(torch.float32)  # a float quant_storage is cast by .to(dtype): the packed bytes are gone
     with pytest.raises(quant.ExpertQuantError, match=r"x\.down_proj: packed 4-bit storage has dtype torch\.float32"):
         m.down_proj
+
+
+# ---- chunked quantization: the same bytes as bitsandbytes' whole-tensor call ---------------------------------
+
+
+def _assert_same_quantization(got, want):
+    import torch
+
+    (packed, state), (ref_packed, ref_state) = got, want
+    # compare bytes: packed codes viewed as a float quant_storage contain NaN patterns (NaN != NaN)
+    assert packed.dtype == ref_packed.dtype and packed.shape == ref_packed.shape
+    assert torch.equal(packed.view(torch.uint8), ref_packed.view(torch.uint8))
+    assert tuple(state.shape) == tuple(ref_state.shape) and state.dtype == ref_state.dtype
+    assert (state.blocksize, state.quant_type, state.nested) == (ref_state.blocksize, ref_state.quant_type,
+                                                                 ref_state.nested)
+    assert torch.equal(state.absmax, ref_state.absmax) and torch.equal(state.code, ref_state.code)
+    if ref_state.nested:
+        assert torch.equal(state.offset, ref_state.offset)
+        assert torch.equal(state.state2.absmax, ref_state.state2.absmax)
+        assert torch.equal(state.state2.code, ref_state.state2.code)
+        assert state.state2.blocksize == ref_state.state2.blocksize
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("storage, compute, blocksize", [("uint8", "float32", None), ("bfloat16", "bfloat16", 128),
+                                                         ("uint8", "bfloat16", 64)])
+def test_chunked_quantization_is_bit_exact(quant_type, nested, storage, compute, blocksize):
+    import bitsandbytes.functional as BF
+    import torch
+
+    from shims import quant
+
+    q4_requires_fused()
+    torch.manual_seed(0)
+    # 7 experts in chunks of 2 (the last one short); bf16 checkpoint values cast per chunk to the compute dtype
+    tensor = (torch.randn(7, 96, 64) * torch.linspace(0.1, 3, 7).view(7, 1, 1)).to(torch.bfloat16)
+    storage, compute = getattr(torch, storage), getattr(torch, compute)
+    kwargs = dict(blocksize=blocksize, compress_statistics=nested, quant_type=quant_type, quant_storage=storage)
+    got = quant.quantize_experts_chunked(tensor, compute, chunk_elements=2 * 96 * 64, **kwargs)
+    want = BF.quantize_4bit(tensor.to(compute), **kwargs)
+    _assert_same_quantization(got, want)
+    assert torch.equal(BF.dequantize_4bit(*got), BF.dequantize_4bit(*want))
+
+
+def test_chunked_quantization_falls_back_when_blocks_straddle_experts(caplog):
+    import bitsandbytes.functional as BF
+    import torch
+
+    from shims import quant
+
+    q4_requires_fused()
+    tensor = torch.randn(5, 3, 30)  # 90 elements per expert: 64-blocks would cross expert boundaries
+    with caplog.at_level(logging.DEBUG, logger="shims"):
+        got = quant.quantize_experts_chunked(tensor, torch.float32, compress_statistics=True, chunk_elements=90)
+    assert any("not whole 64-blocks" in r.getMessage() for r in caplog.records)
+    _assert_same_quantization(got, BF.quantize_4bit(tensor, compress_statistics=True, quant_type="nf4"))
+
+
+def test_quantize_expert_param_uses_chunks_and_matches_whole_tensor(monkeypatch):
+    import bitsandbytes.functional as BF
+    import torch
+
+    from shims import quant
+
+    q4_requires_fused()
+    calls = []
+    real = BF.quantize_4bit
+    monkeypatch.setattr(BF, "quantize_4bit", lambda A, **kw: calls.append(tuple(A.shape)) or real(A, **kw))
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 2 * 48 * 64)
+    m = _toy_experts(shape_gate=(5, 48, 64))
+    ref = m.gate_up_proj.detach().clone()
+    quant.quantize_expert_param(m, "gate_up_proj", quant.QuantSettings(compress_statistics=True))
+    assert calls == [(2, 48, 64), (2, 48, 64), (1, 48, 64)]
+    want = real(ref, compress_statistics=True, quant_type="nf4")
+    state = quant.quantized_parametrization(m, "gate_up_proj").quant_state
+    _assert_same_quantization((m.parametrizations["gate_up_proj"].original, state), want)
