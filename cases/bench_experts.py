@@ -8,7 +8,8 @@ Prints a markdown table: expert bytes and their ratio to bf16 (measured side by 
 and the median LoRA train-step time (4-bit / bf16) after warm-up.
 
 --fast-lora: instead compares, side by side in one run, the 4-bit LoRA train step with shims' fast expert LoRA path
-(shims.fast_lora) on and off: median step time, peak memory growth during the steps (CPU: ru_maxrss of a fresh process
+(shims.fast_lora) on (its automatic kernel: torch._grouped_mm where it runs), on with the per-expert loop kernel
+forced (shims.fast_lora.KERNEL = "loop"), and off: median step time, peak memory growth during the steps (CPU: ru_maxrss of a fresh process
 per mode; CUDA: torch.cuda.max_memory_allocated) and the exact bytes autograd saves for backward.
 """
 
@@ -20,6 +21,9 @@ import os
 import statistics
 import tempfile
 import time
+
+
+FAST_LORA_MODES = ("on", "loop", "off")  # fast path (auto kernel), fast path with the loop kernel forced, peft's path
 
 
 def parse_args(argv=None):
@@ -37,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--fast-lora", action="store_true",
                    help="instead: 4-bit LoRA train step with shims' fast expert LoRA path on vs off (side by side)")
-    p.add_argument("--fast-lora-worker", choices=["on", "off"], help=argparse.SUPPRESS)
+    p.add_argument("--fast-lora-worker", choices=FAST_LORA_MODES, help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -199,7 +203,8 @@ def fast_lora_worker(args):
     from shims import fast_lora
 
     shims.apply()
-    fast_lora.ENABLED = args.fast_lora_worker == "on"
+    fast_lora.ENABLED = args.fast_lora_worker != "off"
+    fast_lora.KERNEL = "loop" if args.fast_lora_worker == "loop" else "auto"
     model, _ = load(args.checkpoint, args.device, "nf4")
     torch.manual_seed(0)
     pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
@@ -242,15 +247,16 @@ def run_fast_lora(args):
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         build_checkpoint(args, tmp)
-        for mode in ("on", "off"):
+        for mode in FAST_LORA_MODES:
             out = os.path.join(tmp, f"{mode}.json")
             cmd = [sys.executable, os.path.abspath(__file__), "--fast-lora-worker", mode, "--checkpoint", tmp,
                    "--out", out] + _shape_args(args)
             subprocess.run(cmd, check=True)
             with open(out) as fh:
                 rows.append(json.load(fh))
-    on, off = rows
+    on, loop, off = rows
     return dict(args=vars(args), rows=rows, step_ratio=on["train_step_s"] / off["train_step_s"],
+                loop_step_ratio=loop["train_step_s"] / off["train_step_s"],
                 saved_ratio=on["saved_for_backward_bytes"] / off["saved_for_backward_bytes"],
                 peak_ratio=(on["peak_growth_bytes"] / off["peak_growth_bytes"]) if off["peak_growth_bytes"] else None)
 
@@ -271,7 +277,7 @@ def markdown_fast_lora(result) -> str:
                      f"{r['peak_growth_bytes'] / 2**20:,.1f} | {r['saved_for_backward_bytes'] / 2**20:,.1f} |")
     peak = "n/a" if result["peak_ratio"] is None else f"{result['peak_ratio']:.2f}x"
     lines.append(f"\non/off: step {result['step_ratio']:.2f}x, peak growth {peak}, "
-                 f"saved for backward {result['saved_ratio']:.2f}x")
+                 f"saved for backward {result['saved_ratio']:.2f}x; loop/off: step {result['loop_step_ratio']:.2f}x")
     lines.append("peak growth = peak after the timed steps minus before them, each mode in a fresh process; "
                  "saved for backward = bytes autograd keeps between forward and backward (exact, any device)")
     return "\n".join(lines)
