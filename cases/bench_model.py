@@ -171,7 +171,8 @@ def run(args) -> dict:
         from shims.fast_lora import expert_lora_paths
 
         paths = expert_lora_paths(model)
-        out["fast_lora_modules"] = f"{sum(1 for p in paths.values() if p == 'fast')}/{len(paths)}"
+        out["fast_lora_modules"] = f"{sum(1 for p in paths.values() if p.startswith('fast'))}/{len(paths)}"
+        out["fast_lora_paths"] = sorted(set(paths.values()))
     del opt
     model.eval()
     prompt = ids[:1, :16]

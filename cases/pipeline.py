@@ -202,6 +202,9 @@ class Case:
             expert_lora_B_total=sum(1 for n in expert_lora if "lora_B" in n),
         )
         self.reference = measure.logits(self.model, self.batch)
+        with self.model.disable_adapter():
+            unadapted = measure.logits(self.model, self.batch)
+        self.metrics["kl_base"] = measure.kl(self.reference, unadapted, self.batch["attention_mask"])
         self.reference_samples = measure.greedy(self.model, self.tokenizer, tiny.prompts(self.spec.run["prompts"]),
                                                 self.spec.run["new_tokens"])
 

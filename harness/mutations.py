@@ -16,32 +16,43 @@ from .runner import run_cell, shims_version
 MUTATION_ENV = "MOE_SHIMS_MUTATION"
 
 
-def judge_run(results_file: Path) -> dict:
+def red_cases(results_file: Path) -> dict[str, list[str]]:
+    """{case: reasons} for every case that does not pass (n/a excluded)."""
     doc = json.loads(Path(results_file).read_text())
-    red = []
+    out = {}
     for case in doc["cases"]:
         v, reasons = verdict.judge(case)
         if v not in (verdict.PASS, verdict.NA):
-            red.append({"case": case["case"], "verdict": v, "reasons": reasons[:3]})
-    return {"caught": bool(red), "red_cases": red, "cases": len(doc["cases"])}
+            out[case["case"]] = [r.replace("\n", " ") for r in reasons] or [v]
+    return out
+
+
+def judge_against(control: dict[str, list[str]], mutant: dict[str, list[str]]) -> dict:
+    """A mutation is caught when a case turns red that the unmutated control run passed, or a red case gains a
+    reason: a case that is red anyway (a known gap) cannot catch anything."""
+    newly = {c: r for c, r in mutant.items() if c not in control}
+    worse = {c: [x for x in r if x not in control[c]] for c, r in mutant.items() if c in control}
+    worse = {c: r for c, r in worse.items() if r}
+    caught = {**newly, **worse}
+    return {"caught": bool(caught), "red_cases": [{"case": c, "reasons": r[:3]} for c, r in caught.items()]}
 
 
 def run_mutations(matrix: Matrix, python: str, out_dir: Path, work_root: Path, names=None) -> dict:
     names = list(names or matrix.mutations["planted"])
     cell = matrix.mutation_cell()
+    archs = matrix.mutations.get("archs")
+    control = red_cases(run_cell(cell, "on", python, matrix, out_dir / "control", work_root, archs=archs))
     outcomes = {}
     for name in names:
         os.environ[MUTATION_ENV] = name
         try:
-            path = run_cell(cell, "on", python, matrix, out_dir / name.replace(":", "_"), work_root,
-                            archs=matrix.mutations.get("archs"))
+            path = run_cell(cell, "on", python, matrix, out_dir / name.replace(":", "_"), work_root, archs=archs)
         finally:
             del os.environ[MUTATION_ENV]
-        outcomes[name] = judge_run(path)
-    score = {"shims_version": shims_version(), "cell": cell.name, "when": time.time(),
-             "planted": len(outcomes), "caught": sum(o["caught"] for o in outcomes.values()),
-             "mutations": outcomes}
-    return score
+        outcomes[name] = judge_against(control, red_cases(path))
+    return {"shims_version": shims_version(), "cell": cell.name, "when": time.time(),
+            "planted": len(outcomes), "caught": sum(o["caught"] for o in outcomes.values()),
+            "control_red": {c: r[:2] for c, r in control.items()}, "mutations": outcomes}
 
 
 def write_score(score: dict, path: Path) -> None:
@@ -53,11 +64,13 @@ def render_section(path: Path) -> str:
     if not Path(path).exists():
         return "Not run yet (`nox -s mutations`)."
     score = json.loads(Path(path).read_text())
+    control = score.get("control_red", {})
     lines = [f"Score: **{score['caught']} / {score['planted']}** planted bugs caught "
-             f"(cell {score['cell']}, shims {score['shims_version']}).", "",
+             f"(cell {score['cell']}, shims {score['shims_version']}). A mutation counts as caught only when a case "
+             "that the unmutated control run passes turns red (or a red case gains a reason); control run red "
+             f"cases: {', '.join(sorted(control)) or 'none'}.", "",
              "| mutation | caught | red cases (first reason) |", "| --- | --- | --- |"]
     for name, o in score["mutations"].items():
-        first = "; ".join(f"{r['case']}: {r['reasons'][0] if r['reasons'] else r['verdict']}"[:160]
-                          for r in o["red_cases"][:2])
+        first = "; ".join(f"{r['case']}: {r['reasons'][0]}"[:160] for r in o["red_cases"][:2])
         lines.append(f"| `{name}` | {'yes' if o['caught'] else '**no**'} | {first or 'all cases stayed green'} |")
     return "\n".join(lines)

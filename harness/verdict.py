@@ -93,6 +93,12 @@ def _export_is_16bit(case: dict) -> bool:
     return case.get("metrics", {}).get("export_quantized") == 0
 
 
+def _merge_moves(case: dict) -> bool:
+    m = case.get("metrics", {})
+    merged, base = _num(m, "kl_merged"), _num(m, "kl_base")
+    return merged is not None and base is not None and merged < base
+
+
 def _prequantized_roundtrip(case: dict) -> bool:
     m = case.get("metrics", {})
     total = m.get("prequantized_expert_tensors") or 0
@@ -124,6 +130,11 @@ RULES: tuple[Rule, ...] = (
     Rule("kl_merged", f"bf16: KL(trained || merged) <= {KL_MERGED_MAX:g}",
          lambda c: _is("bf16")(c) and _ran("merge")(c), _le("kl_merged", KL_MERGED_MAX),
          metrics=("kl_merged",)),
+    Rule("merge_moves_4bit", "nf4: the merge into 4-bit weights re-quantizes W + delta, so it is not exact; it "
+         "must still bring the model closer to the trained one than the base without the adapter "
+         "(KL(trained || merged) < KL(trained || base)); a merge that silently dropped the deltas fails",
+         lambda c: _is("nf4")(c) and _ran("merge")(c) and "kl_base" in c.get("metrics", {}), _merge_moves,
+         metrics=("kl_merged", "kl_base")),
     Rule("samples_merged", "bf16: greedy samples of the merged model match the trained model's",
          lambda c: _is("bf16")(c) and _ran("merge")(c), _samples("samples_merged"),
          metrics=("samples_merged",)),

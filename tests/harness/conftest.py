@@ -23,7 +23,7 @@ def passing_case(arch="qwen3_moe", quant="bf16") -> dict:
         "experts_bytes": 20736 if quant == "nf4" else 73728, "experts_bf16_bytes": 73728,
         "loss_first": 6.5, "loss_last": 1.4, "loss_first3": 6.0, "loss_last3": 1.6, "grad_norm": 2.4,
         "expert_lora_grad_norm": 0.7, "expert_lora_A_moved": 4, "expert_lora_B_moved": 4,
-        "expert_lora_A_total": 4, "expert_lora_B_total": 4, "kl_merged": 1e-12, "samples_merged": "4/4",
+        "expert_lora_A_total": 4, "expert_lora_B_total": 4, "kl_merged": 1e-12, "kl_base": 0.5, "samples_merged": "4/4",
         "export_applied": 24, "export_attempted": 24, "export_expert_tensors": 4, "export_quantized": 0,
         "all_linear_attention_targets": 8, "prequantized_max_abs": 0.0,
         "prequantized_experts_quantized": 4, "prequantized_expert_tensors": 4,

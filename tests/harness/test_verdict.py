@@ -99,3 +99,12 @@ def test_every_rule_declares_the_metrics_it_reads():
         trimmed = {**case, "metrics": {k: v for k, v in case["metrics"].items() if k in rule.metrics}}
         if rule.applies(case):
             assert rule.holds(trimmed), f"{rule.name} reads a metric it does not declare"
+
+
+def test_a_4bit_merge_that_dropped_its_deltas_fails():
+    case = passing_case(quant="nf4")
+    case["metrics"].update(kl_merged=0.5, kl_base=0.5)  # merged == base: nothing was merged
+    v, reasons = verdict.judge(case)
+    assert v == "fail" and any("merge_moves_4bit" in r for r in reasons)
+    case["metrics"].update(kl_merged=0.07)
+    assert verdict.judge(case) == ("pass", [])
