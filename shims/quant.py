@@ -238,6 +238,68 @@ def _nest_absmax(absmax, blocksize: int, quant_type: str, shape, dtype):
                         offset=offset, state2=state2)
 
 
+class _ExpertPacker:
+    """Fills the packed bytes and absmax of an (E, d1, d2) tensor from consecutive expert chunks.
+
+    Each chunk is quantized on its own (no nested statistics yet); its bytes and absmax land at the chunk's
+    offset, which is exactly where the whole-tensor call would put them when an expert is whole 4-bit blocks.
+    """
+
+    def __init__(self, shape, compute_dtype, blocksize, quant_type, quant_storage, compress_statistics):
+        self.shape, self.compute_dtype, self.blocksize = shape, compute_dtype, blocksize
+        self.quant_type, self.quant_storage, self.nested = quant_type, quant_storage, compress_statistics
+        self.packed = self.absmax = None
+
+    def add(self, start: int, chunk) -> None:
+        import bitsandbytes.functional as F
+
+        stop = start + chunk.shape[0]
+        part_packed, part_state = F.quantize_4bit(
+            chunk.to(self.compute_dtype).contiguous(), blocksize=self.blocksize, compress_statistics=False,
+            quant_type=self.quant_type, quant_storage=self.quant_storage)
+        rows, blocks = part_packed.shape[0] // chunk.shape[0], part_state.absmax.numel() // chunk.shape[0]
+        experts = self.shape[0]
+        if self.packed is None:
+            self.packed = part_packed.new_empty((rows * experts, *part_packed.shape[1:]))
+            self.absmax = part_state.absmax.new_empty((blocks * experts,))
+        self.packed[rows * start: rows * stop] = part_packed
+        self.absmax[blocks * start: blocks * stop] = part_state.absmax
+
+    def finish(self):
+        import bitsandbytes.functional as F
+
+        packed, absmax, shape = self.packed, self.absmax, self.shape
+        self.packed = self.absmax = None
+        if self.nested:
+            return packed, _nest_absmax(absmax, self.blocksize, self.quant_type, shape, self.compute_dtype)
+        return packed, F.QuantState(absmax=absmax, shape=shape, dtype=self.compute_dtype, blocksize=self.blocksize,
+                                    code=F.get_4bit_type(self.quant_type, device=absmax.device),
+                                    quant_type=self.quant_type)
+
+
+def effective_blocksize(blocksize=None) -> int:
+    """The blocksize bitsandbytes uses for ``blocksize`` (None -> its default, asked from bitsandbytes itself)."""
+    import bitsandbytes.functional as F
+    import torch
+
+    return F.quantize_4bit(torch.zeros(4096), blocksize=blocksize)[1].blocksize
+
+
+def experts_split_into_blocks(expert_shape, blocksize: int, quant_storage) -> bool:
+    """True when one expert (d1, d2) is whole 4-bit blocks and whole storage elements: chunking is then exact."""
+    per_expert = 1
+    for d in expert_shape:
+        per_expert *= d
+    return per_expert > 0 and per_expert % blocksize == 0 and (per_expert // 2) % quant_storage.itemsize == 0
+
+
+def experts_per_chunk(expert_shape, chunk_elements: int | None = None) -> int:
+    per_expert = 1
+    for d in expert_shape:
+        per_expert *= d
+    return max(1, (chunk_elements or CHUNK_ELEMENTS) // max(per_expert, 1))
+
+
 def quantize_experts_chunked(tensor, compute_dtype, blocksize=None, compress_statistics=False, quant_type="nf4",
                              quant_storage=None, chunk_elements: int | None = None):
     """bitsandbytes ``quantize_4bit`` of a 3D (E, d1, d2) tensor, a few experts at a time.
@@ -252,42 +314,20 @@ def quantize_experts_chunked(tensor, compute_dtype, blocksize=None, compress_sta
     import torch
 
     quant_storage = quant_storage or torch.uint8
-    experts = tensor.shape[0]
-    per_expert = tensor[0].numel() if experts else 0
-    budget = chunk_elements or CHUNK_ELEMENTS
-    step = max(1, budget // max(per_expert, 1))
-
-    def quantize(part, nested):
-        return F.quantize_4bit(part.to(compute_dtype).contiguous(), blocksize=blocksize, compress_statistics=nested,
-                               quant_type=quant_type, quant_storage=quant_storage)
-
-    if experts <= step:
-        return quantize(tensor, compress_statistics)
-    first_packed, first_state = quantize(tensor[:step], False)
-    block = first_state.blocksize
-    bytes_per_expert = per_expert // 2  # two 4-bit codes per byte
-    if per_expert % block or bytes_per_expert % quant_storage.itemsize:
-        log.debug("expert slice of %d elements is not whole %d-blocks: quantizing %s at once",
-                  per_expert, block, tuple(tensor.shape))
-        del first_packed, first_state
-        return quantize(tensor, compress_statistics)
-    rows, blocks = first_packed.shape[0] // step, per_expert // block
-    packed = first_packed.new_empty((rows * experts, *first_packed.shape[1:]))
-    absmax = first_state.absmax.new_empty((blocks * experts,))
-    packed[: rows * step] = first_packed
-    absmax[: blocks * step] = first_state.absmax
-    del first_packed, first_state
-    for start in range(step, experts, step):
-        stop = min(start + step, experts)
-        part_packed, part_state = quantize(tensor[start:stop], False)
-        packed[rows * start: rows * stop] = part_packed
-        absmax[blocks * start: blocks * stop] = part_state.absmax
-        del part_packed, part_state
-    shape = tensor.shape
-    if compress_statistics:
-        return packed, _nest_absmax(absmax, block, quant_type, shape, compute_dtype)
-    return packed, F.QuantState(absmax=absmax, shape=shape, dtype=compute_dtype, blocksize=block,
-                                code=F.get_4bit_type(quant_type, device=absmax.device), quant_type=quant_type)
+    experts, expert_shape = tensor.shape[0], tuple(tensor.shape[1:])
+    step = experts_per_chunk(expert_shape, chunk_elements)
+    block = effective_blocksize(blocksize)
+    if experts <= step or not experts_split_into_blocks(expert_shape, block, quant_storage):
+        if experts > step:
+            log.debug("expert slice %s is not whole %d-blocks: quantizing %s at once",
+                      expert_shape, block, tuple(tensor.shape))
+        return F.quantize_4bit(tensor.to(compute_dtype).contiguous(), blocksize=blocksize,
+                               compress_statistics=compress_statistics, quant_type=quant_type,
+                               quant_storage=quant_storage)
+    packer = _ExpertPacker(tensor.shape, compute_dtype, block, quant_type, quant_storage, compress_statistics)
+    for start in range(0, experts, step):
+        packer.add(start, tensor[start: start + step])
+    return packer.finish()
 
 
 def quantize_expert_param(module, name: str, settings: QuantSettings, owner: str = "") -> None:
@@ -487,6 +527,8 @@ def _has_fused_experts() -> bool:
 
 _LOADER = Target("transformers.core_model_loading", "set_param_for_module",
                  ("model", "target_name", "param_value", "hf_quantizer"))
+_CONVERTER = Target("transformers.core_model_loading", "WeightConverter.convert",
+                    ("layer_name", "model", "config", "hf_quantizer", "loading_info"))
 _AFTER_LOAD = Target("transformers.quantizers.quantizer_bnb_4bit",
                      "Bnb4BitHfQuantizer._process_model_after_weight_loading", ("model",))
 
@@ -508,11 +550,112 @@ def _settings_for(hf_quantizer) -> QuantSettings:
     return settings
 
 
+def _stackable_ops(operations) -> bool:
+    """True for the converter chains that build expert i of the fused tensor from the per-expert tensors of expert i
+    only: stack the per-expert list along dim 0, then optionally concatenate the stacks along a later dim (gate and
+    up -> gate_up). Running them on a slice of experts then gives exactly that slice of the fused tensor."""
+    import transformers.core_model_loading as cml
+
+    merge, concat = getattr(cml, "MergeModulelist", None), getattr(cml, "Concatenate", None)
+    if merge is None or concat is None or not operations or type(operations[0]) is not merge:
+        return False
+    if getattr(operations[0], "dim", None) != 0:
+        return False
+    return all(type(op) is concat and isinstance(getattr(op, "dim", None), int) and op.dim >= 1
+               and getattr(op, "num_shards_attribute", None) is None for op in operations[1:])
+
+
+def _streamable_target(converter, layer_name, model, hf_quantizer):
+    """(module, name, settings) when this converter builds one fused expert tensor we can quantize per expert chunk
+    as the per-expert checkpoint tensors are read; None to let transformers fuse it as usual."""
+    import torch
+
+    if hf_quantizer is None or not _is_bnb_4bit(hf_quantizer) or getattr(hf_quantizer, "pre_quantized", False):
+        return None
+    if getattr(converter, "quantization_operation", None) is not None or "*" in layer_name:
+        return None
+    if len(getattr(converter, "target_patterns", ())) != 1 or not _stackable_ops(getattr(converter, "operations", ())):
+        return None
+    module_path, _, name = layer_name.rpartition(".")
+    if name not in EXPERT_WEIGHT_NAMES or model is None:
+        return None
+    try:
+        module = model.get_submodule(module_path) if module_path else model
+    except AttributeError:
+        return None
+    if name not in expert_weight_names(module) or _skipped(module_path, _skip_patterns(hf_quantizer)):
+        return None
+    placeholder = module._parameters.get(name)
+    if placeholder is None or not placeholder.is_floating_point():
+        return None
+    settings = _settings_for(hf_quantizer)
+    collected = getattr(converter, "collected_tensors", None)
+    experts = placeholder.shape[0]
+    if not isinstance(collected, dict) or not collected or any(len(v) != experts for v in collected.values()):
+        return None
+    block = effective_blocksize(settings.blocksize)
+    if not experts_split_into_blocks(tuple(placeholder.shape[1:]), block, settings.quant_storage or torch.uint8):
+        return None
+    return module, name, settings
+
+
+def _realize(item):
+    """One collected checkpoint tensor: a Future (async load), a callable (sync load) or already a tensor."""
+    from concurrent.futures import Future
+
+    if isinstance(item, Future):
+        item = item.result()
+    elif callable(item):
+        item = item()
+    if item is None:
+        raise ExpertQuantError("a per-expert checkpoint tensor did not load (None); expected one tensor per expert")
+    return item
+
+
+def stream_quantize_converter(converter, layer_name, module, name, settings, model=None, config=None,
+                             loading_info=None) -> None:
+    """Build the fused expert tensor ``layer_name`` a chunk of experts at a time with the converter's own ops and
+    quantize each chunk right away, so neither all per-expert float tensors nor the fused float tensor ever exist
+    at once. The packed result is bit-identical to quantizing the fused tensor (experts are whole 4-bit blocks)."""
+    import torch
+
+    placeholder = module._parameters[name]
+    shape = placeholder.shape
+    compute_dtype = settings.compute_dtype or placeholder.dtype
+    packer = _ExpertPacker(shape, compute_dtype, effective_blocksize(settings.blocksize), settings.quant_type,
+                           settings.quant_storage or torch.uint8, settings.compress_statistics)
+    collected = {k: converter.collected_tensors.pop(k) for k in list(converter.collected_tensors)}
+    missing = getattr(loading_info, "missing_keys", None)
+    step = experts_per_chunk(tuple(shape[1:]))
+    for start in range(0, shape[0], step):
+        chunk = {k: [_realize(item) for item in v[start: start + step]] for k, v in collected.items()}
+        for k, v in collected.items():
+            v[start: start + step] = [None] * len(v[start: start + step])  # drop the loaders as we go
+        for op in converter.operations:
+            chunk = op.convert(chunk, source_patterns=converter.source_patterns,
+                               target_patterns=converter.target_patterns, full_layer_name=layer_name, model=model,
+                               config=config, missing_keys=missing)
+        (fused_chunk,) = chunk.values()
+        if tuple(fused_chunk.shape[1:]) != tuple(shape[1:]):
+            raise ExpertQuantError(f"{layer_name}: converter built experts of shape {tuple(fused_chunk.shape[1:])}, "
+                                   f"expected {tuple(shape[1:])}")
+        packer.add(start, fused_chunk)
+        del chunk, fused_chunk
+    packed, quant_state = packer.finish()
+    module_path = layer_name.rpartition(".")[0]
+    install_packed_param(module, name, packed, quant_state, owner=module_path)
+    if missing is not None:
+        missing.discard(layer_name)
+    log.debug("quantized %s %s -> 4-bit %s (streamed per expert chunk)", layer_name, tuple(shape),
+              settings.quant_type)
+
+
 def _install() -> callable:
     import transformers.core_model_loading as cml
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
     original_set = cml.set_param_for_module
+    original_convert = cml.WeightConverter.convert
     original_after = Bnb4BitHfQuantizer._process_model_after_weight_loading
 
     @wraps(original_set)
@@ -533,6 +676,15 @@ def _install() -> callable:
             quantize_expert_param(module, param_name, _settings_for(hf_quantizer), owner=module_path)
         return result
 
+    @wraps(original_convert)
+    def convert(self, layer_name, model=None, config=None, hf_quantizer=None, loading_info=None, **kwargs):
+        target = None if kwargs else _streamable_target(self, layer_name, model, hf_quantizer)
+        if target is None:
+            return original_convert(self, layer_name, model=model, config=config, hf_quantizer=hf_quantizer,
+                                    loading_info=loading_info, **kwargs)
+        stream_quantize_converter(self, layer_name, *target, model=model, config=config, loading_info=loading_info)
+        return {}  # already stored in the module, packed
+
     @wraps(original_after)
     def process_model_after_weight_loading(self, model, **kwargs):
         # Safety net for expert tensors that did not pass through set_param_for_module (missing -> initialised).
@@ -544,7 +696,7 @@ def _install() -> callable:
     return chain_undo([
         swap_attr(cml, "set_param_for_module", set_param_for_module),
         swap_attr(Bnb4BitHfQuantizer, "_process_model_after_weight_loading", process_model_after_weight_loading),
-    ])
+    ] + ([swap_attr(cml.WeightConverter, "convert", convert)] if _CONVERTER.drift() == "ok" else []))
 
 
 _TARGETS = (_LOADER, _AFTER_LOAD)
@@ -557,7 +709,8 @@ PATCHES: tuple = (
         # On transformers 4.x these symbols do not exist and the patch is not needed: drift-check them only
         # where fused experts exist, so 4.57 reports "not needed" rather than drift.
         targets=_TARGETS if _has_fused_experts() else (),
-        optional_targets=() if _has_fused_experts() else _TARGETS,
+        # The converter wrap only lowers the load peak (per-expert streaming); without it loading still quantizes.
+        optional_targets=(_CONVERTER,) if _has_fused_experts() else _TARGETS + (_CONVERTER,),
         needed=_needed,
         install=_install,
     ),

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from conftest import Q4_ARCHS, q4_load, q4_requires_fused
+from conftest import Q4_ARCHS, lx_build_tiny_moe, q4_load, q4_requires_fused
 
 pytestmark = pytest.mark.needs_ml
 
@@ -300,7 +300,65 @@ def test_quantize_expert_param_uses_chunks_and_matches_whole_tensor(monkeypatch)
     m = _toy_experts(shape_gate=(5, 48, 64))
     ref = m.gate_up_proj.detach().clone()
     quant.quantize_expert_param(m, "gate_up_proj", quant.QuantSettings(compress_statistics=True))
-    assert calls == [(2, 48, 64), (2, 48, 64), (1, 48, 64)]
+    assert [c for c in calls if len(c) == 3] == [(2, 48, 64), (2, 48, 64), (1, 48, 64)]  # (1D: blocksize probe)
     want = real(ref, compress_statistics=True, quant_type="nf4")
     state = quant.quantized_parametrization(m, "gate_up_proj").quant_state
     _assert_same_quantization((m.parametrizations["gate_up_proj"].original, state), want)
+
+
+# ---- streaming: per-expert checkpoint tensors are quantized chunk by chunk, never fused in float ----------------
+
+
+def _streamed_and_fallback_messages(records):
+    messages = [r.getMessage() for r in records if r.name == "shims" and r.getMessage().startswith("quantized model.")]
+    return (sum(m.endswith("(streamed per expert chunk)") for m in messages),
+            sum(not m.endswith("(streamed per expert chunk)") for m in messages))
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_per_expert_checkpoint_is_streamed_bit_exact(model_type, q4_checkpoint, q4_shims, caplog, monkeypatch):
+    import bitsandbytes.functional as BF
+    import torch
+
+    from shims import quant
+
+    q4_requires_fused()
+    path = q4_checkpoint(model_type)
+    # one gate_up expert (48*64) per chunk, two down_proj experts (64*24) per chunk: several chunks per tensor
+    monkeypatch.setattr(quant, "CHUNK_ELEMENTS", 48 * 64)
+    with caplog.at_level(logging.DEBUG, logger="shims"):
+        model = q4_load(path, bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True,
+                        bnb_4bit_compute_dtype=torch.bfloat16)
+    layers = model.config.num_hidden_layers
+    assert _streamed_and_fallback_messages(caplog.records) == (2 * layers, 0)
+    ref = _float_model(path)
+    for name, module in quant.iter_expert_modules(model):
+        for pname in ("gate_up_proj", "down_proj"):
+            want = BF.quantize_4bit(getattr(ref.get_submodule(name), pname).detach().to(torch.bfloat16),
+                                    quant_type="fp4", compress_statistics=True)
+            got = (module.parametrizations[pname].original, quant.quantized_parametrization(module, pname).quant_state)
+            _assert_same_quantization(got, want)
+            assert quant.dequantize_param(module, pname).dtype == torch.bfloat16
+
+
+def test_experts_not_whole_blocks_are_quantized_fused(q4_shims, caplog, tmp_path):
+    import bitsandbytes.functional as BF
+
+    from shims import quant
+
+    q4_requires_fused()
+    import torch
+
+    # down_proj experts of 40*25 = 1000 elements are not whole 64-blocks: no streaming, the fused tensor is quantized
+    lx_build_tiny_moe("qwen3_moe", dtype=torch.float32, hidden_size=40, head_dim=16,
+                      expert_dim=25).save_pretrained(tmp_path)
+    with caplog.at_level(logging.DEBUG, logger="shims"):
+        model = q4_load(str(tmp_path))
+    streamed, fused = _streamed_and_fallback_messages(caplog.records)
+    assert fused == 2 * model.config.num_hidden_layers and streamed == 0  # gate_up 50*40 = 2000 is not whole either
+    ref = _float_model(str(tmp_path))
+    for name, module in quant.iter_expert_modules(model):
+        for pname in ("gate_up_proj", "down_proj"):
+            want = BF.quantize_4bit(getattr(ref.get_submodule(name), pname).detach(), quant_type="nf4")
+            got = (module.parametrizations[pname].original, quant.quantized_parametrization(module, pname).quant_state)
+            _assert_same_quantization(got, want)
