@@ -170,8 +170,10 @@ def run(args) -> dict:
     if shims_on:
         from shims.fast_lora import expert_lora_paths
 
-        paths = expert_lora_paths(model)
-        out["fast_lora_modules"] = f"{sum(1 for p in paths.values() if p.startswith('fast'))}/{len(paths)}"
+        applied = {st["name"] for st in shims.status() if st["applied"]}
+        paths = expert_lora_paths(model) if "fast_expert_lora" in applied else {}
+        out["fast_lora_modules"] = (f"{sum(1 for p in paths.values() if p.startswith('fast'))}/{len(paths)}"
+                                    if paths else "off")
         out["fast_lora_paths"] = sorted(set(paths.values()))
     del opt
     model.eval()
