@@ -92,9 +92,8 @@ def _target_layout(adapter_dir: Path, base) -> str | None:
         return f"fused:{wanted}"
     if per_expert:
         return None  # 4.57 -> 4.57: nothing to convert
-    written = json.loads((adapter_dir / "adapter_config.json").read_text()).get("peft_version")
-    theirs = layout.layout_from_peft_version(written, transposed)
-    return None if theirs == wanted else wanted
+    found = {e.layout for e in layout.detect_adapter_layout(adapter_dir, base.config).values()}
+    return None if found == {wanted} else wanted
 
 
 def _is_per_expert_adapter(adapter_dir: Path) -> bool:

@@ -232,6 +232,12 @@ def detect_adapter_layout(adapter_dir, base_config=None) -> dict[str, ExpertLora
                 by_shape = layout_from_shapes(a.shape[1], b.shape[0], d1, d2, dims.is_transposed)
             except AmbiguousLayoutError:
                 by_shape = None
+        if by_version and by_shape and by_version != by_shape and dims.is_transposed and not recorded:
+            # transformers 4.57's transposed experts (gpt_oss) lack the is_transposed attribute, so peft >= 0.19
+            # swapped their LoRA there and not on 5.x: the version cannot tell, non-square shapes can.
+            log.info("%s: peft_version %s implies %s; shapes say %s (written on transformers without "
+                     "is_transposed): following the shapes", prefix, config.get("peft_version"), by_version, by_shape)
+            by_version = None
         if by_version and by_shape and by_version != by_shape:
             raise ValueError(f"{prefix}: peft_version {config.get('peft_version')} implies {by_version} but the "
                              f"shapes say {by_shape}")
