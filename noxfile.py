@@ -40,6 +40,17 @@ nox.options.reuse_venv = "yes"
 nox.options.sessions = ["e2e"]
 
 
+def _params(cells) -> list:
+    """Sessions are parametrized by cell name (nox writes its parameters to JSON in parallel runs); each
+    session maps the name back to its Cell through its own table below."""
+    return [nox.param(c.name, id=c.name) for c in cells]
+
+
+LANES = {c.name: c for c in MATRIX.lanes}
+FULL = {c.name: c for c in MATRIX.full_cells()}
+TEST_LANES = {c.name: c for c in MATRIX.test_cells()}
+
+
 def _venv_python(session: nox.Session) -> str:
     return str(Path(session.virtualenv.location) / "bin" / "python")
 
@@ -81,18 +92,18 @@ def _run_cell(session: nox.Session, cell: Cell, results_dir: Path, opts) -> None
 # entries only (which foreign adapters it sees depends on what finished before it, in parallel as in sequence).
 # Under --parallel the report runs once, via `lanes`.
 @nox.session(python=PYTHON, allow_parallel=True)
-@nox.parametrize("cell", [nox.param(c, id=c.name) for c in MATRIX.lanes])
-def e2e(session: nox.Session, cell: Cell) -> None:
+@nox.parametrize("cell", _params(MATRIX.lanes))
+def e2e(session: nox.Session, cell: str) -> None:
     """One release lane: install its pins, run every case with shims off and on."""
-    _run_cell(session, cell, RESULTS, _options(session))
+    _run_cell(session, LANES[cell], RESULTS, _options(session))
     _notify(session, "report")
 
 
 @nox.session(python=PYTHON, default=False, allow_parallel=True)
-@nox.parametrize("cell", [nox.param(c, id=c.name) for c in MATRIX.full_cells()])
-def e2e_full(session: nox.Session, cell: Cell) -> None:
+@nox.parametrize("cell", _params(MATRIX.full_cells()))
+def e2e_full(session: nox.Session, cell: str) -> None:
     """One cell of the full transformers x peft x trl cross product."""
-    _run_cell(session, cell, FULL_RESULTS, _options(session))
+    _run_cell(session, FULL[cell], FULL_RESULTS, _options(session))
     _notify(session, "report_full")
 
 
@@ -176,9 +187,10 @@ def report_full(session: nox.Session) -> None:
 
 # allow_parallel: each test lane has its own venv; tests write only under pytest's tmp_path.
 @nox.session(python=PYTHON, default=False, allow_parallel=True)
-@nox.parametrize("cell", [nox.param(c, id=c.name) for c in MATRIX.test_cells()])
-def tests(session: nox.Session, cell: Cell) -> None:
+@nox.parametrize("cell", _params(MATRIX.test_cells()))
+def tests(session: nox.Session, cell: str) -> None:
     """Unit, property and fault-injection tests, in a venv with this test lane's ML pins."""
+    cell = TEST_LANES[cell]
     python = _venv_python(session)
     try:
         install.install(python, cell, MATRIX.environment, float(MATRIX.run["install_timeout_s"]))
