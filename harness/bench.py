@@ -165,7 +165,9 @@ def _notes(res: dict) -> list[str]:
                        "experts were quantized per fused tensor, so one layer's fused bf16 gate_up (built by "
                        "transformers from the per-expert tensors) and bitsandbytes' quantization temporaries "
                        "existed at once. shims.quant now quantizes per expert chunk before the fuse (bit-identical "
-                       "result; CPU bench 1.46x -> 1.21x peak/resident); not yet re-measured on this GPU.")
+                       "result; CPU bench 1.46x -> 1.21x peak/resident), but re-measured on the same H200 with "
+                       "transformers 5.17 it does not lower the GPU peak (6.12 GB peak, 2.65 GB resident: "
+                       "reports/bench-cuda-load-after-streaming.txt); the GPU-side cause is not established yet.")
     if shims.get("train_step_s") and bf16.get("train_step_s") and shims["train_step_s"] > 1.5 * bf16["train_step_s"]:
         line = (f"- train step: the fast expert LoRA path takes {shims['train_step_s']:.3f} s "
                 f"({shims['train_step_s'] / bf16['train_step_s']:.1f}x bf16).")
