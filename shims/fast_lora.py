@@ -33,10 +33,10 @@ an unknown tensor name or call signature, missing experts flags, or ``ENABLED = 
 from __future__ import annotations
 
 import contextvars
-import importlib.util
 import logging
 from dataclasses import dataclass, field
 
+from .peft_experts import needs_4bit_expert_lora
 from .registry import Patch, Target, swap_attr
 
 log = logging.getLogger("shims")
@@ -446,20 +446,6 @@ def _call_args(x, args, kwargs):
     return x, top_k_index, top_k_weights
 
 
-def _needed() -> str | None:
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return "bitsandbytes is not installed: no 4-bit experts"
-    try:
-        from peft.tuners.lora.layer import ParamWrapper  # noqa: F401
-    except ImportError:
-        return "this peft has no ParamWrapper"
-    from .quant import _has_fused_experts
-
-    if not _has_fused_experts():
-        return "transformers has no fused 3D experts here"
-    return None
-
-
 def _install():
     from peft.tuners.lora.layer import ParamWrapper
 
@@ -494,7 +480,7 @@ PATCHES: tuple = (
             Target("peft.tuners.lora.layer", "ParamWrapper.forward", ("x",)),
             Target("peft.tuners.lora.layer", "ParamWrapper.get_delta_weight", ("adapter_name",)),
         ),
-        needed=_needed,
+        needed=needs_4bit_expert_lora,
         install=_install,
     ),
 )

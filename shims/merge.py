@@ -14,10 +14,10 @@ subtracts the delta and re-quantizes (error within about two 4-bit quantization 
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from functools import wraps
 
+from .peft_experts import needs_4bit_expert_lora
 from .registry import Patch, Target, chain_undo, swap_attr
 
 log = logging.getLogger("shims")
@@ -72,20 +72,6 @@ def _unmerge_quantized(wrapper) -> None:
         requantize_param(base, name, weight - wrapper.get_delta_weight(adapter).to(torch.float32))
 
 
-def _needed() -> str | None:
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return "bitsandbytes is not installed: no 4-bit experts to merge into"
-    try:
-        from peft.tuners.lora.layer import ParamWrapper  # noqa: F401
-    except ImportError:
-        return "this peft has no ParamWrapper"
-    from .quant import _has_fused_experts
-
-    if not _has_fused_experts():
-        return "transformers has no fused 3D experts here"
-    return None
-
-
 def _install():
     from peft.tuners.lora.layer import ParamWrapper
     from peft.tuners.tuners_utils import check_adapters_to_merge
@@ -128,7 +114,7 @@ PATCHES: tuple = (
             Target("peft.tuners.lora.layer", "ParamWrapper.get_delta_weight", ("adapter_name",)),
             Target("peft.tuners.tuners_utils", "check_adapters_to_merge", ("module", "adapter_names")),
         ),
-        needed=_needed,
+        needed=needs_4bit_expert_lora,
         install=_install,
     ),
 )

@@ -86,7 +86,9 @@ def inject_quantized_expert_params(tuner, peft_config, model, adapter_name, low_
     return injected
 
 
-def _needed() -> str | None:
+def needs_4bit_expert_lora() -> str | None:
+    """Why LoRA on 4-bit fused experts cannot arise here, or None when it can: the shared need check of the
+    patches that adapt, merge into and speed up LoRA on shim-quantized experts."""
     if importlib.util.find_spec("bitsandbytes") is None:
         return "bitsandbytes is not installed: no 4-bit experts to adapt"
     try:
@@ -166,7 +168,7 @@ PATCHES: tuple = (
             Target("peft.tuners.lora.layer", "ParamWrapper._activate_lora", ("active_adapters",)),
             Target("peft.tuners.lora.layer", "ParamWrapper._remove_parametrizations"),
         ),
-        needed=_needed,
+        needed=needs_4bit_expert_lora,
         install=_install,
     ),
 )
