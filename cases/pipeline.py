@@ -243,7 +243,12 @@ class Case:
             self.tokenizer.save_pretrained(dest)
 
     def merge(self) -> None:
+        before = _expert_weights(self.model)
         merged = self.model.merge_and_unload()
+        after = _expert_weights(merged)
+        self.metrics["merged_experts_total"] = len(before)
+        self.metrics["merged_experts_changed"] = sum(
+            1 for name, value in before.items() if name in after and not torch.equal(value, after[name]))
         self.merged = merged
         self.model = None  # merge_and_unload consumed the PeftModel's layers
         self._compare(merged, "merged")
@@ -327,6 +332,27 @@ class Case:
         self.metrics["prequantized_experts_quantized"] = storage["quantized"]
         self.metrics["prequantized_expert_tensors"] = storage["expert_tensors"]
         self.metrics["prequantized_max_abs"] = float((measure.logits(reloaded, self.batch) - before).abs().max())
+
+
+def _expert_weights(model) -> dict[str, torch.Tensor]:
+    """The routed experts' weights as float copies (dequantized where stored in 4 bits), keyed by a name that is
+    the same before and after merge_and_unload."""
+    out = {}
+    with torch.no_grad():
+        for mod_name, module in model.named_modules():
+            if not measure._is_expert_module(mod_name) or "lora_" in mod_name:
+                continue
+            key = mod_name.replace("base_model.model.", "").replace(".base_layer", "")
+            for pname in measure.EXPERT_PARAM_NAMES + ("weight",):
+                value = getattr(module, pname, None)
+                if not isinstance(value, torch.Tensor) or value.dim() < 2:
+                    continue
+                if value.dtype == torch.uint8 and hasattr(value, "quant_state"):  # bnb Linear4bit (4.57)
+                    import bitsandbytes.functional as bnbf
+
+                    value = bnbf.dequantize_4bit(value, value.quant_state)
+                out[f"{key}.{pname}"] = value.detach().float().clone()
+    return out
 
 
 def expert_targets(model) -> dict[str, list[str]]:

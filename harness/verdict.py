@@ -93,6 +93,12 @@ def _export_is_16bit(case: dict) -> bool:
     return case.get("metrics", {}).get("export_quantized") == 0
 
 
+def _merge_changed_experts(case: dict) -> bool:
+    m = case.get("metrics", {})
+    total = m.get("merged_experts_total") or 0
+    return total > 0 and m.get("merged_experts_changed") == total
+
+
 def _merge_moves(case: dict) -> bool:
     m = case.get("metrics", {})
     merged, base = _num(m, "kl_merged"), _num(m, "kl_base")
@@ -135,6 +141,10 @@ RULES: tuple[Rule, ...] = (
          "(KL(trained || merged) < KL(trained || base)); a merge that silently dropped the deltas fails",
          lambda c: _is("nf4")(c) and _ran("merge")(c) and "kl_base" in c.get("metrics", {}), _merge_moves,
          metrics=("kl_merged", "kl_base")),
+    Rule("merge_changes_experts", "merge_and_unload changed every routed-expert weight tensor (a merge that "
+         "silently skipped the experts fails)",
+         lambda c: _ran("merge")(c) and "merged_experts_total" in c.get("metrics", {}), _merge_changed_experts,
+         metrics=("merged_experts_changed", "merged_experts_total")),
     Rule("samples_merged", "bf16: greedy samples of the merged model match the trained model's",
          lambda c: _is("bf16")(c) and _ran("merge")(c), _samples("samples_merged"),
          metrics=("samples_merged",)),

@@ -108,3 +108,12 @@ def test_a_4bit_merge_that_dropped_its_deltas_fails():
     assert v == "fail" and any("merge_moves_4bit" in r for r in reasons)
     case["metrics"].update(kl_merged=0.07)
     assert verdict.judge(case) == ("pass", [])
+
+
+def test_a_merge_that_skipped_the_experts_fails():
+    case = passing_case(quant="nf4")
+    case["metrics"].update(merged_experts_total=4, merged_experts_changed=0)
+    v, reasons = verdict.judge(case)
+    assert v == "fail" and any("merge_changes_experts" in r for r in reasons)
+    case["metrics"].update(merged_experts_changed=4)
+    assert verdict.judge(case) == ("pass", [])
