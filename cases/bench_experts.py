@@ -26,6 +26,26 @@ import time
 FAST_LORA_MODES = ("on", "loop", "off")  # fast path (auto kernel), fast path with the loop kernel forced, peft's path
 
 
+def _timed_train_steps(pm, opt, ids, args) -> list[float]:
+    """Seconds per LoRA train step, for args.steps steps after 2 warm-up steps (synchronized on CUDA)."""
+    import torch
+
+    times = []
+    for step in range(2 + args.steps):
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        loss = pm(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        if step >= 2:
+            times.append(time.perf_counter() - t)
+    return times
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -105,19 +125,7 @@ def train_step_times(model, args):
     n_expert_lora = sum(1 for n, _ in pm.named_parameters() if "experts" in n and "lora_" in n)
     opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-4)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=args.device)
-    times = []
-    for step in range(2 + args.steps):
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        loss = pm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        if step >= 2:
-            times.append(time.perf_counter() - t)
+    times = _timed_train_steps(pm, opt, ids, args)
     return statistics.median(times), n_expert_lora
 
 
@@ -219,19 +227,7 @@ def fast_lora_worker(args):
         before = torch.cuda.memory_allocated()
     else:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    times = []
-    for step in range(2 + args.steps):
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        loss = pm(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        if step >= 2:
-            times.append(time.perf_counter() - t)
+    times = _timed_train_steps(pm, opt, ids, args)
     if args.device == "cuda":
         peak = torch.cuda.max_memory_allocated() - before
     else:
