@@ -182,7 +182,7 @@ def expert_weight_converters(hf_quantizer) -> list:
 
 def _store_loaded(model, target_name: str, value) -> bool:
     """Store a deserialized 4-bit expert tensor; False when ``value`` is not one (let transformers handle it)."""
-    from .quant import EXPERT_WEIGHT_NAMES, ExpertQuantError, install_packed_param
+    from .quant import EXPERT_WEIGHT_NAMES, ExpertQuantError
 
     module_path, _, name = target_name.rpartition(".")
     if name not in EXPERT_WEIGHT_NAMES:
@@ -198,14 +198,21 @@ def _store_loaded(model, target_name: str, value) -> bool:
             f"{target_name}: the checkpoint stores packed {value.dtype} data {tuple(value.shape)} for this expert "
             f"tensor but no 4-bit quantization state ({target_name}.absmax, .quant_state.bitsandbytes__nf4 ...); "
             "refusing to load packed bytes as weights")
-    expected = (state.shape.numel() + 1) // 2  # two 4-bit values per byte
-    stored = value.numel() * value.element_size()
-    if stored != expected:
-        raise ExpertQuantError(f"{target_name}: packed data holds {stored} bytes, its quantization state describes "
-                               f"{tuple(state.shape)} ({expected} bytes); refusing to load it")
     module = model.get_submodule(module_path) if module_path else model
-    install_packed_param(module, name, value.data, state, owner=module_path)
+    install_saved_expert(module, module_path, name, value.data, state)
     return True
+
+
+def install_saved_expert(module, module_path: str, name: str, packed, state) -> None:
+    """Store saved packed data + its QuantState as ``module.<name>`` after checking that they describe each other."""
+    from .quant import ExpertQuantError, install_packed_param
+
+    expected = (state.shape.numel() + 1) // 2  # two 4-bit values per byte
+    stored = packed.numel() * packed.element_size()
+    if stored != expected:
+        raise ExpertQuantError(f"{module_path}.{name}: packed data holds {stored} bytes, its quantization state "
+                               f"describes {tuple(state.shape)} ({expected} bytes); refusing to load it")
+    install_packed_param(module, name, packed, state, owner=module_path)
 
 
 def _is_load_only(conversion) -> bool:

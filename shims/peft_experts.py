@@ -95,10 +95,8 @@ def needs_4bit_expert_lora() -> str | None:
         from peft.tuners.lora.layer import ParamWrapper  # noqa: F401
     except ImportError:
         return "this peft has no ParamWrapper (no LoRA on nn.Parameter targets)"
-    from .quant import _has_fused_experts
-
-    if not _has_fused_experts():
-        return "transformers has no fused 3D experts here (per-expert nn.Linear are handled by peft natively)"
+    # Not conditional on the transformers version: 4.x has fused experts too (gpt_oss), and these patches only act
+    # on tensors the shim quantized.
     return None
 
 

@@ -535,8 +535,8 @@ _AFTER_LOAD = Target("transformers.quantizers.quantizer_bnb_4bit",
 
 def _needed() -> str | None:
     if not _has_fused_experts():
-        return ("transformers stores MoE experts as per-expert nn.Linear here; bitsandbytes quantizes them "
-                "natively (Linear4bit)")
+        return ("transformers loads through its 4.x loader here: fused experts (gpt_oss) are handled by "
+                "quantize_fused_experts_v4; per-expert nn.Linear experts are quantized natively (Linear4bit)")
     if importlib.util.find_spec("bitsandbytes") is None:
         return "bitsandbytes is not installed (pip install 'moe-shims[quant]')"
     return None

@@ -137,7 +137,9 @@ def test_without_bitsandbytes_quantization_reports_why_and_others_apply(monkeypa
         statuses = {s.name: s for s in registry.apply()}
     finally:
         registry.restore()
-    quant = statuses["quantize_fused_experts"]
-    assert not quant.applied and "bitsandbytes" in quant.reason
+    loaders = [statuses["quantize_fused_experts"], statuses["quantize_fused_experts_v4"]]
+    assert not any(s.applied for s in loaders)
+    # The one for this transformers' loader says bitsandbytes is missing; the other is not needed here anyway.
+    assert sum("bitsandbytes is not installed" in s.reason for s in loaders) == 1
     others = [s for n, s in statuses.items() if n in ("weight_converter_kwargs", "all_linear_moe")]
     assert others and all(s.reason for s in others)

@@ -1,0 +1,221 @@
+"""4-bit fused experts through transformers 4.x's loader (gpt_oss on 4.57).
+
+Most MoE models on transformers 4.x keep per-expert ``nn.Linear`` experts, which bitsandbytes quantizes natively. A
+few already fuse them into 3D parameters there (gpt_oss: ``gate_up_proj`` (E, H, 2I), ``down_proj`` (E, I, H), float
+biases), and ``load_in_4bit`` leaves those in 16-bit, as on 5.x. The 4.x loader asks the quantizer about every
+checkpoint tensor (``param_needs_quantization``) and hands the ones it claims to ``create_quantized_param``; we claim
+fused expert tensors (found by structure, as in :mod:`shims.quant`) and store them in the same 4-bit parametrization:
+
+- a float checkpoint: each expert tensor is quantized as it is read (the loader reads tensor by tensor);
+- a pre-quantized checkpoint (written by ``save_pretrained`` with this patch, same keys as :mod:`shims.checkpoint`:
+  packed data under the tensor name + ``QuantState.as_dict(packed=True)`` keys): the packed data and its state are
+  collected while reading and installed when ``_load_pretrained_model`` returns (before accelerate dispatches the
+  model), without dequantizing. Packed data without a complete state raises :class:`~shims.quant.ExpertQuantError`
+  naming the tensor.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import logging
+from functools import wraps
+
+from .registry import Patch, Target, chain_undo, swap_attr
+
+log = logging.getLogger("shims")
+
+_PENDING_ATTR = "_shims_pending_experts"
+
+
+def _legacy_loader() -> bool:
+    # Feature detection: the 4.x bnb quantizer loads tensor by tensor through create_quantized_param (gone in 5.x).
+    try:
+        from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+    except ImportError:
+        return False
+    return hasattr(Bnb4BitHfQuantizer, "create_quantized_param")
+
+
+def _needed() -> str | None:
+    if importlib.util.find_spec("transformers") is None or not _legacy_loader():
+        return "transformers loads through core_model_loading here (see quantize_fused_experts)"
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed (pip install 'moe-shims[quant]')"
+    return None
+
+
+def _split_stat(param_name: str) -> tuple[str, str]:
+    """("...experts.gate_up_proj", "absmax") for a QuantState key; (param_name, "") for the tensor itself."""
+    from .checkpoint import _STAT_NAMES
+
+    for stat in _STAT_NAMES:
+        if param_name.endswith("." + stat):
+            return param_name[: -len(stat) - 1], stat
+    return param_name, ""
+
+
+def expert_tensor_of(hf_quantizer, model, param_name: str):
+    """(module path, module, tensor name, stat) when ``param_name`` is a fused expert tensor (or one of its saved
+    QuantState keys) that this quantizer should store in 4-bit; None for everything else."""
+    from .quant import EXPERT_WEIGHT_NAMES, _is_bnb_4bit, _skip_patterns, _skipped, expert_weight_names
+
+    if not _is_bnb_4bit(hf_quantizer):
+        return None
+    tensor_path, stat = _split_stat(param_name)
+    module_path, _, name = tensor_path.rpartition(".")
+    if name not in EXPERT_WEIGHT_NAMES:
+        return None
+    try:
+        module = model.get_submodule(module_path) if module_path else model
+    except AttributeError:
+        return None
+    if name not in expert_weight_names(module) or _skipped(module_path, _skip_patterns(hf_quantizer)):
+        return None
+    return module_path, module, name, stat
+
+
+def _store_float(hf_quantizer, module_path, module, name, value, device) -> None:
+    import torch
+
+    from .quant import _settings_for, quantize_expert_param
+
+    value = value.to(device)
+    if not value.is_floating_point():
+        raise _missing_state_error(f"{module_path}.{name}", value)
+    module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+    quantize_expert_param(module, name, _settings_for(hf_quantizer), owner=module_path)
+
+
+def _missing_state_error(tensor_path: str, value):
+    from .quant import ExpertQuantError
+
+    return ExpertQuantError(
+        f"{tensor_path}: the checkpoint stores packed {value.dtype} data {tuple(value.shape)} for this expert tensor "
+        "but the model's quantization_config says it is not pre-quantized; refusing to load packed bytes as weights")
+
+
+def install_pending(hf_quantizer, model) -> int:
+    """Install the pre-quantized expert tensors collected while loading; returns how many."""
+    from bitsandbytes.functional import QuantState
+
+    from .checkpoint import install_saved_expert
+    from .quant import ExpertQuantError
+
+    pending = hf_quantizer.__dict__.pop(_PENDING_ATTR, {})
+    for tensor_path, parts in pending.items():
+        packed = parts.pop("", None)
+        if packed is None:
+            raise ExpertQuantError(f"{tensor_path}: quantization state {sorted(parts)} without the packed data "
+                                   "(incomplete checkpoint)")
+        if not parts:
+            raise ExpertQuantError(
+                f"{tensor_path}: the checkpoint stores packed {packed.dtype} data {tuple(packed.shape)} for this "
+                f"expert tensor but no 4-bit quantization state ({tensor_path}.absmax, "
+                ".quant_state.bitsandbytes__nf4 ...); refusing to load packed bytes as weights")
+        try:
+            state = QuantState.from_dict(parts, device=packed.device)
+        except (KeyError, ValueError, AssertionError) as exc:
+            raise ExpertQuantError(f"{tensor_path}: unreadable quantization state {sorted(parts)}: {exc!r}") from exc
+        module_path, _, name = tensor_path.rpartition(".")
+        module = model.get_submodule(module_path) if module_path else model
+        install_saved_expert(module, module_path, name, packed, state)
+    return len(pending)
+
+
+def _install():
+    from transformers.modeling_utils import PreTrainedModel
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer as Q
+
+    from .checkpoint import _quantized_tensors, quantized_expert_state_dict
+    from .quant import _skip_patterns, quantize_model_experts
+
+    original_needs = Q.param_needs_quantization
+    original_create = Q.create_quantized_param
+    original_after = Q._process_model_after_weight_loading
+    original_state_dict = Q.get_state_dict_and_metadata
+    original_load = vars(PreTrainedModel)["_load_pretrained_model"].__func__
+    load_signature = inspect.signature(original_load)
+
+    @wraps(original_load)
+    def _load_pretrained_model(cls, model, *args, **kwargs):
+        result = original_load(cls, model, *args, **kwargs)
+        hf_quantizer = load_signature.bind(cls, model, *args, **kwargs).arguments.get("hf_quantizer")
+        if hf_quantizer is not None:
+            install_pending(hf_quantizer, model)
+        return result
+
+    @wraps(original_needs)
+    def param_needs_quantization(self, model, param_name, *args, **kwargs):
+        if expert_tensor_of(self, model, param_name) is not None:
+            return True
+        return original_needs(self, model, param_name, *args, **kwargs)
+
+    @wraps(original_create)
+    def create_quantized_param(self, model, param_value, param_name, target_device, *args, **kwargs):
+        found = expert_tensor_of(self, model, param_name)
+        if found is None:
+            return original_create(self, model, param_value, param_name, target_device, *args, **kwargs)
+        module_path, module, name, stat = found
+        if self.pre_quantized and not (stat == "" and param_value.is_floating_point()):
+            parts = self.__dict__.setdefault(_PENDING_ATTR, {}).setdefault(f"{module_path}.{name}", {})
+            parts[stat] = param_value.to(target_device)
+            return None
+        if stat:
+            raise _missing_state_error(param_name, param_value)
+        _store_float(self, module_path, module, name, param_value, target_device)
+        return None
+
+    @wraps(original_after)
+    def process_model_after_weight_loading(self, model, **kwargs):
+        installed = install_pending(self, model)
+        # Safety net for expert tensors that did not pass through create_quantized_param (missing -> initialised).
+        swept = quantize_model_experts(model, self.quantization_config, _skip_patterns(self))
+        if installed or swept:
+            log.info("4-bit experts: %d loaded pre-quantized, %d quantized after loading", installed, swept)
+        return original_after(self, model, **kwargs)
+
+    @wraps(original_state_dict)
+    def get_state_dict_and_metadata(self, model, *args, **kwargs):
+        state_dict, metadata = original_state_dict(self, model, *args, **kwargs)
+        if not any(True for _ in _quantized_tensors(model)):
+            return state_dict, metadata
+        if state_dict is None:
+            state_dict = model.state_dict()
+        return quantized_expert_state_dict(model, dict(state_dict)), metadata
+
+    return chain_undo([
+        swap_attr(PreTrainedModel, "_load_pretrained_model", classmethod(_load_pretrained_model)),
+        swap_attr(Q, "param_needs_quantization", param_needs_quantization),
+        swap_attr(Q, "create_quantized_param", create_quantized_param),
+        swap_attr(Q, "_process_model_after_weight_loading", process_model_after_weight_loading),
+        swap_attr(Q, "get_state_dict_and_metadata", get_state_dict_and_metadata),
+    ])
+
+
+_TARGETS = (
+    Target("transformers.modeling_utils", "PreTrainedModel._load_pretrained_model", ("model", "hf_quantizer")),
+    Target("transformers.quantizers.quantizer_bnb_4bit", "Bnb4BitHfQuantizer.param_needs_quantization",
+           ("model", "param_name")),
+    Target("transformers.quantizers.quantizer_bnb_4bit", "Bnb4BitHfQuantizer.create_quantized_param",
+           ("model", "param_value", "param_name", "target_device")),
+    Target("transformers.quantizers.quantizer_bnb_4bit", "Bnb4BitHfQuantizer._process_model_after_weight_loading",
+           ("model",)),
+    Target("transformers.quantizers.quantizer_bnb_4bit", "Bnb4BitHfQuantizer.get_state_dict_and_metadata",
+           ("model",)),
+    Target("bitsandbytes.functional", "QuantState.from_dict", ("qs_dict", "device")),
+)
+
+PATCHES: tuple = (
+    Patch(
+        name="quantize_fused_experts_v4",
+        summary="transformers 4.x loader: BitsAndBytesConfig(load_in_4bit) also stores fused 3D expert weights "
+                "(gpt_oss) in 4-bit, and saves / reloads them pre-quantized",
+        # On 5.x these symbols (create_quantized_param) are gone and the patch is not needed: drift-check them
+        # only where the 4.x loader exists.
+        targets=_TARGETS if _legacy_loader() else (),
+        optional_targets=() if _legacy_loader() else _TARGETS,
+        needed=_needed,
+        install=_install,
+    ),
+)
