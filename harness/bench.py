@@ -155,19 +155,22 @@ def _notes(res: dict) -> list[str]:
     out = []
     if shims.get("resident_bytes") and v457.get("resident_bytes") and shims["resident_bytes"] > v457["resident_bytes"]:
         extra = shims["resident_bytes"] - v457["resident_bytes"]
-        out.append(f"- resident: 5.x + shims holds {extra / 2**20:.1f} MiB more than 4.57 "
-                   f"({100 * extra / v457['resident_bytes']:.2f} %). The expert bytes are the same nf4 blocks in both "
-                   "(same ratio to bf16), so the difference lies outside the expert storage.")
+        expert_gap = (shims.get("experts_bytes") or 0) - (v457.get("experts_bytes") or 0)
+        out.append(f"- resident: 5.x + shims holds {extra / 2**20:.2f} MiB more than 4.57 "
+                   f"({100 * extra / v457['resident_bytes']:.2f} %), of which {expert_gap / 2**20:+.2f} MiB is expert "
+                   "storage (same nf4 blocks; 4.57 keeps one quant_map per expert). The rest lies outside the "
+                   "experts: transformers 4.57 also quantizes each MoE router (an nn.Linear there) to 4-bit, while on "
+                   "5.x the router is a plain parameter the shims deliberately leave in 16-bit, since 4-bit noise "
+                   "there changes which experts a token goes to.")
     if shims.get("load_peak_bytes") and shims.get("resident_bytes"):
         transient = shims["load_peak_bytes"] - shims["resident_bytes"]
         if transient > 0.15 * shims["resident_bytes"]:
-            out.append(f"- load peak: {transient / GIB:.2f} GiB above resident. When this was measured the "
-                       "experts were quantized per fused tensor, so one layer's fused bf16 gate_up (built by "
-                       "transformers from the per-expert tensors) and bitsandbytes' quantization temporaries "
-                       "existed at once. shims.quant now quantizes per expert chunk before the fuse (bit-identical "
-                       "result; CPU bench 1.46x -> 1.21x peak/resident), but re-measured on the same H200 with "
-                       "transformers 5.17 it does not lower the GPU peak (6.12 GB peak, 2.65 GB resident: "
-                       "reports/bench-cuda-load-after-streaming.txt); the GPU-side cause is not established yet.")
+            out.append(f"- load peak: {transient / GIB:.2f} GiB above resident. Two upstream mechanisms set it "
+                       "and quantize_fused_experts patches both (optional targets): from_pretrained's GPU warm-up reserves memory "
+                       "sized by the quantizer's param_element_size, which counted fused experts in bf16, and "
+                       "transformers re-initialised the loaded experts, dequantizing each tensor into a discarded "
+                       "copy. Check that both patches applied (shims.status(), quantize_fused_experts optional "
+                       "targets) on this transformers.")
     if shims.get("train_step_s") and bf16.get("train_step_s") and shims["train_step_s"] > 1.5 * bf16["train_step_s"]:
         line = (f"- train step: the fast expert LoRA path takes {shims['train_step_s']:.3f} s "
                 f"({shims['train_step_s'] / bf16['train_step_s']:.1f}x bf16).")

@@ -488,6 +488,23 @@ def _skip_patterns(hf_quantizer) -> list[str]:
     return list(patterns or [])
 
 
+def claimed_expert_tensor(hf_quantizer, model, tensor_path: str):
+    """(module path, module, tensor name) when ``tensor_path`` names a fused expert weight that this bnb 4-bit
+    quantizer should store in 4 bits (not skipped by modules_to_not_convert); None otherwise."""
+    if hf_quantizer is None or model is None or not _is_bnb_4bit(hf_quantizer):
+        return None
+    module_path, _, name = tensor_path.rpartition(".")
+    if name not in EXPERT_WEIGHT_NAMES:
+        return None
+    try:
+        module = model.get_submodule(module_path) if module_path else model
+    except AttributeError:
+        return None
+    if name not in expert_weight_names(module) or _skipped(module_path, _skip_patterns(hf_quantizer)):
+        return None
+    return module_path, module, name
+
+
 def quantize_experts_module(module, module_name: str, settings: QuantSettings) -> int:
     """Quantize every float expert weight of one experts module; returns how many were quantized."""
     done = 0
@@ -531,6 +548,15 @@ _CONVERTER = Target("transformers.core_model_loading", "WeightConverter.convert"
                     ("layer_name", "model", "config", "hf_quantizer", "loading_info"))
 _AFTER_LOAD = Target("transformers.quantizers.quantizer_bnb_4bit",
                      "Bnb4BitHfQuantizer._process_model_after_weight_loading", ("model",))
+# Before reading any weight, from_pretrained reserves GPU memory for the whole model (caching_allocator_warmup), sized
+# by the quantizer's param_element_size: 0.5 byte for Linear4bit weights, the float size for everything else. Fused
+# experts (most of an MoE) were counted in bf16, so that one reservation alone was 2.3x the 4-bit model.
+# After loading, transformers initialises every module not flagged as loaded; an experts module's _init_weights reads
+# module.gate_up_proj, which for 4-bit experts dequantizes the whole tensor (a throwaway float copy: on an H200 the
+# largest transient of the load, 0.75 GiB for one Qwen3-30B-A3B gate_up).
+_INIT = Target("transformers.modeling_utils", "PreTrainedModel._initialize_weights", ("module",))
+_WARMUP_SIZE = Target("transformers.quantizers.quantizer_bnb_4bit", "Bnb4BitHfQuantizer.param_element_size",
+                      ("model", "param_name", "param"))
 
 
 def _needed() -> str | None:
@@ -570,21 +596,16 @@ def _streamable_target(converter, layer_name, model, hf_quantizer):
     as the per-expert checkpoint tensors are read; None to let transformers fuse it as usual."""
     import torch
 
-    if hf_quantizer is None or not _is_bnb_4bit(hf_quantizer) or getattr(hf_quantizer, "pre_quantized", False):
+    if getattr(hf_quantizer, "pre_quantized", False):
         return None
     if getattr(converter, "quantization_operation", None) is not None or "*" in layer_name:
         return None
     if len(getattr(converter, "target_patterns", ())) != 1 or not _stackable_ops(getattr(converter, "operations", ())):
         return None
-    module_path, _, name = layer_name.rpartition(".")
-    if name not in EXPERT_WEIGHT_NAMES or model is None:
+    claimed = claimed_expert_tensor(hf_quantizer, model, layer_name)
+    if claimed is None:
         return None
-    try:
-        module = model.get_submodule(module_path) if module_path else model
-    except AttributeError:
-        return None
-    if name not in expert_weight_names(module) or _skipped(module_path, _skip_patterns(hf_quantizer)):
-        return None
+    _, module, name = claimed
     placeholder = module._parameters.get(name)
     if placeholder is None or not placeholder.is_floating_point():
         return None
@@ -650,6 +671,31 @@ def stream_quantize_converter(converter, layer_name, module, name, settings, mod
               settings.quant_type)
 
 
+def _loaded_from_checkpoint(module) -> bool:
+    """True when every tensor of ``module`` itself, 4-bit expert data included, carries transformers' "loaded" flag."""
+    tensors = list(module.parameters(recurse=False)) + [b for b in module.buffers(recurse=False) if b is not None]
+    tensors += [module.parametrizations[n].original for n in EXPERT_WEIGHT_NAMES
+                if quantized_parametrization(module, n) is not None]
+    return all(getattr(t, "_is_hf_initialized", False) for t in tensors)
+
+
+def skip_init_of_loaded_experts() -> callable:
+    """Wrap PreTrainedModel._initialize_weights so a fully loaded 4-bit experts module is not initialised again
+    (which would only dequantize it into a discarded copy). Returns the undo."""
+    from transformers.modeling_utils import PreTrainedModel
+
+    original_init = PreTrainedModel._initialize_weights
+
+    @wraps(original_init)
+    def _initialize_weights(self, module, *args, **kwargs):
+        if is_quantized_experts(module) and _loaded_from_checkpoint(module):
+            module._is_hf_initialized = True
+            return None
+        return original_init(self, module, *args, **kwargs)
+
+    return swap_attr(PreTrainedModel, "_initialize_weights", _initialize_weights)
+
+
 def _install() -> callable:
     import transformers.core_model_loading as cml
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
@@ -657,6 +703,7 @@ def _install() -> callable:
     original_set = cml.set_param_for_module
     original_convert = cml.WeightConverter.convert
     original_after = Bnb4BitHfQuantizer._process_model_after_weight_loading
+    original_size = Bnb4BitHfQuantizer.param_element_size if _WARMUP_SIZE.drift() == "ok" else None
 
     @wraps(original_set)
     def set_param_for_module(model, target_name, param_value, *args, **kwargs):
@@ -693,10 +740,22 @@ def _install() -> callable:
             log.info("quantized %d expert tensors after loading", n)
         return original_after(self, model, **kwargs)
 
-    return chain_undo([
+    def param_element_size(self, model, param_name, param, *args, **kwargs):
+        if claimed_expert_tensor(self, model, param_name) is not None:
+            return 0.5  # 4 bits, as upstream counts a Linear4bit weight (its absmax is left out there too)
+        return original_size(self, model, param_name, param, *args, **kwargs)
+
+    undos = [
         swap_attr(cml, "set_param_for_module", set_param_for_module),
         swap_attr(Bnb4BitHfQuantizer, "_process_model_after_weight_loading", process_model_after_weight_loading),
-    ] + ([swap_attr(cml.WeightConverter, "convert", convert)] if _CONVERTER.drift() == "ok" else []))
+    ]
+    if _CONVERTER.drift() == "ok":
+        undos.append(swap_attr(cml.WeightConverter, "convert", convert))
+    if original_size is not None:
+        undos.append(swap_attr(Bnb4BitHfQuantizer, "param_element_size", wraps(original_size)(param_element_size)))
+    if _INIT.drift() == "ok":
+        undos.append(skip_init_of_loaded_experts())
+    return chain_undo(undos)
 
 
 _TARGETS = (_LOADER, _AFTER_LOAD)
@@ -709,8 +768,10 @@ PATCHES: tuple = (
         # On transformers 4.x these symbols do not exist and the patch is not needed: drift-check them only
         # where fused experts exist, so 4.57 reports "not needed" rather than drift.
         targets=_TARGETS if _has_fused_experts() else (),
-        # The converter wrap only lowers the load peak (per-expert streaming); without it loading still quantizes.
-        optional_targets=(_CONVERTER,) if _has_fused_experts() else _TARGETS + (_CONVERTER,),
+        # The converter, element-size and init wraps only lower the load peak (per-expert streaming, a 4-bit sized
+        # GPU warm-up, no throwaway dequantization); without them loading still quantizes.
+        optional_targets=((_CONVERTER, _WARMUP_SIZE, _INIT) if _has_fused_experts()
+                          else _TARGETS + (_CONVERTER, _WARMUP_SIZE, _INIT)),
         needed=_needed,
         install=_install,
     ),

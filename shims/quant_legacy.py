@@ -58,21 +58,11 @@ def _split_stat(param_name: str) -> tuple[str, str]:
 def expert_tensor_of(hf_quantizer, model, param_name: str):
     """(module path, module, tensor name, stat) when ``param_name`` is a fused expert tensor (or one of its saved
     QuantState keys) that this quantizer should store in 4-bit; None for everything else."""
-    from .quant import EXPERT_WEIGHT_NAMES, _is_bnb_4bit, _skip_patterns, _skipped, expert_weight_names
+    from .quant import claimed_expert_tensor
 
-    if not _is_bnb_4bit(hf_quantizer):
-        return None
     tensor_path, stat = _split_stat(param_name)
-    module_path, _, name = tensor_path.rpartition(".")
-    if name not in EXPERT_WEIGHT_NAMES:
-        return None
-    try:
-        module = model.get_submodule(module_path) if module_path else model
-    except AttributeError:
-        return None
-    if name not in expert_weight_names(module) or _skipped(module_path, _skip_patterns(hf_quantizer)):
-        return None
-    return module_path, module, name, stat
+    claimed = claimed_expert_tensor(hf_quantizer, model, tensor_path)
+    return None if claimed is None else (*claimed, stat)
 
 
 def _store_float(hf_quantizer, module_path, module, name, value, device) -> None:

@@ -362,3 +362,44 @@ def test_experts_not_whole_blocks_are_quantized_fused(q4_shims, caplog, tmp_path
             want = BF.quantize_4bit(getattr(ref.get_submodule(name), pname).detach(), quant_type="nf4")
             got = (module.parametrizations[pname].original, quant.quantized_parametrization(module, pname).quant_state)
             _assert_same_quantization(got, want)
+
+
+def test_gpu_warmup_counts_fused_experts_as_4bit(q4_shims, q4_checkpoint):
+    """from_pretrained reserves GPU memory up front from param_element_size; fused experts must count 4-bit there
+    (counted in bf16 they made that one reservation 2.3x the loaded 4-bit model on an H200)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    from shims import quant
+
+    q4_requires_fused()
+    path = q4_checkpoint("qwen3_moe")
+    quantizer = AutoHfQuantizer.from_config(BitsAndBytesConfig(load_in_4bit=True))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16)
+    quantizer.preprocess_model(model, dtype=torch.bfloat16, device_map={"": "cpu"})
+    experts = {f"{name}.{p}" for name, module in quant.iter_expert_modules(model) for p in quant.expert_weight_names(module)}
+    assert len(experts) == 2 * model.config.num_hidden_layers
+    for name, param in model.named_parameters():
+        size = quantizer.param_element_size(model, name, param)
+        if name in experts:
+            assert size == 0.5, name
+        elif "router" in name or "gate.weight" in name or "norm" in name or "embed" in name:
+            assert size == param.element_size(), name  # only experts change
+
+
+@pytest.mark.parametrize("arch", Q4_ARCHS)
+def test_loading_never_dequantizes_experts(q4_shims, q4_checkpoint, arch, monkeypatch):
+    """Dequantizing during the load (e.g. transformers re-initialising loaded experts) costs a whole float copy of
+    the largest expert tensor at peak; a loaded 4-bit model must come out of from_pretrained without one."""
+    from shims import quant
+
+    q4_requires_fused()
+    calls = []
+    cls = quant.parametrization_class()
+    original = cls.forward
+    monkeypatch.setattr(cls, "forward", lambda self, packed: calls.append(self.owner) or original(self, packed))
+    model = q4_load(q4_checkpoint(arch))
+    assert quant.expert_storage(model)["quantized"] == 2 * model.config.num_hidden_layers
+    assert calls == []
