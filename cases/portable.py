@@ -80,18 +80,18 @@ def _major(version: str) -> int:
 
 def _target_layout(adapter_dir: Path, base) -> str | None:
     """What shims.convert_adapter must produce for the installed peft and this base, or None if nothing."""
-    import peft
     from shims import layout
 
     per_expert = _is_per_expert_adapter(adapter_dir)
     experts = [m for n, m in base.named_modules() if n.endswith(".experts")]
     fused_base = any(getattr(m, "gate_up_proj", None) is not None for m in experts)
-    transposed = any(getattr(m, "is_transposed", False) for m in experts)  # gpt_oss: both pefts agree
-    wanted = layout.layout_from_peft_version(peft.__version__, transposed)
-    if per_expert and fused_base:
-        return f"fused:{wanted}"
-    if per_expert:
+    if per_expert and not fused_base:
         return None  # 4.57 -> 4.57: nothing to convert
+    # decided on this base's experts modules: peft's convention follows their is_transposed attribute, which
+    # gpt_oss has on 5.x and lacks on 4.57
+    wanted = layout.expected_layout(base)
+    if per_expert:
+        return f"fused:{wanted}"
     found = {e.layout for e in layout.detect_adapter_layout(adapter_dir, base.config).values()}
     return None if found == {wanted} else wanted
 

@@ -4,13 +4,18 @@ A LoRA on a fused expert parameter ``W`` of shape ``(E, d1, d2)`` is stored by p
 ``lora_A`` ``(E*r, a_in)`` and ``lora_B`` ``(b_out, E*r)``. Two arrangements exist:
 
 ``"standard"``  lora_A acts on the parameter's *input* features (ordinary LoRA: ``delta_e = B_e @ A_e`` with
-                ``A_e (r, in)``, ``B_e (out, r)``). peft >= 0.19.1 writes this for every expert parameter.
+                ``A_e (r, in)``, ``B_e (out, r)``). peft >= 0.19.1 writes this for every expert parameter on
+                transformers 5.x (not for 4.57's gpt_oss, see below).
 ``"swapped"``   lora_A acts on the *output* features. peft 0.18.x writes this for ``(E, out, in)`` parameters
-                (qwen3_moe, mixtral, deepseek_v3, glm4_moe, qwen3_5_moe ...); peft 0.19.0 wrote it for all.
+                (qwen3_moe, mixtral, deepseek_v3, glm4_moe, qwen3_5_moe ...); peft 0.19.0 wrote it for all on 5.x.
 
-For ``is_transposed`` experts (gpt_oss, ``(E, in, out)``) peft 0.18 and 0.19.1+ agree ("standard"); only
-0.19.0 differs. peft's wrapper keeps the truth in ``_did_swap_in_out_features`` (lora_A acts on ``d2``):
-layout is "standard" iff that flag differs from ``is_transposed``.
+The names follow the parameter's real orientation: ``is_transposed`` here means the experts are ``(E, in, out)``
+(gpt_oss, on every transformers version). peft's wrapper keeps the truth in ``_did_swap_in_out_features`` (lora_A
+acts on ``d2``): layout is "standard" iff that flag differs from ``is_transposed``. peft, however, decides that flag
+from the experts module's ``is_transposed`` *attribute*, which transformers 5.x sets on gpt_oss and 4.57 does not:
+so on 5.x peft 0.18 and 0.19.1+ both write "standard" for gpt_oss, while on 4.57 0.18 writes "standard" and
+0.19.1+ "swapped". What a peft version writes therefore depends on the module, not on the model type alone
+(:func:`layout_from_peft_version`, :func:`expected_layout`).
 
 peft's per-expert convention (both layouts): ``A.reshape(E, r, ·)`` is expert-major (rows ``e*r:(e+1)*r``)
 while ``B.reshape(·, r, E)`` has the expert index fastest, so expert ``e``'s columns are ``B[:, e::E]``.
@@ -39,8 +44,9 @@ LAYOUTS = (STANDARD, SWAPPED)
 # Our own record of what a converted adapter holds; peft ignores extra files in an adapter folder.
 LAYOUT_RECORD = "moe_shims_layout.json"
 
-# Architectures whose fused experts are (E, in, out) ("is_transposed" in transformers). Only needed when
-# reading a peft 0.18 adapter without the live model, where the layout depends on it.
+# Architectures whose fused experts are (E, in, out) on every transformers version (the orientation the layout
+# names refer to). Whether the experts module also *declares* it (is_transposed, read by peft) depends on the
+# transformers version; that is detected on the module itself (_declares_transposed).
 _TRANSPOSED_EXPERT_MODEL_TYPES = frozenset({"gpt_oss"})
 _EXPERT_PARAMS = ("gate_up_proj", "down_proj")  # registration order in every experts module
 _ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -118,14 +124,17 @@ def layout_from_flag(a_on_d2: bool, is_transposed: bool) -> str:
     return STANDARD if a_on_d2 != bool(is_transposed) else SWAPPED
 
 
-def wrapper_layout(wrapper) -> str:
+def wrapper_layout(wrapper, is_transposed: bool | None = None) -> str:
     """Layout of a live peft ``ParamWrapper`` on a 3D expert parameter.
 
     Read from ``_did_swap_in_out_features`` (peft >= 0.19); peft 0.18 wrappers lack it and never swap. That is
     the attribute peft's own forward and ``get_delta_weight`` branch on, so it is right for 0.19.0 too.
+    ``is_transposed``: whether the parameter is ``(E, in, out)``; by default what the experts module declares,
+    which is right on transformers 5.x. transformers 4.57's gpt_oss experts are ``(E, in, out)`` without declaring
+    it: pass ``True`` there (or use :class:`ExpertDims` ``.from_config(model.config).is_transposed``).
     """
-    base = wrapper.get_base_layer()
-    is_transposed = bool(getattr(base, "is_transposed", False))
+    if is_transposed is None:
+        is_transposed = _declares_transposed(wrapper.get_base_layer())
     return layout_from_flag(bool(getattr(wrapper, "_did_swap_in_out_features", False)), is_transposed)
 
 
@@ -140,10 +149,11 @@ def layout_from_shapes(a_in: int, b_out: int, d1: int, d2: int, is_transposed: b
     return layout_from_flag(a_on_d2=(a_in == d2), is_transposed=is_transposed)
 
 
-def layout_from_peft_version(version: str | None, is_transposed: bool | None) -> str | None:
-    """The layout a given peft version writes, or None when the version alone does not say.
+def peft_a_on_d2(version: str | None, declares_transposed: bool | None) -> bool | None:
+    """peft ``version``'s ``_did_swap_in_out_features`` (lora_A acts on d2), or None when that is not known.
 
-    A version number is the only signal a saved file carries about which convention wrote it.
+    peft reads the experts module's ``is_transposed`` attribute (``declares_transposed``; None: unknown), not the
+    parameter's real orientation: 0.18 never swaps, 0.19.0 swaps iff the module declares it, 0.19.1+ iff not.
     """
     if not version:
         return None
@@ -154,14 +164,78 @@ def layout_from_peft_version(version: str | None, is_transposed: bool | None) ->
     except InvalidVersion:
         return None
     if v >= Version("0.19.1"):
-        return STANDARD
-    if Version("0.19.0") <= v < Version("0.19.1"):
-        # 0.19.0 swapped iff is_transposed, which is "swapped" for both orientations; a 0.19.1 dev build may
-        # carry either behaviour, so only the final 0.19.0 release counts.
-        return SWAPPED if v.release == (0, 19, 0) and not v.is_devrelease else None
+        return None if declares_transposed is None else not declares_transposed
+    if v >= Version("0.19.0"):
+        # a 0.19.1 dev build may carry either behaviour, so only the final 0.19.0 release counts
+        return declares_transposed if v.release == (0, 19, 0) and not v.is_devrelease else None
+    return False  # 0.18 never swaps
+
+
+def layout_from_peft_version(version: str | None, is_transposed: bool | None,
+                             declares_transposed: bool | None = None) -> str | None:
+    """The layout peft ``version`` writes, or None when that is not known.
+
+    ``is_transposed``: the experts are ``(E, in, out)`` (None: unknown). ``declares_transposed``: the experts module
+    of the transformers that peft ran on has ``is_transposed`` set (None: unknown). Only ``(E, in, out)`` experts
+    declare it, so it matters for them alone, and for them it differs between transformers versions (4.57's
+    gpt_oss does not declare it, 5.x's does). A saved adapter records its peft version but not its transformers.
+    """
     if is_transposed is None:
         return None
-    return STANDARD if is_transposed else SWAPPED  # 0.18 never swaps
+    if not is_transposed:
+        if declares_transposed:
+            raise ValueError("experts that declare is_transposed are (E, in, out): is_transposed must be True")
+        declares_transposed = False
+    a_on_d2 = peft_a_on_d2(version, declares_transposed)
+    return None if a_on_d2 is None else layout_from_flag(a_on_d2, is_transposed)
+
+
+def expected_layout(base, peft_version: str | None = None) -> str:
+    """The layout peft (``peft_version``; default: the installed one) gives the expert LoRAs of ``base`` under the
+    installed transformers: what a saved adapter must be converted to before it loads into ``base``.
+
+    ``base``: the loaded base model, whose experts modules are inspected (peft decides from the module), or its
+    transformers config, in which case the model is built on the meta device to inspect the same modules.
+    """
+    import torch
+
+    if peft_version is None:
+        import peft
+
+        peft_version = peft.__version__
+    if isinstance(base, torch.nn.Module):
+        model = base
+    else:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(base)
+    modules = _fused_experts_modules(model)
+    if not modules:
+        raise ValueError(f"{type(model).__name__} has no fused experts module (3D gate_up_proj / down_proj)")
+    declared = {_declares_transposed(m) for m in modules}
+    if len(declared) != 1:
+        raise ValueError(f"{type(model).__name__}: experts modules disagree on is_transposed")
+    declares = declared.pop()
+    is_transposed = declares or ExpertDims.from_config(model.config).is_transposed
+    layout = layout_from_peft_version(peft_version, is_transposed, declares)
+    if layout is None:
+        raise ValueError(f"peft {peft_version!r}: no known expert LoRA convention for this version")
+    return layout
+
+
+def _fused_experts_modules(model) -> list:
+    # parameters registered directly, or under a torch parametrization (4-bit experts): never read them here,
+    # a parametrized read would dequantize
+    def holds(module, name):
+        return name in module._parameters or name in getattr(module, "parametrizations", {})
+
+    return [m for m in model.modules() if any(holds(m, p) for p in _EXPERT_PARAMS)]
+
+
+def _declares_transposed(module) -> bool:
+    """What peft sees: transformers 5.x sets ``is_transposed`` on experts modules; 4.57 has no such attribute."""
+    return bool(getattr(module, "is_transposed", False))
 
 
 @dataclass(frozen=True)
@@ -171,7 +245,7 @@ class ExpertDims:
     num_experts: int
     hidden: int
     intermediate: int
-    is_transposed: bool
+    is_transposed: bool  # (E, in, out) parameters, whatever the installed transformers declares
 
     def param_shape(self, param: str) -> tuple[int, int]:
         gate_up = (2 * self.intermediate, self.hidden)
@@ -224,7 +298,10 @@ def detect_adapter_layout(adapter_dir, base_config=None) -> dict[str, ExpertLora
     for prefix, param in _expert_lora_prefixes(tensors, config):
         a, b = tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"]
         is_transposed = dims.is_transposed if dims else None
-        by_version = recorded or layout_from_peft_version(config.get("peft_version"), is_transposed)
+        # Whether the writer's experts module declared is_transposed is unknown (the adapter does not record its
+        # transformers), so for (E, in, out) experts only peft 0.18's version tells; the shapes must decide 0.19+.
+        by_version = recorded or layout_from_peft_version(config.get("peft_version"), is_transposed,
+                                                          declares_transposed=None)
         by_shape = None
         if dims is not None:
             d1, d2 = dims.param_shape(param)
@@ -232,20 +309,16 @@ def detect_adapter_layout(adapter_dir, base_config=None) -> dict[str, ExpertLora
                 by_shape = layout_from_shapes(a.shape[1], b.shape[0], d1, d2, dims.is_transposed)
             except AmbiguousLayoutError:
                 by_shape = None
-        if by_version and by_shape and by_version != by_shape and dims.is_transposed and not recorded:
-            # transformers 4.57's transposed experts (gpt_oss) lack the is_transposed attribute, so peft >= 0.19
-            # swapped their LoRA there and not on 5.x: the version cannot tell, non-square shapes can.
-            log.info("%s: peft_version %s implies %s; shapes say %s (written on transformers without "
-                     "is_transposed): following the shapes", prefix, config.get("peft_version"), by_version, by_shape)
-            by_version = None
         if by_version and by_shape and by_version != by_shape:
             raise ValueError(f"{prefix}: peft_version {config.get('peft_version')} implies {by_version} but the "
                              f"shapes say {by_shape}")
         layout = by_version or by_shape
         if layout is None:
+            why = "; for (E, in, out) experts peft 0.19+'s layout depends on the transformers that wrote it" \
+                if is_transposed else ""
             raise AmbiguousLayoutError(
                 f"{prefix} ({param}): cannot tell 'standard' from 'swapped' (peft_version="
-                f"{config.get('peft_version')!r}, base config {'given' if dims else 'unknown'}); pass base_config "
+                f"{config.get('peft_version')!r}, base config {'given' if dims else 'unknown'}{why}); pass base_config "
                 "with non-square expert dims or convert with the live model")
         out[prefix] = ExpertLora(prefix, param, tuple(a.shape), tuple(b.shape), layout)
     return out
@@ -308,9 +381,10 @@ def convert_adapter(src_dir, dst_dir, to: str, base_config=None, layout: str = S
         ``rank_pattern`` and ``alpha_pattern`` for ``.*\\.gate_up_proj`` -- the same entries peft's own v4->v5
         remap writes. Mixtral's ``block_sparse_moe`` becomes ``mlp``. Non-expert LoRAs are copied unchanged.
 
-    The written adapter_config.json's ``peft_version`` names the first peft release that writes ``layout``
-    natively (so that version-based readers get it right); the original version and what was done are kept
-    in ``moe_shims_layout.json``.
+    Which layout a given peft and transformers expect: :func:`expected_layout`. The written adapter_config.json's
+    ``peft_version`` names a peft release whose convention implies ``layout`` for these experts (so that
+    version-based readers do not contradict it); the original version and what was done are kept in
+    ``moe_shims_layout.json``, which is what this module trusts first.
     """
     if to not in (STANDARD, SWAPPED, FUSED):
         raise ValueError(f"to must be one of 'standard', 'swapped', 'fused', not {to!r}")
@@ -331,15 +405,26 @@ def convert_adapter(src_dir, dst_dir, to: str, base_config=None, layout: str = S
         tensors, config, summary = _relayout(src_dir, tensors, config, to, base_config)
         layout = to
     record = {"expert_layout": layout, "source_peft_version": config.get("peft_version"), **summary}
-    config["peft_version"] = _FIRST_PEFT_WRITING[layout]
+    config["peft_version"] = _peft_version_writing(layout, summary.get("experts_transposed"))
     _write_adapter(src_dir, dst_dir, tensors, config, record, overwrite)
     return record
 
 
-_FIRST_PEFT_WRITING = {STANDARD: "0.19.1", SWAPPED: "0.18.1"}
+def _peft_version_writing(layout: str, is_transposed: bool | None) -> str:
+    """A peft release whose rule gives ``layout`` (or nothing) under :func:`layout_from_peft_version`.
+
+    For (E, out, in) experts 0.19.1 writes "standard" and 0.18 "swapped". For (E, in, out) experts 0.18 writes
+    "standard" on every transformers; "swapped" is what 0.19.1 writes on 4.57, and 0.19.1 is read as "unknown"
+    there, so the shapes or our record decide. Orientation unknown (converted from our record alone): the
+    (E, out, in) names; the record stays authoritative.
+    """
+    if is_transposed:
+        return "0.18.1" if layout == STANDARD else "0.19.1"
+    return "0.19.1" if layout == STANDARD else "0.18.1"
 
 
 def _relayout(src_dir, tensors, config, to, base_config):
+    dims = _expert_dims(base_config, config)
     found = detect_adapter_layout(src_dir, base_config)
     if not found:
         raise ValueError(f"{src_dir} has no fused-expert LoRA (target_parameters) to convert")
@@ -351,7 +436,8 @@ def _relayout(src_dir, tensors, config, to, base_config):
         experts = _num_experts_of(prefix, info, config)
         tensors[a_key], tensors[b_key] = swap_expert_factors(tensors[a_key], tensors[b_key], experts)
         converted += 1
-    return tensors, dict(config), {"converted": converted, "expert_loras": len(found)}
+    return tensors, dict(config), {"converted": converted, "expert_loras": len(found),
+                                   "experts_transposed": dims.is_transposed if dims else None}
 
 
 def _num_experts_of(prefix, info, config) -> int:

@@ -111,10 +111,25 @@ def test_shape_detection_raises_exactly_when_ambiguous(d, a_on_d2, transposed):
 
 def test_version_rules():
     v = layout.layout_from_peft_version
-    assert v("0.21.2", None) == v("0.19.1", False) == v("0.19.1", True) == "standard"
-    assert v("0.19.0", False) == v("0.19.0", True) == "swapped"  # 0.19.0 decided the swap wrongly
-    assert v("0.18.1", False) == "swapped" and v("0.18.1", True) == "standard"
-    assert v("0.18.1", None) is None and v(None, False) is None and v("0.19.1.dev0", False) is None
+    # (E, out, in) experts: no experts module declares is_transposed
+    assert v("0.21.2", False) == v("0.19.1", False) == "standard"
+    assert v("0.19.0", False) == v("0.18.1", False) == "swapped"  # 0.19.0 decided the swap wrongly
+    # (E, in, out) experts (gpt_oss): peft follows the module's is_transposed, set on 5.x, absent on 4.57
+    assert v("0.18.1", True) == "standard"  # 0.18 never swaps, whatever the module says
+    assert v("0.19.1", True, declares_transposed=True) == v("0.19.0", True, declares_transposed=False) == "standard"
+    assert v("0.19.1", True, declares_transposed=False) == v("0.19.0", True, declares_transposed=True) == "swapped"
+    assert v("0.19.1", True) is None  # written on an unknown transformers: the version alone does not say
+    assert v("0.21.2", None) is None and v("0.18.1", None) is None and v(None, False) is None
+    assert v("0.19.1.dev0", False) is None
+    with pytest.raises(ValueError, match="is_transposed"):
+        v("0.19.1", False, declares_transposed=True)
+
+
+@pytest.mark.parametrize("declares", [False, True])
+def test_installed_peft_swaps_as_the_version_rule_says(declares):
+    # peft decides from the module's is_transposed attribute, not from the parameter's real orientation
+    w = _peft_wrapper(4, 2, 6, 10, transposed=declares)
+    assert bool(getattr(w, "_did_swap_in_out_features", False)) == layout.peft_a_on_d2(peft.__version__, declares)
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -158,6 +173,7 @@ def test_detect_and_convert_saved_adapter_keeps_logits(tmp_path, tiny_moe):
     live = {w.parameter_name: layout.wrapper_layout(w) for w in _expert_wrappers(model).values()}
     assert len(found) == 4 and {i.param for i in found.values()} == {"gate_up_proj", "down_proj"}
     assert all(info.layout == live[info.param] for info in found.values())
+    assert set(live.values()) == {layout.expected_layout(model)} == {layout.expected_layout(base_cfg)}
 
     other = "swapped" if live["down_proj"] == "standard" else "standard"
     rec = layout.convert_adapter(tmp_path / "src", tmp_path / "other", to=other, base_config=base_cfg)
@@ -270,3 +286,75 @@ def test_regex_target_modules_carry_over_to_fused_unless_they_match_the_experts_
         _regex_for_fused(r".*experts.*", groups)
     with pytest.raises(ValueError, match="all-linear"):
         _regex_for_fused("all-linear", groups)
+
+
+# ---------------------------------------------------------------- gpt_oss: (E, in, out) experts, fused on 4.57 too
+def _gpt_oss_adapter(tiny_moe, path, declare_transposed=False, **dims):
+    """A tiny gpt_oss with an expert LoRA saved at ``path``; ``declare_transposed`` sets is_transposed on its
+    experts modules first, which is what peft sees on transformers 5.x (4.57's gpt_oss forward ignores it)."""
+    base = tiny_moe("gpt_oss", dtype=torch.float32, **dims)
+    if declare_transposed:
+        for module in layout._fused_experts_modules(base):
+            module.is_transposed = True
+    torch.manual_seed(3)
+    cfg = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj"], init_lora_weights=False,
+                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    model = peft.get_peft_model(base, cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+_IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("trained_declared", [False, True])
+def test_gpt_oss_adapter_moves_between_undeclared_and_declared_is_transposed(tmp_path, tiny_moe, trained_declared):
+    """transformers 4.57's gpt_oss experts lack is_transposed, so peft >= 0.19 swaps their LoRA where 5.x's do not
+    (and peft 0.18 never swaps). Train on one, convert to expected_layout of the other, load: same logits."""
+    target = tiny_moe("gpt_oss", dtype=torch.float32)
+    if any(hasattr(m, "is_transposed") for m in layout._fused_experts_modules(target)):
+        pytest.skip("this transformers' gpt_oss declares is_transposed and its forward reads it: cannot toggle it")
+    for module in layout._fused_experts_modules(target):
+        module.is_transposed = not trained_declared
+    model = _gpt_oss_adapter(tiny_moe, tmp_path / "src", declare_transposed=trained_declared)
+    with torch.no_grad():
+        want = model(_IDS).logits
+    wrappers = _expert_wrappers(model)
+    base_cfg = model.base_model.model.config
+    found = layout.detect_adapter_layout(tmp_path / "src", base_config=base_cfg)
+    assert {i.layout for i in found.values()} == {layout.wrapper_layout(w, is_transposed=True)
+                                                   for w in wrappers.values()}
+    assert {i.layout for i in found.values()} == {layout.expected_layout(model)}
+
+    wanted = layout.expected_layout(target)
+    adapter = tmp_path / "src"
+    if {i.layout for i in found.values()} != {wanted}:
+        layout.convert_adapter(adapter, tmp_path / "dst", to=wanted, base_config=base_cfg)
+        adapter = tmp_path / "dst"
+        assert {i.layout for i in layout.detect_adapter_layout(adapter, base_config=base_cfg).values()} == {wanted}
+    loaded = peft.PeftModel.from_pretrained(target, adapter).eval()
+    with torch.no_grad():
+        got = loaded(_IDS).logits
+    assert (got - want).abs().max().item() < 1e-5, (got - want).abs().max()
+
+
+def test_expected_layout_from_a_config_matches_the_live_model(tiny_moe, tmp_path):
+    model = _gpt_oss_adapter(tiny_moe, tmp_path / "src")
+    base = model.base_model.model
+    assert layout.expected_layout(base.config) == layout.expected_layout(base)
+    assert layout.expected_layout(base, peft_version="0.18.1") == "standard"  # 0.18 never swaps gpt_oss's LoRA
+
+
+def test_square_gpt_oss_adapter_of_peft_0_19_is_ambiguous(tmp_path, tiny_moe):
+    # 2I == H: gate_up_proj (E, 64, 64) is square, and which layout peft >= 0.19 wrote depends on whether the
+    # writer's transformers declared is_transposed, which the adapter does not record: raise, do not guess
+    model = _gpt_oss_adapter(tiny_moe, tmp_path / "src", expert_dim=32)
+    base_cfg = model.base_model.model.config
+    wrappers = _expert_wrappers(model).values()
+    if not all(hasattr(w, "_did_swap_in_out_features") for w in wrappers):
+        found = layout.detect_adapter_layout(tmp_path / "src", base_config=base_cfg)  # peft 0.18: never swaps
+        assert {i.layout for i in found.values()} == {"standard"}
+        assert {layout.wrapper_layout(w, is_transposed=True) for w in wrappers} == {"standard"}
+        return
+    with pytest.raises(layout.AmbiguousLayoutError, match="gate_up_proj"):
+        layout.detect_adapter_layout(tmp_path / "src", base_config=base_cfg)
