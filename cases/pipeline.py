@@ -6,9 +6,7 @@ that needs the output of a failed one is recorded as skipped with the reason.
 
 from __future__ import annotations
 
-import copy
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 

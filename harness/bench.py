@@ -166,11 +166,11 @@ def _notes(res: dict) -> list[str]:
         transient = shims["load_peak_bytes"] - shims["resident_bytes"]
         if transient > 0.15 * shims["resident_bytes"]:
             out.append(f"- load peak: {transient / GIB:.2f} GiB above resident. Two upstream mechanisms set it "
-                       "and quantize_fused_experts patches both (optional targets): from_pretrained's GPU warm-up reserves memory "
-                       "sized by the quantizer's param_element_size, which counted fused experts in bf16, and "
-                       "transformers re-initialised the loaded experts, dequantizing each tensor into a discarded "
-                       "copy. Check that both patches applied (shims.status(), quantize_fused_experts optional "
-                       "targets) on this transformers.")
+                       "and quantize_fused_experts patches both (optional targets): from_pretrained's GPU warm-up "
+                       "reserves memory sized by the quantizer's param_element_size, which counted fused experts in "
+                       "bf16, and transformers re-initialised the loaded experts, dequantizing each tensor into a "
+                       "discarded copy. Check that both patches applied (shims.status(), quantize_fused_experts "
+                       "optional targets) on this transformers.")
     if shims.get("train_step_s") and bf16.get("train_step_s") and shims["train_step_s"] > 1.5 * bf16["train_step_s"]:
         line = (f"- train step: the fast expert LoRA path takes {shims['train_step_s']:.3f} s "
                 f"({shims['train_step_s'] / bf16['train_step_s']:.1f}x bf16).")

@@ -14,8 +14,8 @@ def _parser() -> argparse.ArgumentParser:
     conv.add_argument("src", help="saved peft adapter folder")
     conv.add_argument("dst", help="destination folder (written atomically)")
     conv.add_argument("--to", required=True, choices=("standard", "swapped", "fused"),
-                      help="standard: peft >= 0.19.1 (and peft 0.18 on gpt_oss); swapped: peft 0.18 (and peft >= 0.19.1 on "
-                           "4.57's gpt_oss); fused: transformers 4.57 per-expert -> 5.x")
+                      help="standard: peft >= 0.19.1 (and peft 0.18 on gpt_oss); swapped: peft 0.18 (and "
+                           "peft >= 0.19.1 on 4.57's gpt_oss); fused: transformers 4.57 per-expert -> 5.x")
     conv.add_argument("--layout", default="standard", choices=("standard", "swapped"),
                       help="with --to fused: the peft convention of the fused output (default standard)")
     conv.add_argument("--base-config", default=None,

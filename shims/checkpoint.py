@@ -215,6 +215,21 @@ def install_saved_expert(module, module_path: str, name: str, packed, state) -> 
     install_packed_param(module, name, packed, state, owner=module_path)
 
 
+def saving_quantized_experts(original_state_dict):
+    """Wrap a quantizer's ``get_state_dict_and_metadata`` so 4-bit experts are saved as packed data + QuantState."""
+
+    @wraps(original_state_dict)
+    def get_state_dict_and_metadata(self, model, *args, **kwargs):
+        state_dict, metadata = original_state_dict(self, model, *args, **kwargs)
+        if not any(True for _ in _quantized_tensors(model)):
+            return state_dict, metadata
+        if state_dict is None:
+            state_dict = model.state_dict()
+        return quantized_expert_state_dict(model, dict(state_dict)), metadata
+
+    return get_state_dict_and_metadata
+
+
 def _is_load_only(conversion) -> bool:
     """A quantizer's deserialization converter (its ops carry ``hf_quantizer``, as transformers itself tests)."""
     return any(getattr(op, "hf_quantizer", None) is not None for op in getattr(conversion, "operations", ()) or ())
@@ -254,15 +269,6 @@ def _install():
             return upstream
         return expert_weight_converters(self) + list(upstream)
 
-    @wraps(original_state_dict)
-    def get_state_dict_and_metadata(self, model, *args, **kwargs):
-        state_dict, metadata = original_state_dict(self, model, *args, **kwargs)
-        if not any(True for _ in _quantized_tensors(model)):
-            return state_dict, metadata
-        if state_dict is None:
-            state_dict = model.state_dict()
-        return quantized_expert_state_dict(model, dict(state_dict)), metadata
-
     @wraps(original_revert)
     def revert_weight_conversion(model, state_dict, *args, **kwargs):
         owned = {f"{prefix}{name}": None for prefix, _, name, _ in _quantized_tensors(model)}
@@ -287,7 +293,7 @@ def _install():
     return chain_undo([
         swap_attr(cml, "set_param_for_module", set_param_for_module),
         swap_attr(Bnb4BitHfQuantizer, "get_weight_conversions", get_weight_conversions),
-        swap_attr(Bnb4BitHfQuantizer, "get_state_dict_and_metadata", get_state_dict_and_metadata),
+        swap_attr(Bnb4BitHfQuantizer, "get_state_dict_and_metadata", saving_quantized_experts(original_state_dict)),
         swap_attr(mu, "revert_weight_conversion", revert_weight_conversion),
     ])
 

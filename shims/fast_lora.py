@@ -68,7 +68,7 @@ def _chain(wrapper):
 
 def plan_of(wrapper) -> FastPlan | str:
     """A FastPlan when the fast path can run ``wrapper`` (an outermost ParamWrapper), else the reason why not."""
-    from .quant import dequantize_param, quantized_parametrization  # noqa: F401
+    from .quant import quantized_parametrization
 
     if not ENABLED:
         return "fast path disabled (shims.fast_lora.ENABLED = False)"

@@ -117,7 +117,7 @@ def _install():
     from transformers.modeling_utils import PreTrainedModel
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer as Q
 
-    from .checkpoint import _quantized_tensors, quantized_expert_state_dict
+    from .checkpoint import saving_quantized_experts
     from .quant import _skip_patterns, quantize_model_experts
 
     original_needs = Q.param_needs_quantization
@@ -165,21 +165,12 @@ def _install():
             log.info("4-bit experts: %d loaded pre-quantized, %d quantized after loading", installed, swept)
         return original_after(self, model, **kwargs)
 
-    @wraps(original_state_dict)
-    def get_state_dict_and_metadata(self, model, *args, **kwargs):
-        state_dict, metadata = original_state_dict(self, model, *args, **kwargs)
-        if not any(True for _ in _quantized_tensors(model)):
-            return state_dict, metadata
-        if state_dict is None:
-            state_dict = model.state_dict()
-        return quantized_expert_state_dict(model, dict(state_dict)), metadata
-
     return chain_undo([
         swap_attr(PreTrainedModel, "_load_pretrained_model", classmethod(_load_pretrained_model)),
         swap_attr(Q, "param_needs_quantization", param_needs_quantization),
         swap_attr(Q, "create_quantized_param", create_quantized_param),
         swap_attr(Q, "_process_model_after_weight_loading", process_model_after_weight_loading),
-        swap_attr(Q, "get_state_dict_and_metadata", get_state_dict_and_metadata),
+        swap_attr(Q, "get_state_dict_and_metadata", saving_quantized_experts(original_state_dict)),
     ])
 
 
