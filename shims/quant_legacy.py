@@ -89,7 +89,7 @@ def install_pending(hf_quantizer, model) -> int:
     """Install the pre-quantized expert tensors collected while loading; returns how many."""
     from bitsandbytes.functional import QuantState
 
-    from .checkpoint import install_saved_expert
+    from .checkpoint import _storage_problem, install_saved_expert
     from .quant import ExpertQuantError
 
     pending = hf_quantizer.__dict__.pop(_PENDING_ATTR, {})
@@ -103,6 +103,9 @@ def install_pending(hf_quantizer, model) -> int:
                 f"{tensor_path}: the checkpoint stores packed {packed.dtype} data {tuple(packed.shape)} for this "
                 f"expert tensor but no 4-bit quantization state ({tensor_path}.absmax, "
                 ".quant_state.bitsandbytes__nf4 ...); refusing to load packed bytes as weights")
+        problem = _storage_problem(packed, hf_quantizer)
+        if problem is not None:
+            raise ExpertQuantError(f"{tensor_path}: {problem}; refusing to load it")
         try:
             state = QuantState.from_dict(parts, device=packed.device)
         except (KeyError, ValueError, AssertionError) as exc:
@@ -147,7 +150,9 @@ def _install():
         if found is None:
             return original_create(self, model, param_value, param_name, target_device, *args, **kwargs)
         module_path, module, name, stat = found
-        if self.pre_quantized and not (stat == "" and param_value.is_floating_point()):
+        # Packed data is 2D (n, 1) whatever its storage dtype (a float quant_storage too); float weights are 3D.
+        float_weights = stat == "" and param_value.is_floating_point() and param_value.dim() == 3
+        if self.pre_quantized and not float_weights:
             parts = self.__dict__.setdefault(_PENDING_ATTR, {}).setdefault(f"{module_path}.{name}", {})
             parts[stat] = param_value.to(target_device)
             return None

@@ -113,3 +113,22 @@ def test_packed_experts_without_their_state_are_refused(legacy_shims, gpt_oss_ch
     save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(ExpertQuantError, match=r"model\.layers\.0\.mlp\.experts\.down_proj"):
         AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+
+
+def test_float_quant_storage_round_trips_or_is_refused(legacy_shims, gpt_oss_checkpoint, tmp_path):
+    """Packed bytes stored in a float dtype must never be taken for float weights (and re-quantized)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from shims import quant
+
+    model = q4_load(gpt_oss_checkpoint, bnb_4bit_quant_storage=torch.float32)
+    model.save_pretrained(tmp_path)
+    try:
+        again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    except quant.ExpertQuantError as exc:
+        assert "quant_storage" in str(exc)
+        return
+    assert quant.expert_storage(again)["quantized"] == 2 * model.config.num_hidden_layers
+    with torch.no_grad():
+        assert torch.equal(again(q4_ids()).logits, model(q4_ids()).logits)
