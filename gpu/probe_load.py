@@ -1,4 +1,8 @@
-"""Where does the 4-bit load's GPU peak happen? Records allocated/peak after every loader step."""
+"""Where does a 4-bit load's GPU peak happen? Prints allocated / peak GPU memory (GiB) after the warm-up
+reservation and after every loader step that raised the peak, for a checkpoint loaded with the shims applied.
+
+    PYTHONPATH=. python3 gpu/probe_load.py CHECKPOINT_DIR     (on a CUDA machine; see gpu/run.sh for the wheels)
+"""
 import sys, glob, torch
 sys.path.insert(0, ".")
 import shims
