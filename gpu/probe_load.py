@@ -3,7 +3,9 @@ reservation and after every loader step that raised the peak, for a checkpoint l
 
     PYTHONPATH=. python3 gpu/probe_load.py CHECKPOINT_DIR     (on a CUDA machine; see gpu/run.sh for the wheels)
 """
-import sys, glob, torch
+import sys
+
+import torch
 sys.path.insert(0, ".")
 import shims
 shims.apply()
