@@ -81,10 +81,10 @@ def _major(version: str) -> int:
 def _target_layout(adapter_dir: Path, base) -> str | None:
     """What shims.convert_adapter must produce for the installed peft and this base, or None if nothing."""
     from shims import layout
+    from shims.quant import iter_expert_modules
 
     per_expert = _is_per_expert_adapter(adapter_dir)
-    experts = [m for n, m in base.named_modules() if n.endswith(".experts")]
-    fused_base = any(getattr(m, "gate_up_proj", None) is not None for m in experts)
+    fused_base = any(True for _ in iter_expert_modules(base))
     if per_expert and not fused_base:
         return None  # 4.57 -> 4.57: nothing to convert
     # decided on this base's experts modules: peft's convention follows their is_transposed attribute, which

@@ -61,13 +61,40 @@ def quantized_expert_state_dict(model, state_dict: dict) -> dict:
     return state_dict
 
 
-def _is_quantized_expert_key(key: str, owned: dict) -> bool:
-    base = key
+def split_stat_key(key: str) -> tuple[str, str]:
+    """("...experts.gate_up_proj", "absmax") for a saved QuantState key; (key, "") for the tensor itself."""
     for stat in _STAT_NAMES:
         if key.endswith("." + stat):
-            base = key[: -len(stat) - 1]
-            break
-    return base in owned
+            return key[: -len(stat) - 1], stat
+    return key, ""
+
+
+def _is_quantized_expert_key(key: str, owned: dict) -> bool:
+    return split_stat_key(key)[0] in owned
+
+
+def saved_quant_state(packed, stats: dict, hf_quantizer):
+    """(QuantState, None) rebuilt from saved packed data + its QuantState keys, or (None, why it cannot be)."""
+    from bitsandbytes.functional import QuantState
+
+    if packed is None:
+        return None, f"quantization state {sorted(stats)} without the packed data (incomplete checkpoint)"
+    problem = _storage_problem(packed, hf_quantizer)
+    if problem is not None:
+        return None, problem
+    try:
+        return QuantState.from_dict(stats, device=packed.device), None
+    except (KeyError, ValueError, AssertionError) as exc:
+        return None, f"unreadable quantization state {sorted(stats)}: {exc!r}"
+
+
+def packed_without_state_error(tensor_path: str, packed):
+    from .quant import ExpertQuantError
+
+    return ExpertQuantError(
+        f"{tensor_path}: the checkpoint stores packed {packed.dtype} data {tuple(packed.shape)} for this expert "
+        f"tensor but no 4-bit quantization state ({tensor_path}.absmax, .quant_state.bitsandbytes__nf4 ...); "
+        "refusing to load packed bytes as weights")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -124,30 +151,15 @@ def _make_ops():
 
         def convert(self, input_dict, *args, full_layer_name=None, **kwargs):
             import torch
-            from bitsandbytes.functional import QuantState
 
             values = {self.stats.get(k, k): (v[0] if isinstance(v, list) else v) for k, v in input_dict.items()}
             packed = values.pop("", None)
-            if packed is None:
-                marker = torch.empty(0, device="meta")
-                setattr(marker, _ERROR_ATTR, f"quantization state {sorted(values)} without the packed data "
-                                             "(incomplete checkpoint)")
-                return {self.name: marker}
-            if not values:
+            if packed is not None and not values:
                 return {self.name: packed}  # float experts, or packed bytes without state: set_param decides
-            problem = _storage_problem(packed, self.hf_quantizer)
-            if problem is not None:
-                out = torch.nn.Parameter(packed, requires_grad=False)
-                setattr(out, _ERROR_ATTR, problem)
-                return {self.name: out}
-            try:
-                state = QuantState.from_dict(values, device=packed.device)
-            except (KeyError, ValueError, AssertionError) as exc:
-                out = torch.nn.Parameter(packed, requires_grad=False)
-                setattr(out, _ERROR_ATTR, f"unreadable quantization state {sorted(values)}: {exc!r}")
-                return {self.name: out}
-            out = torch.nn.Parameter(packed, requires_grad=False)
-            setattr(out, _STATE_ATTR, state)
+            state, problem = saved_quant_state(packed, values, self.hf_quantizer)
+            out = (torch.empty(0, device="meta") if packed is None
+                   else torch.nn.Parameter(packed, requires_grad=False))
+            setattr(out, _STATE_ATTR if problem is None else _ERROR_ATTR, state if problem is None else problem)
             return {self.name: out}
 
         @property
@@ -194,10 +206,7 @@ def _store_loaded(model, target_name: str, value) -> bool:
     if state is None:
         if value.is_floating_point():
             return False
-        raise ExpertQuantError(
-            f"{target_name}: the checkpoint stores packed {value.dtype} data {tuple(value.shape)} for this expert "
-            f"tensor but no 4-bit quantization state ({target_name}.absmax, .quant_state.bitsandbytes__nf4 ...); "
-            "refusing to load packed bytes as weights")
+        raise packed_without_state_error(target_name, value)
     module = model.get_submodule(module_path) if module_path else model
     install_saved_expert(module, module_path, name, value.data, state)
     return True
@@ -213,6 +222,7 @@ def install_saved_expert(module, module_path: str, name: str, packed, state) -> 
         raise ExpertQuantError(f"{module_path}.{name}: packed data holds {stored} bytes, its quantization state "
                                f"describes {tuple(state.shape)} ({expected} bytes); refusing to load it")
     install_packed_param(module, name, packed, state, owner=module_path)
+    log.debug("loaded %s.%s %s as packed 4-bit %s", module_path, name, tuple(state.shape), state.quant_type)
 
 
 def saving_quantized_experts(original_state_dict):

@@ -210,7 +210,9 @@ def expected_layout(base, peft_version: str | None = None) -> str:
 
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(base)
-    modules = _fused_experts_modules(model)
+    from .quant import iter_expert_modules  # by structure; never reads (dequantizes) 4-bit expert tensors
+
+    modules = [m for _, m in iter_expert_modules(model)]
     if not modules:
         raise ValueError(f"{type(model).__name__} has no fused experts module (3D gate_up_proj / down_proj)")
     declared = {_declares_transposed(m) for m in modules}
@@ -222,15 +224,6 @@ def expected_layout(base, peft_version: str | None = None) -> str:
     if layout is None:
         raise ValueError(f"peft {peft_version!r}: no known expert LoRA convention for this version")
     return layout
-
-
-def _fused_experts_modules(model) -> list:
-    # parameters registered directly, or under a torch parametrization (4-bit experts): never read them here,
-    # a parametrized read would dequantize
-    def holds(module, name):
-        return name in module._parameters or name in getattr(module, "parametrizations", {})
-
-    return [m for m in model.modules() if any(holds(m, p) for p in _EXPERT_PARAMS)]
 
 
 def _declares_transposed(module) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import re
 from dataclasses import dataclass
 from functools import wraps
@@ -287,16 +288,12 @@ def effective_blocksize(blocksize=None) -> int:
 
 def experts_split_into_blocks(expert_shape, blocksize: int, quant_storage) -> bool:
     """True when one expert (d1, d2) is whole 4-bit blocks and whole storage elements: chunking is then exact."""
-    per_expert = 1
-    for d in expert_shape:
-        per_expert *= d
+    per_expert = math.prod(expert_shape)
     return per_expert > 0 and per_expert % blocksize == 0 and (per_expert // 2) % quant_storage.itemsize == 0
 
 
 def experts_per_chunk(expert_shape, chunk_elements: int | None = None) -> int:
-    per_expert = 1
-    for d in expert_shape:
-        per_expert *= d
+    per_expert = math.prod(expert_shape)
     return max(1, (chunk_elements or CHUNK_ELEMENTS) // max(per_expert, 1))
 
 
@@ -332,8 +329,6 @@ def quantize_experts_chunked(tensor, compute_dtype, blocksize=None, compress_sta
 
 def quantize_expert_param(module, name: str, settings: QuantSettings, owner: str = "") -> None:
     """Replace the float 3D tensor ``module.<name>`` by packed 4-bit storage + a dequantizing parametrization."""
-    from .forward import install_forward_hooks
-
     torch, P = _torch_nn()
     owner = owner or type(module).__name__
     label = f"{owner}.{name}"
@@ -353,22 +348,15 @@ def quantize_expert_param(module, name: str, settings: QuantSettings, owner: str
         quant_type=settings.quant_type,
         quant_storage=settings.quant_storage or torch.uint8,
     )
-    settings = QuantSettings(settings.quant_type, settings.compress_statistics, compute_dtype,
-                             packed.dtype, quant_state.blocksize)
-    del module._parameters[name]
-    packed_param = torch.nn.Parameter(packed, requires_grad=False)
-    packed_param._is_hf_initialized = True  # transformers must never re-initialise packed bytes
-    module.register_parameter(name, packed_param)
-    P.register_parametrization(module, name, parametrization_class()(quant_state, settings, label), unsafe=True)
-    install_forward_hooks(module)
+    install_packed_param(module, name, packed, quant_state, owner=owner)
     log.debug("quantized %s %s -> 4-bit %s", label, tuple(quant_state.shape), settings.quant_type)
 
 
 def install_packed_param(module, name: str, packed, quant_state, owner: str = "") -> None:
-    """Store already packed 4-bit data + its QuantState as ``module.<name>`` (a saved 4-bit checkpoint).
+    """Store packed 4-bit data + its QuantState as ``module.<name>`` (just quantized, or read from a saved checkpoint).
 
-    Replaces the (usually meta) float placeholder without ever materialising it in float: the logical shape and
-    dtype come from ``quant_state``.
+    Replaces the float tensor or (usually meta) placeholder without materialising it in float: the logical shape
+    and dtype come from ``quant_state``.
     """
     from .forward import install_forward_hooks
 
@@ -385,11 +373,10 @@ def install_packed_param(module, name: str, packed, quant_state, owner: str = ""
                              quant_state.blocksize)
     module._parameters.pop(name, None)
     packed_param = torch.nn.Parameter(packed.detach(), requires_grad=False)
-    packed_param._is_hf_initialized = True
+    packed_param._is_hf_initialized = True  # transformers must never re-initialise packed bytes
     module.register_parameter(name, packed_param)
     P.register_parametrization(module, name, parametrization_class()(quant_state, settings, label), unsafe=True)
     install_forward_hooks(module)
-    log.debug("loaded %s %s as packed 4-bit %s", label, tuple(quant_state.shape), quant_state.quant_type)
 
 
 def requantize_param(module, name: str, value) -> None:
@@ -709,14 +696,12 @@ def _install() -> callable:
     def set_param_for_module(model, target_name, param_value, *args, **kwargs):
         result = original_set(model, target_name, param_value, *args, **kwargs)
         hf_quantizer = kwargs.get("hf_quantizer", args[-1] if args else None)
-        module_path, _, param_name = target_name.rpartition(".")
-        if param_name not in EXPERT_WEIGHT_NAMES or hf_quantizer is None or not _is_bnb_4bit(hf_quantizer):
-            return result
         if getattr(hf_quantizer, "pre_quantized", False) and not param_value.is_floating_point():
             return result  # packed data of a saved 4-bit checkpoint: handled by the reload path
-        module = model.get_submodule(module_path) if module_path else model
-        if param_name not in expert_weight_names(module) or _skipped(module_path, _skip_patterns(hf_quantizer)):
+        claimed = claimed_expert_tensor(hf_quantizer, model, target_name)
+        if claimed is None:
             return result
+        module_path, module, param_name = claimed
         raw = _raw_tensor(module, param_name)
         # If upstream ever quantizes experts itself the tensor arrives non-float: then we leave it alone.
         if raw is not None and raw.is_floating_point() and raw.device.type != "meta":

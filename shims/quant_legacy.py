@@ -45,22 +45,13 @@ def _needed() -> str | None:
     return None
 
 
-def _split_stat(param_name: str) -> tuple[str, str]:
-    """("...experts.gate_up_proj", "absmax") for a QuantState key; (param_name, "") for the tensor itself."""
-    from .checkpoint import _STAT_NAMES
-
-    for stat in _STAT_NAMES:
-        if param_name.endswith("." + stat):
-            return param_name[: -len(stat) - 1], stat
-    return param_name, ""
-
-
 def expert_tensor_of(hf_quantizer, model, param_name: str):
     """(module path, module, tensor name, stat) when ``param_name`` is a fused expert tensor (or one of its saved
     QuantState keys) that this quantizer should store in 4-bit; None for everything else."""
+    from .checkpoint import split_stat_key
     from .quant import claimed_expert_tensor
 
-    tensor_path, stat = _split_stat(param_name)
+    tensor_path, stat = split_stat_key(param_name)
     claimed = claimed_expert_tensor(hf_quantizer, model, tensor_path)
     return None if claimed is None else (*claimed, stat)
 
@@ -87,29 +78,17 @@ def _missing_state_error(tensor_path: str, value):
 
 def install_pending(hf_quantizer, model) -> int:
     """Install the pre-quantized expert tensors collected while loading; returns how many."""
-    from bitsandbytes.functional import QuantState
-
-    from .checkpoint import _storage_problem, install_saved_expert
+    from .checkpoint import install_saved_expert, packed_without_state_error, saved_quant_state
     from .quant import ExpertQuantError
 
     pending = hf_quantizer.__dict__.pop(_PENDING_ATTR, {})
     for tensor_path, parts in pending.items():
         packed = parts.pop("", None)
-        if packed is None:
-            raise ExpertQuantError(f"{tensor_path}: quantization state {sorted(parts)} without the packed data "
-                                   "(incomplete checkpoint)")
-        if not parts:
-            raise ExpertQuantError(
-                f"{tensor_path}: the checkpoint stores packed {packed.dtype} data {tuple(packed.shape)} for this "
-                f"expert tensor but no 4-bit quantization state ({tensor_path}.absmax, "
-                ".quant_state.bitsandbytes__nf4 ...); refusing to load packed bytes as weights")
-        problem = _storage_problem(packed, hf_quantizer)
+        if packed is not None and not parts:
+            raise packed_without_state_error(tensor_path, packed)
+        state, problem = saved_quant_state(packed, parts, hf_quantizer)
         if problem is not None:
             raise ExpertQuantError(f"{tensor_path}: {problem}; refusing to load it")
-        try:
-            state = QuantState.from_dict(parts, device=packed.device)
-        except (KeyError, ValueError, AssertionError) as exc:
-            raise ExpertQuantError(f"{tensor_path}: unreadable quantization state {sorted(parts)}: {exc!r}") from exc
         module_path, _, name = tensor_path.rpartition(".")
         module = model.get_submodule(module_path) if module_path else model
         install_saved_expert(module, module_path, name, packed, state)

@@ -289,12 +289,18 @@ def test_regex_target_modules_carry_over_to_fused_unless_they_match_the_experts_
 
 
 # ---------------------------------------------------------------- gpt_oss: (E, in, out) experts, fused on 4.57 too
+def _experts_modules(model) -> list:
+    from shims.quant import iter_expert_modules
+
+    return [m for _, m in iter_expert_modules(model)]
+
+
 def _gpt_oss_adapter(tiny_moe, path, declare_transposed=False, **dims):
     """A tiny gpt_oss with an expert LoRA saved at ``path``; ``declare_transposed`` sets is_transposed on its
     experts modules first, which is what peft sees on transformers 5.x (4.57's gpt_oss forward ignores it)."""
     base = tiny_moe("gpt_oss", dtype=torch.float32, **dims)
     if declare_transposed:
-        for module in layout._fused_experts_modules(base):
+        for module in _experts_modules(base):
             module.is_transposed = True
     torch.manual_seed(3)
     cfg = peft.LoraConfig(r=3, lora_alpha=6, target_modules=["q_proj"], init_lora_weights=False,
@@ -312,9 +318,9 @@ def test_gpt_oss_adapter_moves_between_undeclared_and_declared_is_transposed(tmp
     """transformers 4.57's gpt_oss experts lack is_transposed, so peft >= 0.19 swaps their LoRA where 5.x's do not
     (and peft 0.18 never swaps). Train on one, convert to expected_layout of the other, load: same logits."""
     target = tiny_moe("gpt_oss", dtype=torch.float32)
-    if any(hasattr(m, "is_transposed") for m in layout._fused_experts_modules(target)):
+    if any(hasattr(m, "is_transposed") for m in _experts_modules(target)):
         pytest.skip("this transformers' gpt_oss declares is_transposed and its forward reads it: cannot toggle it")
-    for module in layout._fused_experts_modules(target):
+    for module in _experts_modules(target):
         module.is_transposed = not trained_declared
     model = _gpt_oss_adapter(tiny_moe, tmp_path / "src", declare_transposed=trained_declared)
     with torch.no_grad():
