@@ -144,9 +144,6 @@ def mutations(session: nox.Session) -> None:
     session.notify("report", [])
 
 
-BENCH_CELLS = {"tf5": Cell("latest", "latest", "latest"), "tf457": Cell("4.57.6", "0.18.1", "0.25.1")}
-
-
 @nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
     """Side by side: 5.x + shims 4-bit, 5.x bf16, 5.x native "4-bit", 4.57.6 native 4-bit -> reports/BENCH.md.
@@ -160,11 +157,12 @@ def bench(session: nox.Session) -> None:
     if not (other / "bin" / "python").exists():
         subprocess.run([install.uv_executable(), "venv", "-q", "-p", PYTHON, str(other)], check=True)
     pythons["tf457"] = str(other / "bin" / "python")
+    cells = MATRIX.bench_cells()
     for label, python in pythons.items():
         try:
-            install.install(python, BENCH_CELLS[label], MATRIX.environment, float(MATRIX.run["install_timeout_s"]))
+            install.install(python, cells[label], MATRIX.environment, float(MATRIX.run["install_timeout_s"]))
         except install.InstallError as exc:
-            session.error(f"bench: cannot install {BENCH_CELLS[label].name}: {exc.message}")
+            session.error(f"bench: cannot install {cells[label].name}: {exc.message}")
     interps = [f"--interp={label}={python}" for label, python in pythons.items()]
     session.run("python", "-m", "harness", "bench", *interps, *session.posargs, env={"PYTHONPATH": str(REPO)})
 

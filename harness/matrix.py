@@ -73,6 +73,7 @@ class Matrix:
     quants: dict[str, dict]
     test_lanes: tuple[Cell, ...] = ()
     mutations: dict = field(default_factory=dict, hash=False, compare=False)
+    bench: dict = field(default_factory=dict, hash=False, compare=False)
 
     def on_device(self, device: str) -> "Matrix":
         """The same matrix with its cases placed on ``device`` ("cpu" or "cuda")."""
@@ -82,6 +83,10 @@ class Matrix:
 
     def mutation_cell(self) -> Cell:
         return Cell(**self.mutations["cell"])
+
+    def bench_cells(self) -> dict[str, Cell]:
+        """Interpreter label -> the cell installed for it by ``nox -s bench``."""
+        return {label: Cell(**pins) for label, pins in self.bench.items()}
 
     def test_cells(self) -> list[Cell]:
         return list(self.test_lanes)
@@ -135,7 +140,7 @@ def load_matrix(path: Path = MATRIX_FILE) -> Matrix:
         full = {p: [check_version(p, v) for v in data["full"][p]] for p in PACKAGES}
         tests = tuple(Cell(**lane) for lane in data.get("test_lane", []))
         matrix = Matrix(data["environment"], data["run"], lanes, full, data["arch_common"], archs, data["quant"],
-                        tests, data.get("mutations", {}))
+                        tests, data.get("mutations", {}), data.get("bench", {}))
     except (KeyError, TypeError) as exc:
         raise MatrixError(f"{path}: malformed matrix ({type(exc).__name__}: {exc})") from exc
     names = [c.name for c in lanes]

@@ -75,3 +75,11 @@ def test_malformed_matrix_file_is_a_clear_error(tmp_path):
     bad.write_text('[environment]\npython = "3.11"\n')
     with pytest.raises(MatrixError, match="malformed matrix"):
         load_matrix(bad)
+
+
+def test_bench_cells_cover_every_label_the_bench_targets_read():
+    from harness import bench
+    from harness.matrix import load_matrix
+
+    labels = {key.split(":")[0] for target in bench.TARGETS for key, _ in (target[1], target[2])}
+    assert set(load_matrix().bench_cells()) == labels
