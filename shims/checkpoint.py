@@ -39,14 +39,13 @@ _ERROR_ATTR = "_shims_state_error"
 
 
 def _quantized_tensors(model):
-    """(key prefix, module, tensor name, parametrization) for every shim-quantized expert tensor of ``model``."""
-    from .quant import EXPERT_WEIGHT_NAMES, quantized_parametrization
+    """(key prefix, module, tensor name, parametrization) for every shim-quantized tensor of ``model`` (fused
+    experts; router weights, which are then saved exactly as a Linear4bit weight)."""
+    from .quant import quantized_parametrization, quantized_tensor_names
 
     for module_name, module in model.named_modules():
-        for name in EXPERT_WEIGHT_NAMES:
-            param = quantized_parametrization(module, name)
-            if param is not None:
-                yield (f"{module_name}." if module_name else ""), module, name, param
+        for name in quantized_tensor_names(module):
+            yield (f"{module_name}." if module_name else ""), module, name, quantized_parametrization(module, name)
 
 
 def quantized_expert_state_dict(model, state_dict: dict) -> dict:
@@ -212,6 +211,26 @@ def _store_loaded(model, target_name: str, value) -> bool:
     return True
 
 
+def _store_loaded_router(model, target_name: str, value) -> bool:
+    """Store a saved 4-bit router weight; False when ``value`` is not one.
+
+    Router weights are saved with Linear4bit's keys, so upstream's own bnb deserializer rebuilds them as a
+    ``Params4bit`` (and sets ``module.quant_state``, as it does for a Linear4bit). A router is no Linear4bit: its
+    forward would multiply the packed bytes. The data + state go into the shims' 4-bit storage instead.
+    """
+    from .quant_router import ROUTER_WEIGHT, is_router_path
+
+    state = getattr(value, "quant_state", None)  # set only on a Params4bit: float quant_storage is packed too
+    module_path, _, name = target_name.rpartition(".")
+    if state is None or name != ROUTER_WEIGHT or not is_router_path(model, module_path):
+        return False
+    module = model.get_submodule(module_path)
+    if getattr(module, "quant_state", None) is state:
+        del module.quant_state
+    install_saved_expert(module, module_path, name, value.data, state)
+    return True
+
+
 def install_saved_expert(module, module_path: str, name: str, packed, state) -> None:
     """Store saved packed data + its QuantState as ``module.<name>`` after checking that they describe each other."""
     from .quant import ExpertQuantError, install_packed_param
@@ -266,7 +285,7 @@ def _install():
 
     @wraps(original_set)
     def set_param_for_module(model, target_name, param_value, *args, **kwargs):
-        if _store_loaded(model, target_name, param_value):
+        if _store_loaded(model, target_name, param_value) or _store_loaded_router(model, target_name, param_value):
             bound = set_signature.bind(model, target_name, param_value, *args, **kwargs)
             bound.arguments["loading_info"].missing_keys.discard(target_name)
             return None

@@ -6,12 +6,13 @@ from .registry import Registry
 
 
 def all_patches() -> tuple:
-    from . import checkpoint, fast_lora, merge, peft_compat, peft_experts, quant, quant_legacy
+    from . import checkpoint, fast_lora, merge, peft_compat, peft_experts, quant, quant_legacy, quant_router
 
-    return (tuple(quant.PATCHES) + tuple(quant_legacy.PATCHES) + tuple(checkpoint.PATCHES)
-            + tuple(peft_experts.PATCHES) + tuple(merge.PATCHES)
-            + tuple(fast_lora.PATCHES)  # quant/quant_legacy/checkpoint/peft_experts/merge/fast_lora: 4-bit experts
-            + tuple(peft_compat.PATCHES))
+    # quant ... fast_lora: 4-bit experts and routers; the checkpoint patch wraps the loader outermost, so it sees
+    # saved 4-bit tensors before the load-time quantizers do.
+    return (tuple(quant.PATCHES) + tuple(quant_router.PATCHES) + tuple(quant_legacy.PATCHES)
+            + tuple(checkpoint.PATCHES) + tuple(peft_experts.PATCHES) + tuple(merge.PATCHES)
+            + tuple(fast_lora.PATCHES) + tuple(peft_compat.PATCHES))
 
 
 def build_registry() -> Registry:

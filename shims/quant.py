@@ -159,6 +159,12 @@ def quantized_parametrization(module, name: str):
     return None
 
 
+def quantized_tensor_names(module) -> tuple[str, ...]:
+    """Names of every tensor of ``module`` itself stored 4-bit by the shims (expert weights, a router's weight)."""
+    names = getattr(module, "parametrizations", None) or {}
+    return tuple(n for n in names if quantized_parametrization(module, n) is not None)
+
+
 def _raw_tensor(module, name: str):
     """The stored tensor under ``name`` without evaluating a parametrization (None if absent)."""
     _, P = _torch_nn()
@@ -367,8 +373,10 @@ def install_packed_param(module, name: str, packed, quant_state, owner: str = ""
         raise ExpertQuantError(f"{label}: packed 4-bit data without quantization state (QuantState)")
     if P.is_parametrized(module, name):
         raise ExpertQuantError(f"{label}: already parametrized; expected the float placeholder of a fresh model")
-    if len(quant_state.shape) != 3:
-        raise ExpertQuantError(f"{label}: quantization state has shape {tuple(quant_state.shape)}; expected 3D experts")
+    dims = 3 if name in EXPERT_WEIGHT_NAMES else 2  # fused experts, or a router's (num_experts, hidden) weight
+    if len(quant_state.shape) != dims:
+        raise ExpertQuantError(f"{label}: quantization state has shape {tuple(quant_state.shape)}; expected a "
+                               f"{dims}D {'experts' if dims == 3 else 'router'} tensor")
     settings = QuantSettings(quant_state.quant_type, bool(quant_state.nested), quant_state.dtype, packed.dtype,
                              quant_state.blocksize)
     module._parameters.pop(name, None)
@@ -376,7 +384,8 @@ def install_packed_param(module, name: str, packed, quant_state, owner: str = ""
     packed_param._is_hf_initialized = True  # transformers must never re-initialise packed bytes
     module.register_parameter(name, packed_param)
     P.register_parametrization(module, name, parametrization_class()(quant_state, settings, label), unsafe=True)
-    install_forward_hooks(module)
+    if dims == 3:
+        install_forward_hooks(module)  # a router reads its weight once per forward: no cache or cast needed
 
 
 def requantize_param(module, name: str, value) -> None:
@@ -661,21 +670,20 @@ def stream_quantize_converter(converter, layer_name, module, name, settings, mod
 def _loaded_from_checkpoint(module) -> bool:
     """True when every tensor of ``module`` itself, 4-bit expert data included, carries transformers' "loaded" flag."""
     tensors = list(module.parameters(recurse=False)) + [b for b in module.buffers(recurse=False) if b is not None]
-    tensors += [module.parametrizations[n].original for n in EXPERT_WEIGHT_NAMES
-                if quantized_parametrization(module, n) is not None]
+    tensors += [module.parametrizations[n].original for n in quantized_tensor_names(module)]
     return all(getattr(t, "_is_hf_initialized", False) for t in tensors)
 
 
 def skip_init_of_loaded_experts() -> callable:
-    """Wrap PreTrainedModel._initialize_weights so a fully loaded 4-bit experts module is not initialised again
-    (which would only dequantize it into a discarded copy). Returns the undo."""
+    """Wrap PreTrainedModel._initialize_weights so a fully loaded module holding shim 4-bit tensors (experts, a
+    router) is not initialised again (which would only dequantize it into a discarded copy). Returns the undo."""
     from transformers.modeling_utils import PreTrainedModel
 
     original_init = PreTrainedModel._initialize_weights
 
     @wraps(original_init)
     def _initialize_weights(self, module, *args, **kwargs):
-        if is_quantized_experts(module) and _loaded_from_checkpoint(module):
+        if quantized_tensor_names(module) and _loaded_from_checkpoint(module):
             module._is_hf_initialized = True
             return None
         return original_init(self, module, *args, **kwargs)

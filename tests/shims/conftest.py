@@ -145,8 +145,8 @@ def q4_reference(qmodel, path):
             if isinstance(module, bnb.nn.Linear4bit):
                 w = module.weight
                 ref.get_submodule(name).weight.copy_(BF.dequantize_4bit(w.data, w.quant_state))
-            elif quant.is_quantized_experts(module) and not hasattr(module, "base_layer"):
-                for pname in quant.expert_weight_names(module):
+            elif quant.quantized_tensor_names(module) and not hasattr(module, "base_layer"):
+                for pname in quant.quantized_tensor_names(module):  # experts, and routers when those are 4-bit
                     getattr(ref.get_submodule(name), pname).copy_(quant.dequantize_param(module, pname))
     ref.set_experts_implementation(qmodel.config._experts_implementation)
     return ref

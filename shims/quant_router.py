@@ -1,0 +1,235 @@
+"""4-bit MoE routers (transformers 5.x), as transformers 4.x stored them.
+
+transformers 4.x built most MoE routers as ``nn.Linear`` (qwen3_moe, mixtral ``mlp.gate``), so
+``load_in_4bit`` made them ``Linear4bit``. From 5.0 a router is its own module holding a plain 2D ``weight``
+(num_experts, hidden) that it applies with ``F.linear(hidden, self.weight)``; bitsandbytes converts only
+``nn.Linear``, so the router stays 16/32-bit. Small (E x H per layer), but the only tensor class that made a 5.x
+4-bit load larger than 4.57's (on a Qwen3-30B-A3B-shaped model: 0.5 MiB bf16 vs 0.14 MiB 4-bit per layer).
+
+The router weight is stored the way the shims store experts (packed bitsandbytes data + QuantState as the
+``original`` of a dequantizing parametrization, see :mod:`shims.quant`), so the router's own forward runs
+unchanged. It dequantizes to the router's own dtype, not ``bnb_4bit_compute_dtype``: routers do not cast their
+input (qwen3_moe, mixtral, gpt_oss multiply in the model dtype; deepseek_v3 / glm4_moe keep the router in float32).
+
+A router is found by STRUCTURE: a leaf module (not ``nn.Linear``) whose parameters are a 2D float ``weight`` and
+at most a 1D ``bias``, sitting next to a fused experts module with as many experts as the weight has rows. Keep
+routers in 16/32-bit as on 4.x: list them in ``llm_int8_skip_modules`` (e.g. ``["gate"]``, ``["router"]``).
+Pre-quantized checkpoints are loaded as saved (see :mod:`shims.checkpoint`); float routers in them stay float.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import wraps
+
+from .quant import (
+    ExpertQuantError,
+    QuantSettings,
+    _AFTER_LOAD,
+    _LOADER,
+    _WARMUP_SIZE,
+    _has_fused_experts,
+    _is_bnb_4bit,
+    _needed,
+    _raw_tensor,
+    _settings_for,
+    _skip_patterns,
+    _skipped,
+    expert_weight_names,
+    install_packed_param,
+    iter_expert_modules,
+    quantized_parametrization,
+)
+from .registry import Patch, chain_undo, swap_attr
+
+log = logging.getLogger("shims")
+
+ROUTER_WEIGHT = "weight"
+
+
+def _num_experts(experts_module) -> int:
+    name = expert_weight_names(experts_module)[0]
+    param = quantized_parametrization(experts_module, name)
+    return param.logical_shape[0] if param is not None else _raw_tensor(experts_module, name).shape[0]
+
+
+def router_shape(module) -> tuple | None:
+    """The logical (rows, cols) of ``module``'s router-like weight: a leaf module, not nn.Linear, whose tensors
+    are a 2D float (or shim 4-bit) ``weight`` and optionally a 1D ``bias``. None when it is not shaped so."""
+    import torch
+
+    if isinstance(module, torch.nn.Linear):
+        return None
+    if set(dict(module.named_children())) - {"parametrizations"}:
+        return None  # not a leaf (our parametrization's container aside)
+    param = quantized_parametrization(module, ROUTER_WEIGHT)
+    if param is not None:
+        return param.logical_shape
+    weight = module._parameters.get(ROUTER_WEIGHT)
+    others = {n: p for n, p in module._parameters.items() if n != ROUTER_WEIGHT and p is not None}
+    if weight is None or weight.dim() != 2 or not weight.is_floating_point():
+        return None
+    if set(others) - {"bias"} or any(p.dim() != 1 for p in others.values()):
+        return None
+    return tuple(weight.shape)
+
+
+def routers_of(parent) -> list[tuple[str, object]]:
+    """(child name, module) of every router next to a fused experts module directly under ``parent``."""
+    children = dict(parent.named_children())
+    counts = {_num_experts(m) for m in children.values() if expert_weight_names(m)}
+    out = []
+    for name, child in children.items():
+        shape = None if expert_weight_names(child) else router_shape(child)
+        if shape is not None and shape[0] in counts:
+            out.append((name, child))
+    return out
+
+
+def iter_routers(model):
+    """(path, module) for every MoE router of ``model`` (one per fused experts module's parent)."""
+    parents = {path.rpartition(".")[0] for path, _ in iter_expert_modules(model)}
+    for parent_path in sorted(parents):
+        parent = model.get_submodule(parent_path) if parent_path else model
+        for name, module in routers_of(parent):
+            yield (f"{parent_path}.{name}" if parent_path else name), module
+
+
+def is_router_path(model, module_path: str) -> bool:
+    parent_path, _, child = module_path.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_path) if parent_path else model
+    except AttributeError:
+        return False
+    return any(name == child for name, _ in routers_of(parent))
+
+
+def claimed_router_weight(hf_quantizer, model, tensor_path: str):
+    """(module path, module) when ``tensor_path`` is a router weight this bnb 4-bit load should store in 4 bits."""
+    if hf_quantizer is None or model is None or not _is_bnb_4bit(hf_quantizer):
+        return None
+    if getattr(hf_quantizer, "pre_quantized", False):
+        return None  # a saved 4-bit checkpoint is loaded as saved: its float routers stay float
+    module_path, _, name = tensor_path.rpartition(".")
+    if name != ROUTER_WEIGHT or not module_path or not is_router_path(model, module_path):
+        return None
+    if _skipped(module_path, _skip_patterns(hf_quantizer)):
+        return None
+    return module_path, model.get_submodule(module_path)
+
+
+def quantize_router(module, settings: QuantSettings, owner: str) -> None:
+    """Replace the router's float 2D weight by packed 4-bit storage dequantizing to the router's own dtype."""
+    import bitsandbytes.functional as F
+    import torch
+
+    if quantized_parametrization(module, ROUTER_WEIGHT) is not None:
+        return
+    weight = module._parameters.get(ROUTER_WEIGHT)
+    if weight is None or weight.dim() != 2 or not weight.is_floating_point():
+        got = None if weight is None else f"{weight.dtype} {tuple(weight.shape)}"
+        raise ExpertQuantError(f"{owner}.{ROUTER_WEIGHT}: expected a float 2D router weight, got {got}")
+    packed, state = F.quantize_4bit(weight.detach().contiguous(), blocksize=settings.blocksize,
+                                    compress_statistics=settings.compress_statistics,
+                                    quant_type=settings.quant_type,
+                                    quant_storage=settings.quant_storage or torch.uint8)
+    install_packed_param(module, ROUTER_WEIGHT, packed, state, owner=owner)
+    log.debug("quantized router %s %s -> 4-bit %s", owner, tuple(state.shape), settings.quant_type)
+
+
+def quantize_model_routers(model, quantization_config, skip_modules=()) -> int:
+    """Quantize every float router weight of a loaded model (not in ``skip_modules``); returns how many."""
+    settings = QuantSettings.from_bnb_config(quantization_config)
+    done = 0
+    for path, module in list(iter_routers(model)):
+        weight = module._parameters.get(ROUTER_WEIGHT)
+        if weight is None or weight.device.type == "meta" or _skipped(path, skip_modules):
+            continue
+        quantize_router(module, settings, path)
+        done += 1
+    return done
+
+
+def router_storage(model) -> dict:
+    """How many routers, how many are stored 4-bit by the shims, and their stored bytes."""
+    from .quant import _quant_state_bytes
+
+    counts = dict(routers=0, quantized=0, bytes=0)
+    for _, module in iter_routers(model):
+        counts["routers"] += 1
+        raw = _raw_tensor(module, ROUTER_WEIGHT)
+        counts["bytes"] += raw.numel() * raw.element_size()
+        param = quantized_parametrization(module, ROUTER_WEIGHT)
+        if param is not None:
+            counts["quantized"] += 1
+            counts["bytes"] += _quant_state_bytes(param.quant_state)
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the patch
+
+
+def _router_needed() -> str | None:
+    if not _has_fused_experts():
+        return ("transformers 4.x builds routers as nn.Linear (quantized natively, Linear4bit) or keeps plain "
+                "float routers (gpt_oss, deepseek_v3, glm4_moe) as 4.x always did")
+    return _needed()
+
+
+def _install():
+    import transformers.core_model_loading as cml
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+    original_set = cml.set_param_for_module
+    original_after = Bnb4BitHfQuantizer._process_model_after_weight_loading
+    original_size = Bnb4BitHfQuantizer.param_element_size if _WARMUP_SIZE.drift() == "ok" else None
+
+    @wraps(original_set)
+    def set_param_for_module(model, target_name, param_value, *args, **kwargs):
+        result = original_set(model, target_name, param_value, *args, **kwargs)
+        hf_quantizer = kwargs.get("hf_quantizer", args[-1] if args else None)
+        claimed = claimed_router_weight(hf_quantizer, model, target_name)
+        if claimed is not None:
+            module_path, module = claimed
+            weight = module._parameters.get(ROUTER_WEIGHT)
+            if weight is not None and weight.is_floating_point() and weight.device.type != "meta":
+                quantize_router(module, _settings_for(hf_quantizer), module_path)
+        return result
+
+    @wraps(original_after)
+    def process_model_after_weight_loading(self, model, **kwargs):
+        # Routers that did not pass through set_param_for_module (missing from the checkpoint -> initialised).
+        if not getattr(self, "pre_quantized", False):
+            n = quantize_model_routers(model, self.quantization_config, _skip_patterns(self))
+            if n:
+                log.info("quantized %d routers after loading", n)
+        return original_after(self, model, **kwargs)
+
+    def param_element_size(self, model, param_name, param, *args, **kwargs):
+        if claimed_router_weight(self, model, param_name) is not None:
+            return 0.5  # 4 bits, as upstream counts a Linear4bit weight
+        return original_size(self, model, param_name, param, *args, **kwargs)
+
+    undos = [
+        swap_attr(cml, "set_param_for_module", set_param_for_module),
+        swap_attr(Bnb4BitHfQuantizer, "_process_model_after_weight_loading", process_model_after_weight_loading),
+    ]
+    if original_size is not None:
+        undos.append(swap_attr(Bnb4BitHfQuantizer, "param_element_size", wraps(original_size)(param_element_size)))
+    return chain_undo(undos)
+
+
+PATCHES: tuple = (
+    Patch(
+        name="quantize_moe_routers",
+        summary="BitsAndBytesConfig(load_in_4bit) also stores MoE router weights (5.x: plain 2D params, 4.x: "
+                "nn.Linear -> Linear4bit) in 4-bit, as 4.x did; llm_int8_skip_modules keeps them float",
+        # Routers became plain parameters together with the fused experts (transformers 5.0): on 4.x they are
+        # nn.Linear (quantized natively) or, where they were already plain (gpt_oss, deepseek_v3), left float.
+        targets=(_LOADER, _AFTER_LOAD) if _has_fused_experts() else (),
+        optional_targets=(_WARMUP_SIZE,) if _has_fused_experts() else (_LOADER, _AFTER_LOAD, _WARMUP_SIZE),
+        needed=_router_needed,
+        install=_install,
+    ),
+)
