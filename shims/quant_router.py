@@ -105,11 +105,17 @@ def is_router_path(model, module_path: str) -> bool:
 
 
 def claimed_router_weight(hf_quantizer, model, tensor_path: str):
-    """(module path, module) when ``tensor_path`` is a router weight this bnb 4-bit load should store in 4 bits."""
-    if hf_quantizer is None or model is None or not _is_bnb_4bit(hf_quantizer):
-        return None
+    """(module path, module) when ``tensor_path`` is a router weight this bnb 4-bit load should quantize."""
     if getattr(hf_quantizer, "pre_quantized", False):
         return None  # a saved 4-bit checkpoint is loaded as saved: its float routers stay float
+    return four_bit_router_weight(hf_quantizer, model, tensor_path)
+
+
+def four_bit_router_weight(hf_quantizer, model, tensor_path: str):
+    """(module path, module) when ``tensor_path`` is a router weight that a bnb 4-bit load stores in 4 bits
+    (quantized now, or already saved so), i.e. a router not in the quantizer's modules_to_not_convert."""
+    if hf_quantizer is None or model is None or not _is_bnb_4bit(hf_quantizer):
+        return None
     module_path, _, name = tensor_path.rpartition(".")
     if name != ROUTER_WEIGHT or not module_path or not is_router_path(model, module_path):
         return None
@@ -207,7 +213,7 @@ def _install():
         return original_after(self, model, **kwargs)
 
     def param_element_size(self, model, param_name, param, *args, **kwargs):
-        if claimed_router_weight(self, model, param_name) is not None:
+        if four_bit_router_weight(self, model, param_name) is not None:
             return 0.5  # 4 bits, as upstream counts a Linear4bit weight
         return original_size(self, model, param_name, param, *args, **kwargs)
 
