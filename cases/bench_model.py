@@ -18,6 +18,7 @@ import resource
 import statistics
 import sys
 import time
+from pathlib import Path
 
 CONFIGS = ("shims-nf4", "shims-nf4-peft-path", "bf16", "native-nf4")
 
@@ -64,7 +65,19 @@ def build(args) -> dict:
         for p in model.parameters():
             p.normal_(0, 0.02)
     model.save_pretrained(args.directory)
+    _keep_readable_by_457(Path(args.directory) / "config.json", args.experts)
     return {"built": args.directory, "params": sum(p.numel() for p in model.parameters())}
+
+
+def _keep_readable_by_457(config_path: Path, experts: int) -> None:
+    """transformers 5.24 saves qwen3_moe's expert count only as ``num_local_experts``; 4.57 reads ``num_experts``
+    (and silently falls back to 128). The one checkpoint serves both rows, so it carries both keys."""
+    config = json.loads(config_path.read_text())
+    if config.setdefault("num_experts", experts) != experts:
+        raise ValueError(f"{config_path}: num_experts={config['num_experts']}, expected {experts}")
+    tmp = config_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config, indent=2) + "\n")
+    os.replace(tmp, config_path)
 
 
 def _rss_bytes() -> int:
@@ -109,6 +122,24 @@ def _expert_storage(model, shims_on: bool) -> dict:
     return expert_storage(model)
 
 
+def _router_bytes(model, shims_on: bool) -> int:
+    """Stored bytes of the MoE routers (``mlp.gate`` of this Qwen3-MoE-shaped model): Linear4bit on 4.57, a plain
+    2D parameter on 5.x, which the shims store 4-bit."""
+    if shims_on:
+        from shims import quant, quant_router
+
+        if quant._has_fused_experts():
+            return quant_router.router_storage(model)["bytes"]
+    from cases.measure import _quant_state_bytes
+
+    total = 0
+    for name, module in model.named_modules():
+        if name.endswith(".mlp.gate"):
+            for p in module.parameters():
+                total += p.numel() * p.element_size() + _quant_state_bytes(getattr(p, "quant_state", None))
+    return total
+
+
 def run(args) -> dict:
     import torch
     import transformers
@@ -137,6 +168,7 @@ def run(args) -> dict:
     out = {"config": args.config, "transformers": transformers.__version__, "device": args.device,
            "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
            "load_s": round(time.perf_counter() - t0, 2), "resident_bytes": mem.now(), "load_peak_bytes": mem.peak(),
+           "router_bytes": _router_bytes(model, shims_on),
            **{f"experts_{k}": v for k, v in _expert_storage(model, shims_on).items()}}
 
     from cases.pipeline import expert_targets

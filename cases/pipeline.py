@@ -135,6 +135,16 @@ class Case:
     def load(self) -> None:
         self.model = self._load_base(self.model_dir)
         self.metrics.update({f"experts_{k}": v for k, v in self._expert_storage(self.model).items()})
+        self.metrics.update({f"routers_{k}": v for k, v in self._router_storage(self.model).items()})
+
+    def _router_storage(self, model) -> dict:
+        """Routers stored 4-bit by the shims (5.x, nf4, shims on): counted where the shims own them, so the rule
+        that reads these counts applies nowhere else (4.x routers are nn.Linear, or float as 4.x always left them)."""
+        if not (self.spec.shims_on and self.spec.quant == "nf4"):
+            return {}
+        from shims import quant, quant_router
+
+        return quant_router.router_storage(model) if quant._has_fused_experts() else {}
 
     def _expert_storage(self, model) -> dict:
         """The shim accounts for the fused experts it stores; per-expert Linear4bit (transformers 4.57) and
@@ -329,6 +339,7 @@ class Case:
         storage = self._expert_storage(reloaded)
         self.metrics["prequantized_experts_quantized"] = storage["quantized"]
         self.metrics["prequantized_expert_tensors"] = storage["expert_tensors"]
+        self.metrics.update({f"prequantized_routers_{k}": v for k, v in self._router_storage(reloaded).items()})
         self.metrics["prequantized_max_abs"] = float((measure.logits(reloaded, self.batch) - before).abs().max())
 
 

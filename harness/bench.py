@@ -111,6 +111,7 @@ def render(doc: dict) -> str:
                                      if r.get("experts_bf16_bytes") else ""),
             "experts 4-bit": (f"{r.get('experts_quantized')}/{r.get('experts_expert_tensors')}"
                               if "experts_expert_tensors" in r else ""),
+            "router MiB": _num(r["router_bytes"] / 2**20 if "router_bytes" in r else None, ".2f"),
             "train step s": _num(r.get("train_step_s"), ".4f"), "train peak GiB": _gib(r.get("train_peak_bytes")),
             "gen tokens/s": _num(r.get("gen_tokens_per_s"), ".1f"), "fast LoRA": _fast_label(key, r),
             "error": r.get("error", ""),
@@ -156,12 +157,12 @@ def _notes(res: dict) -> list[str]:
     if shims.get("resident_bytes") and v457.get("resident_bytes") and shims["resident_bytes"] > v457["resident_bytes"]:
         extra = shims["resident_bytes"] - v457["resident_bytes"]
         expert_gap = (shims.get("experts_bytes") or 0) - (v457.get("experts_bytes") or 0)
+        router_gap = (shims.get("router_bytes") or 0) - (v457.get("router_bytes") or 0)
         out.append(f"- resident: 5.x + shims holds {extra / 2**20:.2f} MiB more than 4.57 "
                    f"({100 * extra / v457['resident_bytes']:.2f} %), of which {expert_gap / 2**20:+.2f} MiB is expert "
-                   "storage (same nf4 blocks; 4.57 keeps one quant_map per expert). The rest lies outside the "
-                   "experts: transformers 4.57 also quantizes each MoE router (an nn.Linear there) to 4-bit, while on "
-                   "5.x the router is a plain parameter the shims deliberately leave in 16-bit, since 4-bit noise "
-                   "there changes which experts a token goes to.")
+                   f"storage and {router_gap / 2**20:+.2f} MiB router storage (4.57 stores its nn.Linear routers as "
+                   "Linear4bit; on 5.x the quantize_moe_routers patch does, unless the routers are listed in "
+                   "llm_int8_skip_modules or the patch did not apply: see shims.status()).")
     if shims.get("load_peak_bytes") and shims.get("resident_bytes"):
         transient = shims["load_peak_bytes"] - shims["resident_bytes"]
         if transient > 0.15 * shims["resident_bytes"]:

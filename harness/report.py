@@ -78,6 +78,8 @@ def case_rows(docs: list[dict]) -> pd.DataFrame:
                 "expert_grad": _fmt(m.get("expert_lora_grad_norm")),
                 "experts_4bit": (f"{m.get('experts_quantized')}/{m.get('experts_expert_tensors')}"
                                  if "experts_expert_tensors" in m else ""),
+                "routers_4bit": (f"{m.get('routers_quantized')}/{m.get('routers_routers')}"
+                                 if "routers_routers" in m else ""),
                 "expert_bytes": (f"{m['experts_bytes'] / m['experts_bf16_bytes']:.2f}x"
                                  if m.get("experts_bf16_bytes") else ""),
                 "merged": (f"{m.get('export_applied')}/{m.get('export_attempted')}"
@@ -264,7 +266,7 @@ def _header(docs: list[dict]) -> list[str]:
 
 def _details(df: pd.DataFrame) -> str:
     cols = ["transformers", "peft", "trl", "arch", "quant", "shims", "machine", "device", "loss", "grad_norm",
-            "expert_grad", "experts_4bit", "expert_bytes", "merged", "kl_merged", "kl_export_fp32", "kl_export",
+            "expert_grad", "experts_4bit", "routers_4bit", "expert_bytes", "merged", "kl_merged", "kl_export_fp32", "kl_export",
             "kl_adapter", "foreign", "samples", "verdict"]
     cols = [c for c in cols if c in df.columns]
     view = df.sort_values(["cell", "arch", "quant", "mode"])[cols].fillna("")
