@@ -136,8 +136,15 @@ def render(doc: dict) -> str:
         "- each configuration ran in its own process, one after another, in this one run", "",
         "## Measurements", "", pd.DataFrame(rows).to_markdown(index=False), "",
         "## Targets (ratios from the table above)", "", pd.DataFrame(targets).to_markdown(index=False), "",
-        "## Where a target is missed, and why", "", *(notes or ["All targets met."]), "",
+        "## Where a target is missed, and why", "", *(notes or [_no_notes(targets)]), "",
     ])
+
+
+def _no_notes(targets: list[dict]) -> str:
+    missed = [t["target"] for t in targets if t["met"] == "**no**"]
+    if not missed:
+        return "All targets met."
+    return "Missed, with no explanation derived from these measurements: " + "; ".join(missed) + "."
 
 
 def _fast_label(key: str, r: dict) -> str:
