@@ -117,3 +117,22 @@ def test_a_merge_that_skipped_the_experts_fails():
     assert v == "fail" and any("merge_changes_experts" in r for r in reasons)
     case["metrics"].update(merged_experts_changed=4)
     assert verdict.judge(case) == ("pass", [])
+
+
+def test_routers_rule_applies_only_where_router_counts_are_recorded():
+    """The case records router counts only for nf4 with shims on over fused experts (5.x): elsewhere the rule is
+    silent, so 4.x's float routers (gpt_oss, deepseek_v3) and native 5.x cells are not judged on it."""
+    case = passing_case(quant="nf4")
+    assert "routers_routers" not in case["metrics"] and verdict.judge(case)[0] == "pass"
+    case["metrics"].update(routers_routers=2, routers_quantized=2)
+    assert verdict.judge(case)[0] == "pass"
+    case["metrics"]["routers_quantized"] = 1
+    v, reasons = verdict.judge(case)
+    assert v == "fail" and any("rule routers_4bit" in r for r in reasons)
+
+
+def test_prequantized_roundtrip_must_keep_4bit_routers():
+    case = passing_case(quant="nf4")
+    case["metrics"].update(prequantized_routers_routers=2, prequantized_routers_quantized=0)
+    v, reasons = verdict.judge(case)
+    assert v == "fail" and any("prequantized_roundtrip" in r for r in reasons)
