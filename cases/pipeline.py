@@ -138,13 +138,14 @@ class Case:
         self.metrics.update({f"routers_{k}": v for k, v in self._router_storage(self.model).items()})
 
     def _router_storage(self, model) -> dict:
-        """Routers stored 4-bit by the shims (5.x, nf4, shims on): counted where the shims own them, so the rule
-        that reads these counts applies nowhere else (4.x routers are nn.Linear, or float as 4.x always left them)."""
-        if not (self.spec.shims_on and self.spec.quant == "nf4"):
-            return {}
-        from shims import quant, quant_router
+        """MoE routers and how many are 4-bit, for nf4 over fused experts (5.x), shims on or off: there a 4-bit
+        load should store them as 4.x's Linear4bit routers were. Not counted on 4.x (routers are nn.Linear, or
+        float as 4.x always left them), so the rule that reads these counts applies nowhere else."""
+        from shims import quant, quant_router  # structure only: counting patches nothing
 
-        return quant_router.router_storage(model) if quant._has_fused_experts() else {}
+        if self.spec.quant != "nf4" or not quant._has_fused_experts():
+            return {}
+        return quant_router.router_storage(model)
 
     def _expert_storage(self, model) -> dict:
         """The shim accounts for the fused experts it stores; per-expert Linear4bit (transformers 4.57) and

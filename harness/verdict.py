@@ -139,7 +139,7 @@ RULES: tuple[Rule, ...] = (
     Rule("experts_4bit", "nf4: every routed-expert weight tensor is stored in 4 bits after load",
          lambda c: _is("nf4")(c) and _ran("load")(c), _experts_quantized,
          metrics=("experts_quantized", "experts_expert_tensors")),
-    Rule("routers_4bit", "nf4, shims on, fused experts (5.x): every MoE router weight is stored in 4 bits, as "
+    Rule("routers_4bit", "nf4 over fused experts (5.x): every MoE router weight is stored in 4 bits, as "
          "transformers 4.x's Linear4bit routers were", lambda c: _ran("load")(c) and "routers_routers" in c.get(
              "metrics", {}), _routers_quantized, metrics=("routers_quantized", "routers_routers")),
     Rule("kl_merged", f"bf16: KL(trained || merged) <= {KL_MERGED_MAX:g}",

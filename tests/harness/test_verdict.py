@@ -120,8 +120,8 @@ def test_a_merge_that_skipped_the_experts_fails():
 
 
 def test_routers_rule_applies_only_where_router_counts_are_recorded():
-    """The case records router counts only for nf4 with shims on over fused experts (5.x): elsewhere the rule is
-    silent, so 4.x's float routers (gpt_oss, deepseek_v3) and native 5.x cells are not judged on it."""
+    """The case records router counts only for nf4 over fused experts (5.x): elsewhere the rule is silent, so 4.x's
+    float routers (gpt_oss, deepseek_v3, glm4_moe) are not judged on it."""
     case = passing_case(quant="nf4")
     assert "routers_routers" not in case["metrics"] and verdict.judge(case)[0] == "pass"
     case["metrics"].update(routers_routers=2, routers_quantized=2)
