@@ -79,6 +79,7 @@ def case_rows(docs: list[dict]) -> pd.DataFrame:
                 "experts_4bit": (f"{m.get('experts_quantized')}/{m.get('experts_expert_tensors')}"
                                  if "experts_expert_tensors" in m else ""),
                 "routers_4bit": (f"{m.get('routers_quantized')}/{m.get('routers_routers')}"
+                                 + (f" ({m['routers_kept_wide']} fp32)" if m.get("routers_kept_wide") else "")
                                  if "routers_routers" in m else ""),
                 "expert_bytes": (f"{m['experts_bytes'] / m['experts_bf16_bytes']:.2f}x"
                                  if m.get("experts_bf16_bytes") else ""),

@@ -84,7 +84,8 @@ def _experts_quantized(case: dict) -> bool:
 
 def _routers_quantized(case: dict) -> bool:
     m = case.get("metrics", {})
-    return (m.get("routers_routers") or 0) > 0 and m.get("routers_quantized") == m.get("routers_routers")
+    total = m.get("routers_routers") or 0
+    return total > 0 and (m.get("routers_quantized") or 0) + (m.get("routers_kept_wide") or 0) == total
 
 
 def _export_complete(case: dict) -> bool:
@@ -113,7 +114,8 @@ def _merge_moves(case: dict) -> bool:
 def _prequantized_roundtrip(case: dict) -> bool:
     m = case.get("metrics", {})
     total = m.get("prequantized_expert_tensors") or 0
-    routers = m.get("prequantized_routers_quantized", 0) == m.get("prequantized_routers_routers", 0)
+    routers = (m.get("prequantized_routers_quantized", 0) + m.get("prequantized_routers_kept_wide", 0)
+               == m.get("prequantized_routers_routers", 0))
     return (total > 0 and m.get("prequantized_experts_quantized") == total and routers
             and _le("prequantized_max_abs", 0.0)(case))
 
@@ -140,8 +142,9 @@ RULES: tuple[Rule, ...] = (
          lambda c: _is("nf4")(c) and _ran("load")(c), _experts_quantized,
          metrics=("experts_quantized", "experts_expert_tensors")),
     Rule("routers_4bit", "nf4 over fused experts (5.x): every MoE router weight is stored in 4 bits, as "
-         "transformers 4.x's Linear4bit routers were", lambda c: _ran("load")(c) and "routers_routers" in c.get(
-             "metrics", {}), _routers_quantized, metrics=("routers_quantized", "routers_routers")),
+         "transformers 4.x's Linear4bit routers were, except routers the model keeps wider than its dtype "
+         "(deepseek_v3, glm4_moe: float32)", lambda c: _ran("load")(c) and "routers_routers" in c.get("metrics", {}),
+         _routers_quantized, metrics=("routers_quantized", "routers_kept_wide", "routers_routers")),
     Rule("kl_merged", f"bf16: KL(trained || merged) <= {KL_MERGED_MAX:g}",
          lambda c: _is("bf16")(c) and _ran("merge")(c), _le("kl_merged", KL_MERGED_MAX),
          metrics=("kl_merged",)),
@@ -184,7 +187,8 @@ RULES: tuple[Rule, ...] = (
     Rule("prequantized_roundtrip", "4-bit model saved and reloaded: same logits (max |d| == 0), every expert "
          "tensor (and every 4-bit router) still 4-bit", _ran("prequantized"), _prequantized_roundtrip,
          metrics=("prequantized_max_abs", "prequantized_experts_quantized", "prequantized_expert_tensors",
-                  "prequantized_routers_quantized", "prequantized_routers_routers")),
+                  "prequantized_routers_quantized", "prequantized_routers_kept_wide",
+                  "prequantized_routers_routers")),
     Rule("kl_adapter", f"KL(trained || base + reloaded adapter) <= {KL_ADAPTER_MAX:g}", _ran("adapter_reload"),
          _le("kl_adapter", KL_ADAPTER_MAX),
          metrics=("kl_adapter",)),

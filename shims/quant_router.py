@@ -9,7 +9,9 @@ transformers 4.x built most MoE routers as ``nn.Linear`` (qwen3_moe, mixtral ``m
 The router weight is stored the way the shims store experts (packed bitsandbytes data + QuantState as the
 ``original`` of a dequantizing parametrization, see :mod:`shims.quant`), so the router's own forward runs
 unchanged. It dequantizes to the router's own dtype, not ``bnb_4bit_compute_dtype``: routers do not cast their
-input (qwen3_moe, mixtral, gpt_oss multiply in the model dtype; deepseek_v3 / glm4_moe keep the router in float32).
+input (qwen3_moe, mixtral, gpt_oss multiply in the model dtype). A router the model keeps wider than its own dtype
+(deepseek_v3 and glm4_moe build theirs in float32 whatever the load dtype) is left float: that precision is the
+model authors' choice, and 4.x left those routers float too.
 
 A router is found by STRUCTURE: a leaf module (not ``nn.Linear``) whose parameters are a 2D float ``weight`` and
 at most a 1D ``bias``, sitting next to a fused experts module with as many experts as the weight has rows. Keep
@@ -104,6 +106,23 @@ def is_router_path(model, module_path: str) -> bool:
     return any(name == child for name, _ in routers_of(parent))
 
 
+def _model_dtype(model):
+    get_embeddings = getattr(model, "get_input_embeddings", None)
+    embeddings = get_embeddings() if callable(get_embeddings) else None
+    weight = getattr(embeddings, "weight", None)
+    return None if weight is None else weight.dtype
+
+
+def kept_wide(model, module) -> bool:
+    """True for a float router the model keeps wider than its own dtype (deepseek_v3 and glm4_moe build theirs in
+    float32 whatever the load dtype): routing precision chosen by the model's authors, so it is left as is, as
+    transformers 4.x left it. Judged against the input embeddings, which always carry the load dtype."""
+    weight = module._parameters.get(ROUTER_WEIGHT)
+    model_dtype = _model_dtype(model)
+    return (weight is not None and model_dtype is not None and weight.is_floating_point()
+            and weight.dtype.itemsize > model_dtype.itemsize)
+
+
 def claimed_router_weight(hf_quantizer, model, tensor_path: str):
     """(module path, module) when ``tensor_path`` is a router weight this bnb 4-bit load should quantize."""
     if getattr(hf_quantizer, "pre_quantized", False):
@@ -119,9 +138,10 @@ def four_bit_router_weight(hf_quantizer, model, tensor_path: str):
     module_path, _, name = tensor_path.rpartition(".")
     if name != ROUTER_WEIGHT or not module_path or not is_router_path(model, module_path):
         return None
-    if _skipped(module_path, _skip_patterns(hf_quantizer)):
+    module = model.get_submodule(module_path)
+    if _skipped(module_path, _skip_patterns(hf_quantizer)) or kept_wide(model, module):
         return None
-    return module_path, model.get_submodule(module_path)
+    return module_path, module
 
 
 def quantize_router(module, settings: QuantSettings, owner: str) -> None:
@@ -149,7 +169,7 @@ def quantize_model_routers(model, quantization_config, skip_modules=()) -> int:
     done = 0
     for path, module in list(iter_routers(model)):
         weight = module._parameters.get(ROUTER_WEIGHT)
-        if weight is None or weight.device.type == "meta" or _skipped(path, skip_modules):
+        if weight is None or weight.device.type == "meta" or _skipped(path, skip_modules) or kept_wide(model, module):
             continue
         quantize_router(module, settings, path)
         done += 1
@@ -157,12 +177,14 @@ def quantize_model_routers(model, quantization_config, skip_modules=()) -> int:
 
 
 def router_storage(model) -> dict:
-    """How many routers, how many are stored 4-bit by the shims, and their stored bytes."""
+    """How many routers, how many are stored 4-bit by the shims, how many the model keeps wider than its dtype
+    (left float on purpose, see kept_wide), and their stored bytes."""
     from .quant import _quant_state_bytes
 
-    counts = dict(routers=0, quantized=0, bytes=0)
+    counts = dict(routers=0, quantized=0, kept_wide=0, bytes=0)
     for _, module in iter_routers(model):
         counts["routers"] += 1
+        counts["kept_wide"] += kept_wide(model, module)
         raw = _raw_tensor(module, ROUTER_WEIGHT)
         counts["bytes"] += raw.numel() * raw.element_size()
         param = quantized_parametrization(module, ROUTER_WEIGHT)

@@ -126,7 +126,9 @@ def test_routers_rule_applies_only_where_router_counts_are_recorded():
     assert "routers_routers" not in case["metrics"] and verdict.judge(case)[0] == "pass"
     case["metrics"].update(routers_routers=2, routers_quantized=2)
     assert verdict.judge(case)[0] == "pass"
-    case["metrics"]["routers_quantized"] = 1
+    case["metrics"].update(routers_quantized=0, routers_kept_wide=2)  # deepseek_v3's float32 routers, bf16 model
+    assert verdict.judge(case)[0] == "pass"
+    case["metrics"].update(routers_quantized=1, routers_kept_wide=0)
     v, reasons = verdict.judge(case)
     assert v == "fail" and any("rule routers_4bit" in r for r in reasons)
 

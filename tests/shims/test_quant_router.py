@@ -75,21 +75,43 @@ def test_routers_are_4bit_and_forward_equals_the_dequantized_model(model_type, r
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", ("qwen3_moe", "deepseek_v3"))
-def test_router_dequantizes_to_its_own_dtype(model_type, router_checkpoint, router_shims):
-    """Routers multiply without casting their input: a bf16 model's router must stay bf16 (not the fp32 compute
-    dtype), a router the model keeps in another dtype keeps that one."""
+def test_bf16_router_dequantizes_to_bf16(router_checkpoint, router_shims):
+    """Routers multiply without casting their input: a bf16 model's router must come back bf16 (not the fp32
+    compute dtype)."""
+    import torch
+
+    q4_requires_fused()
+    model = q4_load(router_checkpoint("qwen3_moe"), dtype=torch.bfloat16)
+    routers = _router_weights(model)
+    assert routers and all(s.dtype == torch.uint8 and w.dtype == torch.bfloat16 for s, w in routers.values())
+    with torch.no_grad():
+        assert torch.isfinite(model(q4_ids()).logits).all()
+
+
+@pytest.mark.parametrize("model_type", ("deepseek_v3", "glm4_moe"))
+def test_router_kept_wider_than_the_model_stays_float(model_type, router_checkpoint, router_shims):
+    """Newer transformers (5.24, not 5.6) keep deepseek_v3 / glm4_moe routers in float32 in a bf16 model (routing
+    precision chosen by the model): left float, as 4.x left it, and counted as such. Where the plain load gives a
+    bf16 router, and in a float32 model, the router has the model's dtype and is 4-bit."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    from shims import quant_router
 
     q4_requires_fused()
     path = router_checkpoint(model_type)
     native = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     model = q4_load(path, dtype=torch.bfloat16)
-    for name, (_, logical) in _router_weights(model).items():
-        assert logical.dtype == native.get_submodule(name).weight.dtype, name
+    routers = _router_weights(model)
+    wide = {name: native.get_submodule(name).weight.dtype == torch.float32 for name in routers}
+    assert routers
+    for name, (stored, _) in routers.items():
+        assert stored.dtype == (torch.float32 if wide[name] else torch.uint8), name
+    counts = quant_router.router_storage(model)
+    assert counts["kept_wide"] == sum(wide.values()) and counts["quantized"] == len(routers) - sum(wide.values())
     with torch.no_grad():
         assert torch.isfinite(model(q4_ids()).logits).all()
+    assert quant_router.router_storage(q4_load(router_checkpoint(model_type)))["quantized"] == len(routers)
 
 
 def test_skip_modules_keep_routers_float_and_experts_4bit(router_checkpoint, router_shims):
