@@ -691,30 +691,70 @@ def skip_init_of_loaded_experts() -> callable:
     return swap_attr(PreTrainedModel, "_initialize_weights", _initialize_weights)
 
 
-def _install() -> callable:
+def loader_hooks(on_set, sweep, counts_as_4bit) -> list:
+    """Wrap transformers 5.x's bnb 4-bit load at the three points where a kind of tensor the shims store in 4 bits
+    (fused experts, routers) must be seen; returns the undos.
+
+    ``on_set(model, target_name, param_value, hf_quantizer)``: after ``set_param_for_module`` stored one tensor.
+    ``sweep(quantizer, model) -> int``: after every weight is loaded, before upstream's own post-processing.
+    ``counts_as_4bit(quantizer, model, param_name)``: the GPU warm-up sizes that tensor at 0.5 byte per element.
+    """
     import transformers.core_model_loading as cml
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
     original_set = cml.set_param_for_module
-    original_convert = cml.WeightConverter.convert
     original_after = Bnb4BitHfQuantizer._process_model_after_weight_loading
     original_size = Bnb4BitHfQuantizer.param_element_size if _WARMUP_SIZE.drift() == "ok" else None
 
     @wraps(original_set)
     def set_param_for_module(model, target_name, param_value, *args, **kwargs):
         result = original_set(model, target_name, param_value, *args, **kwargs)
-        hf_quantizer = kwargs.get("hf_quantizer", args[-1] if args else None)
-        if getattr(hf_quantizer, "pre_quantized", False) and not param_value.is_floating_point():
-            return result  # packed data of a saved 4-bit checkpoint: handled by the reload path
-        claimed = claimed_expert_tensor(hf_quantizer, model, target_name)
-        if claimed is None:
-            return result
-        module_path, module, param_name = claimed
-        raw = _raw_tensor(module, param_name)
-        # If upstream ever quantizes experts itself the tensor arrives non-float: then we leave it alone.
-        if raw is not None and raw.is_floating_point() and raw.device.type != "meta":
-            quantize_expert_param(module, param_name, _settings_for(hf_quantizer), owner=module_path)
+        on_set(model, target_name, param_value, kwargs.get("hf_quantizer", args[-1] if args else None))
         return result
+
+    @wraps(original_after)
+    def process_model_after_weight_loading(self, model, **kwargs):
+        n = sweep(self, model)
+        if n:
+            log.info("quantized %d tensors after loading (%s)", n, sweep.__name__)
+        return original_after(self, model, **kwargs)
+
+    def param_element_size(self, model, param_name, param, *args, **kwargs):
+        if counts_as_4bit(self, model, param_name):
+            return 0.5  # 4 bits, as upstream counts a Linear4bit weight (its absmax is left out there too)
+        return original_size(self, model, param_name, param, *args, **kwargs)
+
+    undos = [
+        swap_attr(cml, "set_param_for_module", set_param_for_module),
+        swap_attr(Bnb4BitHfQuantizer, "_process_model_after_weight_loading", process_model_after_weight_loading),
+    ]
+    if original_size is not None:
+        undos.append(swap_attr(Bnb4BitHfQuantizer, "param_element_size", wraps(original_size)(param_element_size)))
+    return undos
+
+
+def _quantize_claimed_expert(model, target_name, param_value, hf_quantizer) -> None:
+    if getattr(hf_quantizer, "pre_quantized", False) and not param_value.is_floating_point():
+        return  # packed data of a saved 4-bit checkpoint: handled by the reload path
+    claimed = claimed_expert_tensor(hf_quantizer, model, target_name)
+    if claimed is None:
+        return
+    module_path, module, param_name = claimed
+    raw = _raw_tensor(module, param_name)
+    # If upstream ever quantizes experts itself the tensor arrives non-float: then we leave it alone.
+    if raw is not None and raw.is_floating_point() and raw.device.type != "meta":
+        quantize_expert_param(module, param_name, _settings_for(hf_quantizer), owner=module_path)
+
+
+def missing_experts_sweep(hf_quantizer, model) -> int:
+    """Expert tensors that did not pass through set_param_for_module (missing from the checkpoint -> initialised)."""
+    return quantize_model_experts(model, hf_quantizer.quantization_config, _skip_patterns(hf_quantizer))
+
+
+def _install() -> callable:
+    import transformers.core_model_loading as cml
+
+    original_convert = cml.WeightConverter.convert
 
     @wraps(original_convert)
     def convert(self, layer_name, model=None, config=None, hf_quantizer=None, loading_info=None, **kwargs):
@@ -725,27 +765,10 @@ def _install() -> callable:
         stream_quantize_converter(self, layer_name, *target, model=model, config=config, loading_info=loading_info)
         return {}  # already stored in the module, packed
 
-    @wraps(original_after)
-    def process_model_after_weight_loading(self, model, **kwargs):
-        # Safety net for expert tensors that did not pass through set_param_for_module (missing -> initialised).
-        n = quantize_model_experts(model, self.quantization_config, _skip_patterns(self))
-        if n:
-            log.info("quantized %d expert tensors after loading", n)
-        return original_after(self, model, **kwargs)
-
-    def param_element_size(self, model, param_name, param, *args, **kwargs):
-        if claimed_expert_tensor(self, model, param_name) is not None:
-            return 0.5  # 4 bits, as upstream counts a Linear4bit weight (its absmax is left out there too)
-        return original_size(self, model, param_name, param, *args, **kwargs)
-
-    undos = [
-        swap_attr(cml, "set_param_for_module", set_param_for_module),
-        swap_attr(Bnb4BitHfQuantizer, "_process_model_after_weight_loading", process_model_after_weight_loading),
-    ]
+    undos = loader_hooks(_quantize_claimed_expert, missing_experts_sweep,
+                         lambda quantizer, model, name: claimed_expert_tensor(quantizer, model, name) is not None)
     if _CONVERTER.drift() == "ok":
         undos.append(swap_attr(cml.WeightConverter, "convert", convert))
-    if original_size is not None:
-        undos.append(swap_attr(Bnb4BitHfQuantizer, "param_element_size", wraps(original_size)(param_element_size)))
     if _INIT.drift() == "ok":
         undos.append(skip_init_of_loaded_experts())
     return chain_undo(undos)

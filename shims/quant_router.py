@@ -22,7 +22,6 @@ Pre-quantized checkpoints are loaded as saved (see :mod:`shims.checkpoint`); flo
 from __future__ import annotations
 
 import logging
-from functools import wraps
 
 from .quant import (
     ExpertQuantError,
@@ -39,10 +38,11 @@ from .quant import (
     _skipped,
     expert_weight_names,
     install_packed_param,
+    loader_hooks,
     iter_expert_modules,
     quantized_parametrization,
 )
-from .registry import Patch, chain_undo, swap_attr
+from .registry import Patch, chain_undo
 
 log = logging.getLogger("shims")
 
@@ -205,47 +205,28 @@ def _router_needed() -> str | None:
     return _needed()
 
 
+def _quantize_claimed_router(model, target_name, param_value, hf_quantizer) -> None:
+    claimed = claimed_router_weight(hf_quantizer, model, target_name)
+    if claimed is None:
+        return
+    module_path, module = claimed
+    weight = module._parameters.get(ROUTER_WEIGHT)
+    if weight is not None and weight.is_floating_point() and weight.device.type != "meta":
+        quantize_router(module, _settings_for(hf_quantizer), module_path)
+
+
+def missing_routers_sweep(hf_quantizer, model) -> int:
+    """Routers that did not pass through set_param_for_module (missing from the checkpoint -> initialised); a
+    pre-quantized checkpoint is loaded as saved."""
+    if getattr(hf_quantizer, "pre_quantized", False):
+        return 0
+    return quantize_model_routers(model, hf_quantizer.quantization_config, _skip_patterns(hf_quantizer))
+
+
 def _install():
-    import transformers.core_model_loading as cml
-    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
-
-    original_set = cml.set_param_for_module
-    original_after = Bnb4BitHfQuantizer._process_model_after_weight_loading
-    original_size = Bnb4BitHfQuantizer.param_element_size if _WARMUP_SIZE.drift() == "ok" else None
-
-    @wraps(original_set)
-    def set_param_for_module(model, target_name, param_value, *args, **kwargs):
-        result = original_set(model, target_name, param_value, *args, **kwargs)
-        hf_quantizer = kwargs.get("hf_quantizer", args[-1] if args else None)
-        claimed = claimed_router_weight(hf_quantizer, model, target_name)
-        if claimed is not None:
-            module_path, module = claimed
-            weight = module._parameters.get(ROUTER_WEIGHT)
-            if weight is not None and weight.is_floating_point() and weight.device.type != "meta":
-                quantize_router(module, _settings_for(hf_quantizer), module_path)
-        return result
-
-    @wraps(original_after)
-    def process_model_after_weight_loading(self, model, **kwargs):
-        # Routers that did not pass through set_param_for_module (missing from the checkpoint -> initialised).
-        if not getattr(self, "pre_quantized", False):
-            n = quantize_model_routers(model, self.quantization_config, _skip_patterns(self))
-            if n:
-                log.info("quantized %d routers after loading", n)
-        return original_after(self, model, **kwargs)
-
-    def param_element_size(self, model, param_name, param, *args, **kwargs):
-        if four_bit_router_weight(self, model, param_name) is not None:
-            return 0.5  # 4 bits, as upstream counts a Linear4bit weight
-        return original_size(self, model, param_name, param, *args, **kwargs)
-
-    undos = [
-        swap_attr(cml, "set_param_for_module", set_param_for_module),
-        swap_attr(Bnb4BitHfQuantizer, "_process_model_after_weight_loading", process_model_after_weight_loading),
-    ]
-    if original_size is not None:
-        undos.append(swap_attr(Bnb4BitHfQuantizer, "param_element_size", wraps(original_size)(param_element_size)))
-    return chain_undo(undos)
+    return chain_undo(loader_hooks(
+        _quantize_claimed_router, missing_routers_sweep,
+        lambda quantizer, model, name: four_bit_router_weight(quantizer, model, name) is not None))
 
 
 PATCHES: tuple = (

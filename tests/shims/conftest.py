@@ -152,6 +152,20 @@ def q4_reference(qmodel, path):
     return ref
 
 
+def q4_warmup_sizes(path) -> tuple:
+    """(meta model, {param name: bytes per element}) as from_pretrained's GPU warm-up sizes a fresh bnb 4-bit load
+    of ``path`` (the quantizer's param_element_size, after its model preprocessing)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    quantizer = AutoHfQuantizer.from_config(BitsAndBytesConfig(load_in_4bit=True))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16)
+    quantizer.preprocess_model(model, dtype=torch.bfloat16, device_map={"": "cpu"})
+    return model, {n: quantizer.param_element_size(model, n, p) for n, p in model.named_parameters()}
+
+
 def q4_ids(seed=0, batch=2, length=12, vocab=128):
     import torch
 

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from conftest import Q4_ARCHS, lx_build_tiny_moe, q4_load, q4_requires_fused
+from conftest import Q4_ARCHS, lx_build_tiny_moe, q4_load, q4_requires_fused, q4_warmup_sizes
 
 pytestmark = pytest.mark.needs_ml
 
@@ -288,7 +288,6 @@ def test_chunked_quantization_falls_back_when_blocks_straddle_experts(caplog):
 
 def test_quantize_expert_param_uses_chunks_and_matches_whole_tensor(monkeypatch):
     import bitsandbytes.functional as BF
-    import torch
 
     from shims import quant
 
@@ -367,26 +366,17 @@ def test_experts_not_whole_blocks_are_quantized_fused(q4_shims, caplog, tmp_path
 def test_gpu_warmup_counts_fused_experts_as_4bit(q4_shims, q4_checkpoint):
     """from_pretrained reserves GPU memory up front from param_element_size; fused experts must count 4-bit there
     (counted in bf16 they made that one reservation 2.3x the loaded 4-bit model on an H200)."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
-    from transformers.quantizers.auto import AutoHfQuantizer
-
     from shims import quant
 
     q4_requires_fused()
-    path = q4_checkpoint("qwen3_moe")
-    quantizer = AutoHfQuantizer.from_config(BitsAndBytesConfig(load_in_4bit=True))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16)
-    quantizer.preprocess_model(model, dtype=torch.bfloat16, device_map={"": "cpu"})
+    model, sizes = q4_warmup_sizes(q4_checkpoint("qwen3_moe"))
     experts = {f"{name}.{p}" for name, module in quant.iter_expert_modules(model) for p in quant.expert_weight_names(module)}
     assert len(experts) == 2 * model.config.num_hidden_layers
     for name, param in model.named_parameters():
-        size = quantizer.param_element_size(model, name, param)
         if name in experts:
-            assert size == 0.5, name
+            assert sizes[name] == 0.5, name
         elif "router" in name or "gate.weight" in name or "norm" in name or "embed" in name:
-            assert size == param.element_size(), name  # only experts change
+            assert sizes[name] == param.element_size(), name  # only experts change
 
 
 @pytest.mark.parametrize("arch", Q4_ARCHS)

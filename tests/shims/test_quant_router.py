@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from conftest import Q4_ARCHS, lx_build_tiny_moe, lx_fused_experts, q4_ids, q4_load, q4_reference, q4_requires_fused
+from conftest import (Q4_ARCHS, lx_build_tiny_moe, lx_fused_experts, q4_ids, q4_load, q4_reference, q4_requires_fused,
+                      q4_warmup_sizes)
 
 pytestmark = pytest.mark.needs_ml
 
@@ -176,17 +177,8 @@ def test_float_routers_of_a_prequantized_checkpoint_stay_float(router_checkpoint
 
 
 def test_gpu_warmup_counts_routers_as_4bit(router_checkpoint, router_shims):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
-    from transformers.quantizers.auto import AutoHfQuantizer
-
     q4_requires_fused()
-    path = router_checkpoint("qwen3_moe")
-    quantizer = AutoHfQuantizer.from_config(BitsAndBytesConfig(load_in_4bit=True))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16)
-    quantizer.preprocess_model(model, dtype=torch.bfloat16, device_map={"": "cpu"})
-    sizes = {n: quantizer.param_element_size(model, n, p) for n, p in model.named_parameters()}
+    model, sizes = q4_warmup_sizes(router_checkpoint("qwen3_moe"))
     routers = [n for n in sizes if n.endswith("mlp.gate.weight")]
     assert len(routers) == model.config.num_hidden_layers
     assert all(sizes[n] == 0.5 for n in routers)
