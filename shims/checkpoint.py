@@ -15,6 +15,10 @@ expert tensor name whose operation rebuilds the QuantState with ``QuantState.fro
 does for Linear4bit), and ``set_param_for_module`` stores packed data + state directly in the 4-bit parametrization.
 Nothing is dequantized or re-quantized on load.
 
+Router weights stored 4-bit by :mod:`shims.quant_router` are saved with exactly Linear4bit's keys (``...gate.weight``
++ ``.weight.absmax`` ...). Upstream's own bnb deserializer rebuilds them as a ``Params4bit``; ``set_param_for_module``
+moves that into the router's 4-bit storage (a router is no Linear4bit: its forward would multiply packed bytes).
+
 Packed (non-float) expert data without its quantization state is refused with an error naming the tensor: it is
 never loaded as weights. Fused expert keys are kept out of transformers' reverse weight conversion on save (which
 would otherwise split the packed bytes per expert as if they were a float (E, 2I, H) tensor).
