@@ -155,9 +155,11 @@ def _base_value(owner, name, raw):
     """The logical float value of a base tensor (dequantized when stored in 4 bits)."""
     import torch
 
-    quant = _quant_module()
-    if quant is not None and quant.is_quantized_experts(owner) and _is_param_quantized(quant, owner, name):
-        return quant.dequantize_param(owner, name)
+    from .quant import dequantize_param, quantized_parametrization
+
+    # Any tensor the shims store 4-bit (experts, routers), whatever its quant_storage dtype.
+    if quantized_parametrization(owner, name) is not None:
+        return dequantize_param(owner, name)
     quant_state = getattr(raw, "quant_state", None)
     if quant_state is not None:  # bitsandbytes Params4bit (transformers 4.57 per-expert Linear4bit, attention)
         import bitsandbytes.functional as F
@@ -166,20 +168,6 @@ def _base_value(owner, name, raw):
     if raw.dtype == torch.uint8 and torch.nn.utils.parametrize.is_parametrized(owner, name):
         return getattr(owner, name)
     return raw.detach()
-
-
-def _is_param_quantized(quant, owner, name) -> bool:
-    finder = getattr(quant, "quantized_parametrization", None)
-    return finder is None or finder(owner, name) is not None
-
-
-def _quant_module():
-    try:
-        from . import quant
-    except ImportError:
-        return None
-    needed = ("is_quantized_experts", "dequantize_param")
-    return quant if all(hasattr(quant, n) for n in needed) else None
 
 
 def _merged_value(key, plan: _Plan, dtype, counts):

@@ -185,7 +185,9 @@ def test_gpu_warmup_counts_routers_as_4bit(router_checkpoint, router_shims):
     assert sizes["model.embed_tokens.weight"] == 2 and sizes["model.norm.weight"] == 2
 
 
-def test_export_writes_the_dequantized_router(router_checkpoint, router_shims, tmp_path):
+@pytest.mark.parametrize("storage", ["uint8", "float32"])
+def test_export_writes_the_dequantized_router(storage, router_checkpoint, router_shims, tmp_path):
+    """Also with a float quant_storage, where the packed router bytes are float tensors of another shape."""
     import torch
     from peft import LoraConfig, get_peft_model
     from safetensors import safe_open
@@ -194,7 +196,7 @@ def test_export_writes_the_dequantized_router(router_checkpoint, router_shims, t
 
     q4_requires_fused()
     shims.apply()
-    model = q4_load(router_checkpoint("qwen3_moe"))
+    model = q4_load(router_checkpoint("qwen3_moe"), bnb_4bit_quant_storage=getattr(torch, storage))
     routers = {name: logical.clone() for name, (_, logical) in _router_weights(model).items()}
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     shims.save_merged(peft_model, tmp_path / "out", dtype=torch.float32)
