@@ -37,9 +37,10 @@ from .quant import (
     _skip_patterns,
     _skipped,
     expert_weight_names,
+    _quant_state_bytes,
     install_packed_param,
-    loader_hooks,
     iter_expert_modules,
+    loader_hooks,
     quantized_parametrization,
 )
 from .registry import Patch, chain_undo
@@ -79,13 +80,12 @@ def router_shape(module) -> tuple | None:
 def routers_of(parent) -> list[tuple[str, object]]:
     """(child name, module) of every router next to a fused experts module directly under ``parent``."""
     children = dict(parent.named_children())
-    counts = {_num_experts(m) for m in children.values() if expert_weight_names(m)}
-    out = []
-    for name, child in children.items():
-        shape = None if expert_weight_names(child) else router_shape(child)
-        if shape is not None and shape[0] in counts:
-            out.append((name, child))
-    return out
+    experts = {name for name, child in children.items() if expert_weight_names(child)}
+    counts = {_num_experts(children[name]) for name in experts}
+    if not counts:
+        return []  # the common case while loading: most tensors' parents hold no experts
+    shapes = {name: router_shape(child) for name, child in children.items() if name not in experts}
+    return [(name, children[name]) for name, shape in shapes.items() if shape is not None and shape[0] in counts]
 
 
 def iter_routers(model):
@@ -179,8 +179,6 @@ def quantize_model_routers(model, quantization_config, skip_modules=()) -> int:
 def router_storage(model) -> dict:
     """How many routers, how many are stored 4-bit by the shims, how many the model keeps wider than its dtype
     (left float on purpose, see kept_wide), and their stored bytes."""
-    from .quant import _quant_state_bytes
-
     counts = dict(routers=0, quantized=0, kept_wide=0, bytes=0)
     for _, module in iter_routers(model):
         counts["routers"] += 1
