@@ -82,10 +82,15 @@ def _experts_quantized(case: dict) -> bool:
     return total > 0 and m.get("experts_quantized") == total
 
 
+def _routers_accounted(m: dict, prefix: str) -> bool:
+    """Router counts recorded under ``prefix``: every router is 4-bit or kept wide on purpose (0 == 0 if none)."""
+    quantized, kept_wide, routers = (m.get(f"{prefix}{key}") or 0 for key in ("quantized", "kept_wide", "routers"))
+    return quantized + kept_wide == routers
+
+
 def _routers_quantized(case: dict) -> bool:
     m = case.get("metrics", {})
-    total = m.get("routers_routers") or 0
-    return total > 0 and (m.get("routers_quantized") or 0) + (m.get("routers_kept_wide") or 0) == total
+    return (m.get("routers_routers") or 0) > 0 and _routers_accounted(m, "routers_")
 
 
 def _export_complete(case: dict) -> bool:
@@ -114,9 +119,8 @@ def _merge_moves(case: dict) -> bool:
 def _prequantized_roundtrip(case: dict) -> bool:
     m = case.get("metrics", {})
     total = m.get("prequantized_expert_tensors") or 0
-    routers = (m.get("prequantized_routers_quantized", 0) + m.get("prequantized_routers_kept_wide", 0)
-               == m.get("prequantized_routers_routers", 0))
-    return (total > 0 and m.get("prequantized_experts_quantized") == total and routers
+    return (total > 0 and m.get("prequantized_experts_quantized") == total
+            and _routers_accounted(m, "prequantized_routers_")
             and _le("prequantized_max_abs", 0.0)(case))
 
 
