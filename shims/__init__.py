@@ -37,7 +37,7 @@ def apply(only=None) -> list[dict]:
 
 
 def restore() -> None:
-    """Undo every applied patch, in reverse order."""
+    """Undo every applied patch, the last applied first (see shims.registry.Registry.restore)."""
     _get_registry().restore()
 
 

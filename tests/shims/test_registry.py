@@ -7,7 +7,7 @@ import types
 
 import pytest
 
-from shims.registry import Patch, Registry, Target, swap_attr
+from shims.registry import Patch, Registry, RestoreError, Target, code_mentions, swap_attr
 
 
 @pytest.fixture
@@ -76,6 +76,43 @@ def test_install_failure_is_raised_not_hidden(upstream):
     reg = Registry([Patch("boom", "x", (Target("fake_upstream", "convert"),), lambda: None, install)])
     with pytest.raises(TypeError, match="detection missed"):
         reg.apply()
+    status = reg.status()[0]
+    assert not status.applied and "rolled back" in status.reason and "detection missed" in status.reason
+
+
+def test_restore_refuses_while_other_code_wraps_a_shim_wrapper(upstream):
+    """Undoing under someone else's wrapper would silently drop it: restore() refuses, changing nothing."""
+    reg = Registry([_patch(upstream)])
+    reg.apply()
+    ours = upstream.convert
+    upstream.convert = lambda *a, **k: "theirs, around " + ours(*a, **k)
+    theirs = upstream.convert
+    with pytest.raises(RestoreError, match="fake_upstream.convert"):
+        reg.restore()
+    assert upstream.convert is theirs and reg.is_applied("fix_convert") and reg.status()[0].applied
+    upstream.convert = ours  # the other code undoes its wrapper; then restore() goes through
+    reg.restore()
+    assert upstream.convert(1, 2) == "native" and not reg.status()[0].applied
+
+
+def test_instance_attribute_targets_are_found_in_the_class_code(upstream):
+    class Keeps:
+        def __init__(self):
+            self.flag = False
+
+    class Base:
+        def reads(self):
+            return [self.inherited for _ in range(1)]  # in a comprehension: a nested code object
+
+    class Derived(Base):
+        pass
+
+    upstream.Keeps, upstream.Derived = Keeps, Derived
+    assert Target("fake_upstream", "Keeps.flag", on_instances=True).drift() == "ok"
+    assert code_mentions(Derived, "inherited") and not code_mentions(Derived, "flag")
+    state = Target("fake_upstream", "Derived.flag", on_instances=True).drift()
+    assert state.startswith("missing") and "flag" in state
+    assert Target("fake_upstream", "Keeps.flag").drift().startswith("missing"), "not on the class itself"
 
 
 def test_unknown_shim_name_is_rejected(upstream):
