@@ -36,6 +36,7 @@ import contextvars
 import logging
 from dataclasses import dataclass, field
 
+from .layout import SWAP_FLAG_TARGET, did_swap_in_out_features
 from .peft_experts import needs_4bit_expert_lora
 from .registry import Patch, Target, swap_attr
 
@@ -150,7 +151,7 @@ def _factors(wrapper, adapter: str, expert: int):
     r = A.shape[0] // E
     a_e = A[expert * r:(expert + 1) * r]  # (r, in)
     b_e = B.reshape(B.shape[0], r, E)[:, :, expert]  # (out, r): expert index fastest in B's columns
-    if getattr(wrapper, "_did_swap_in_out_features", False):
+    if did_swap_in_out_features(wrapper):
         return b_e, a_e, wrapper.scaling[adapter]  # delta_e = B_e A_e (param is (E, out, in))
     return a_e.t(), b_e.t(), wrapper.scaling[adapter]  # delta_e = A_e^T B_e^T (param is (E, in, out))
 
@@ -406,7 +407,7 @@ def _factor_stacks(wrapper, adapter: str, dtype):
     r = A.shape[0] // E
     a = A.reshape(E, r, A.shape[1])  # a[e] = A_e (r, in)
     b = B.reshape(B.shape[0], r, E).permute(2, 0, 1)  # b[e] = B_e (out, r)
-    if getattr(wrapper, "_did_swap_in_out_features", False):
+    if did_swap_in_out_features(wrapper):
         return b, a, wrapper.scaling[adapter]  # delta_e = B_e A_e
     return a.transpose(1, 2), b.transpose(1, 2), wrapper.scaling[adapter]  # delta_e = A_e^T B_e^T
 
@@ -480,6 +481,8 @@ PATCHES: tuple = (
             Target("peft.tuners.lora.layer", "ParamWrapper.forward", ("x",)),
             Target("peft.tuners.lora.layer", "ParamWrapper.get_delta_weight", ("adapter_name",)),
         ),
+        # Reported, not required: peft 0.18.x has no such flag because it never swaps (did_swap_in_out_features).
+        optional_targets=(SWAP_FLAG_TARGET,),
         needed=needs_4bit_expert_lora,
         install=_install,
     ),

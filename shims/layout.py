@@ -34,6 +34,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .registry import DriftError, Target, code_mentions
+
 log = logging.getLogger("shims")
 
 STANDARD = "standard"
@@ -124,18 +126,52 @@ def layout_from_flag(a_on_d2: bool, is_transposed: bool) -> str:
     return STANDARD if a_on_d2 != bool(is_transposed) else SWAPPED
 
 
+# The flag peft's ParamWrapper keeps for "lora_A acts on the parameter's d2". Declared by the patches that read it, so
+# that shims.status() shows when a peft version stops keeping it.
+SWAP_FLAG = "_did_swap_in_out_features"
+SWAP_FLAG_TARGET = Target("peft.tuners.lora.layer", f"ParamWrapper.{SWAP_FLAG}", on_instances=True)
+
+
+def did_swap_in_out_features(wrapper) -> bool:
+    """peft's ``_did_swap_in_out_features`` of a live ``ParamWrapper``: whether lora_A acts on the parameter's d2.
+
+    peft >= 0.19 sets the flag in ``ParamWrapper.__init__``; peft 0.18.x has no flag because its ParamWrapper never
+    swaps (lora_A always acts on d1). Which of the two this peft is, is decided by feature detection, not by version:
+    whether the wrapper's class (or a base) has code that sets or reads the flag. A wrapper of such a class without
+    the flag is drift (a peft that moved or renamed it): guessing False there would silently transpose every delta.
+    """
+    try:
+        return bool(getattr(wrapper, SWAP_FLAG))
+    except AttributeError:
+        pass
+    if not code_mentions(type(wrapper), SWAP_FLAG):
+        return False  # peft 0.18.x: no in/out swap at all
+    raise DriftError(
+        f"{type(wrapper).__qualname__} instance has no {SWAP_FLAG} although its class sets it (peft "
+        f"{_installed_version('peft')}): cannot tell which side of the expert parameter lora_A acts on")
+
+
+def _installed_version(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def wrapper_layout(wrapper, is_transposed: bool | None = None) -> str:
     """Layout of a live peft ``ParamWrapper`` on a 3D expert parameter.
 
-    Read from ``_did_swap_in_out_features`` (peft >= 0.19); peft 0.18 wrappers lack it and never swap. That is
-    the attribute peft's own forward and ``get_delta_weight`` branch on, so it is right for 0.19.0 too.
+    Read from ``_did_swap_in_out_features`` (:func:`did_swap_in_out_features`; peft 0.18 wrappers lack it and never
+    swap). That is the attribute peft's own forward and ``get_delta_weight`` branch on, so it is right for 0.19.0 too.
     ``is_transposed``: whether the parameter is ``(E, in, out)``; by default what the experts module declares,
     which is right on transformers 5.x. transformers 4.57's gpt_oss experts are ``(E, in, out)`` without declaring
     it: pass ``True`` there (or use :class:`ExpertDims` ``.from_config(model.config).is_transposed``).
     """
     if is_transposed is None:
         is_transposed = _declares_transposed(wrapper.get_base_layer())
-    return layout_from_flag(bool(getattr(wrapper, "_did_swap_in_out_features", False)), is_transposed)
+    return layout_from_flag(did_swap_in_out_features(wrapper), is_transposed)
 
 
 def layout_from_shapes(a_in: int, b_out: int, d1: int, d2: int, is_transposed: bool) -> str:

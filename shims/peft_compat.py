@@ -166,7 +166,7 @@ PATCHES = (
         summary="WeightConverter accepts distributed_operation/quantization_operation (peft 0.19 + transformers>=5.6)",
         # Optional: both symbols are absent on transformers 4.x / peft 0.18, where needed() says why.
         targets=(),
-        optional_targets=(Target(_TF_LOADING, "WeightConverter"),
+        optional_targets=(Target(_TF_LOADING, "WeightConverter.__init__"),  # the symbol the patch replaces
                           Target(_PEFT_CONVERSION, "build_peft_weight_mapping")),
         needed=_weight_converter_needed,
         install=_install_weight_converter_kwargs,

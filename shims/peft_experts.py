@@ -165,6 +165,8 @@ PATCHES: tuple = (
                     "parameter_name")),
             Target("peft.tuners.lora.layer", "ParamWrapper._activate_lora", ("active_adapters",)),
             Target("peft.tuners.lora.layer", "ParamWrapper._remove_parametrizations"),
+            # torch's private parametrize cache, from which _activate_lora drops the stale entry (point 2 above)
+            Target("torch.nn.utils.parametrize", "_cache"),
         ),
         needed=needs_4bit_expert_lora,
         install=_install,
