@@ -19,6 +19,23 @@ def logits(model, batch: dict) -> torch.Tensor:
     return out.logits.float().cpu()
 
 
+def keep_bnb_compute_dtype(model) -> int:
+    """Make bitsandbytes' Linear4bit compute in its compute dtype in eval mode too; returns how many it touched.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50.x) repacks a Linear4bit's weight on its first eval-mode forward
+    and from then on multiplies in bf16 (input and absmax cast to bf16) whatever ``bnb_4bit_compute_dtype`` says.
+    The cases compare fp32 models exactly, so they keep the declared compute dtype on every CPU (the flag is
+    bitsandbytes' own attribute, read in ``Linear4bit.forward``); a missing attribute means that bitsandbytes has
+    no such path and there is nothing to turn off.
+    """
+    touched = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            touched += 1
+    return touched
+
+
 def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 

@@ -19,6 +19,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "build": (),
     "load": ("build",),
     "lora": ("load",),
+    "gc_grads": ("lora",),
     "train": ("lora",),
     "save_adapter": ("train",),
     "export": ("train",),
@@ -37,7 +38,7 @@ def stage_order(shims_on: bool) -> list[str]:
         middle = ["export", "merge"]
     else:
         middle = ["merge", "export"]
-    return ["build", "load", "lora", "train", "save_adapter", *middle, "export_reload", "adapter_reload",
+    return ["build", "load", "lora", "gc_grads", "train", "save_adapter", *middle, "export_reload", "adapter_reload",
             "foreign_adapters", "all_linear", "prequantized"]
 
 
@@ -65,6 +66,19 @@ class CaseSpec:
     @property
     def case_id(self) -> str:
         return f"{self.arch}/{self.quant}"
+
+    @property
+    def four_bit(self) -> bool:
+        return bool(self.quant_spec.get("bnb", {}).get("load_in_4bit"))
+
+    @property
+    def recipe(self) -> dict | None:
+        """The QLoRA-recipe settings of this quantization (matrix.toml ``recipe``), None for a plain load."""
+        return self.quant_spec.get("recipe")
+
+    @property
+    def lora_rank(self) -> int:
+        return int((self.recipe or {}).get("lora_rank", self.run["lora_rank"]))
 
 
 @dataclass
@@ -108,7 +122,9 @@ class Case:
         qc = self._quantization_config()
         if qc is not None:
             kwargs["quantization_config"] = qc
-        return self._from_pretrained(AutoModelForCausalLM, path, self._dtype(), **kwargs)
+        model = self._from_pretrained(AutoModelForCausalLM, path, self._dtype(), **kwargs)
+        self.metrics["bnb_cpu_bf16_kernel_off"] = measure.keep_bnb_compute_dtype(model)
+        return model
 
     @staticmethod
     def _from_pretrained(cls, path, dtype, **kwargs):
@@ -132,10 +148,22 @@ class Case:
         texts = tiny.training_texts()[:6] + tiny.prompts(self.spec.run["prompts"])
         self.batch = dict(self.tokenizer(texts, return_tensors="pt", padding=True))
 
+    def _prepare_recipe(self, model, training: bool):
+        """The recipe's peft.prepare_model_for_kbit_training (norms/embeddings to fp32); gradient checkpointing
+        only for training. Applied to every model the recipe compares, so references share its dtypes."""
+        if self.spec.recipe is None:
+            return model
+        from peft import prepare_model_for_kbit_training
+
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=training)
+
     def load(self) -> None:
         self.model = self._load_base(self.model_dir)
+        # storage as loaded: the recipe's preparation upcasts float tensors (a float32 router is then no longer
+        # "kept wider than the model's dtype")
         self.metrics.update({f"experts_{k}": v for k, v in self._expert_storage(self.model).items()})
         self.metrics.update({f"routers_{k}": v for k, v in self._router_storage(self.model).items()})
+        self.model = self._prepare_recipe(self.model, training=True)
 
     def _router_storage(self, model) -> dict:
         """MoE routers and how many are 4-bit, for nf4 over fused experts (5.x), shims on or off: there a 4-bit
@@ -143,7 +171,7 @@ class Case:
         float as 4.x always left them), so the rule that reads these counts applies nowhere else."""
         from shims import quant, quant_router  # structure only: counting patches nothing
 
-        if self.spec.quant != "nf4" or not quant._has_fused_experts():
+        if not self.spec.four_bit or not quant._has_fused_experts():
             return {}
         return quant_router.router_storage(model)
 
@@ -165,7 +193,7 @@ class Case:
         # peft reads a string as one regex (a list would be matched as exact names / suffixes)
         module_patterns = [rf".*\.({'|'.join(self.spec.attention)})"] + targets["modules"]
         config = LoraConfig(
-            r=self.spec.run["lora_rank"], lora_alpha=self.spec.run["lora_alpha"], lora_dropout=0.0,
+            r=self.spec.lora_rank, lora_alpha=self.spec.run["lora_alpha"], lora_dropout=0.0,
             target_modules="|".join(f"(?:{p})" for p in module_patterns),
             task_type="CAUSAL_LM", **({"target_parameters": targets["parameters"]} if targets["parameters"] else {}),
         )
@@ -175,6 +203,65 @@ class Case:
         self.metrics["lora_expert_tensors"] = len(expert_lora)
         if not expert_lora:
             raise AssertionError("peft attached no LoRA to the routed experts")
+
+    def gc_grads(self) -> None:
+        """Gradient checkpointing must not change gradients: the first step's LoRA gradients on one batch with
+        and without checkpointing (same autocast as training), and how often the first experts module ran in each
+        (checkpointing recomputes it in backward, so twice; once without)."""
+        if not self.spec.four_bit:
+            raise portable.NothingToDo("checked on 4-bit cases")
+        model = self.model
+        model.train()
+        was_on = _checkpointing_flags(model)
+        if not any(was_on.values()):
+            # the plain nf4 case trains without checkpointing: turn it on as the recipe does, then off again
+            model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            with_gc, calls_gc = self._first_step_grads(checkpointing=True)
+            without_gc, calls_plain = self._first_step_grads(checkpointing=False)
+        finally:
+            if not any(was_on.values()):
+                model.base_model.model.gradient_checkpointing_disable()
+            else:
+                _set_checkpointing(model, was_on)
+        if set(with_gc) != set(without_gc):
+            raise AssertionError(f"checkpointing changed which parameters get a gradient: "
+                                 f"{sorted(set(with_gc) ^ set(without_gc))[:4]}")
+        diffs = [float((with_gc[n].float() - without_gc[n].float()).abs().max()) for n in with_gc]
+        self.metrics.update(gc_grad_tensors=len(diffs), gc_grad_max_abs=max(diffs) if diffs else None,
+                            gc_grad_norm=float(torch.stack([g.float().norm() for g in with_gc.values()]).norm())
+                            if with_gc else 0.0,
+                            gc_layer_calls=calls_gc, plain_layer_calls=calls_plain)
+
+    def _first_step_grads(self, checkpointing: bool) -> tuple[dict, int]:
+        model = self.model
+        flags = _checkpointing_flags(model)
+        _set_checkpointing(model, {name: checkpointing for name in flags})
+        counter = _CallCounter(first_experts_module(model))
+        input_ids = self.batch["input_ids"][:4]
+        mask = self.batch["attention_mask"][:4]
+        device = measure._device_of(model)
+        try:
+            model.zero_grad(set_to_none=True)
+            with self._autocast(device):
+                out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                            labels=input_ids.masked_fill(mask == 0, -100).to(device), use_cache=False)
+            out.loss.backward()
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                     if p.requires_grad and p.grad is not None}
+        finally:
+            counter.remove()
+            model.zero_grad(set_to_none=True)
+            _set_checkpointing(model, flags)
+        return grads, counter.calls
+
+    def _autocast(self, device):
+        import contextlib
+
+        mixed = (self.spec.recipe or {}).get("mixed_precision")
+        if not mixed:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=getattr(torch, {"bf16": "bfloat16"}.get(mixed, mixed)))
 
     def train(self) -> None:
         from datasets import Dataset
@@ -188,10 +275,24 @@ class Case:
             def on_pre_optimizer_step(self, args, state, control, **kwargs):
                 norms.append(measure.grad_norm(expert_lora.values()))
 
+        recipe_args = {}
+        if self.spec.recipe is not None:
+            recipe_args = recipe_trainer_args(self.spec.recipe, measure._device_of(self.model))
+            self.metrics.update(optim_requested=recipe_args.pop("optim_requested"),
+                                optim_fallbacks=recipe_args.pop("optim_fallbacks"), optim=recipe_args["optim"])
         trainer = _sft_trainer(self.model, self.tokenizer, Dataset.from_dict({"text": tiny.training_texts()}),
                                self.work / "trainer", self.spec.run["train_steps"], [ExpertGrad()],
-                               use_cpu=self.spec.run.get("device", "cpu") == "cpu")
-        trainer.train()
+                               use_cpu=self.spec.run.get("device", "cpu") == "cpu", **recipe_args)
+        counter = _CallCounter(first_experts_module(self.model))
+        try:
+            trainer.train()
+        finally:
+            counter.remove()
+        # accelerate wraps forward in autocast for mixed precision; the references are the model's own logits
+        self.model = trainer.accelerator.unwrap_model(self.model, keep_fp32_wrapper=False)
+        self.metrics["train_layer_calls_per_step"] = counter.calls / max(1, trainer.state.global_step)
+        if self.spec.recipe is not None:
+            self.metrics.update(optimizer_state_counts(trainer.optimizer))
         measure.disable_router_logits(self.model)
         self.metrics["adapter_dtype_trained"] = upcast_adapter(self.model)
         history = [h for h in trainer.state.log_history if "loss" in h]
@@ -266,20 +367,23 @@ class Case:
         reloaded = self._load_exported(self.work / "export")
         self.metrics.update({f"export_{k}": v for k, v in measure.expert_storage(reloaded).items()
                              if k in ("expert_tensors", "quantized")})
-        self._compare(reloaded, "export")
         if self.rounded_export_logits is not None:
             out = measure.logits(reloaded, self.batch)
             self.metrics["export_rounding_max_abs"] = float((out - self.rounded_export_logits).abs().max())
+        if self.spec.recipe is not None:
+            # the recipe's reference computes in bf16: compare the export as such a user reloads it
+            reloaded = self._prepare_recipe(self._load_exported(self.work / "export", self._dtype()), training=False)
+        self._compare(reloaded, "export")
 
-    def _load_exported(self, path: Path):
+    def _load_exported(self, path: Path, dtype=torch.float32):
         from transformers import AutoModelForCausalLM
 
-        return self._from_pretrained(AutoModelForCausalLM, path, torch.float32, **_placement(self.spec.run))
+        return self._from_pretrained(AutoModelForCausalLM, path, dtype, **_placement(self.spec.run))
 
     def adapter_reload(self) -> None:
         from peft import PeftModel
 
-        base = self._load_base(self.model_dir)
+        base = self._prepare_recipe(self._load_base(self.model_dir), training=False)
         reloaded = PeftModel.from_pretrained(base, self.work / "adapter")
         self._compare(reloaded, "adapter")
 
@@ -326,7 +430,7 @@ class Case:
 
     def prequantized(self) -> None:
         """Save the 4-bit model itself and load it back: same logits, experts still 4-bit."""
-        if self.spec.quant == "bf16":
+        if not self.spec.four_bit:
             raise portable.NothingToDo("pre-quantized checkpoints are checked on 4-bit cases only")
         from transformers import AutoModelForCausalLM
 
@@ -337,6 +441,7 @@ class Case:
         model.save_pretrained(dest)
         # the quantization config travels in the checkpoint; the dtype of the rest is the user's choice, as at load
         reloaded = self._from_pretrained(AutoModelForCausalLM, dest, dtype=self._dtype(), **_placement(self.spec.run))
+        measure.keep_bnb_compute_dtype(reloaded)
         storage = self._expert_storage(reloaded)
         self.metrics["prequantized_experts_quantized"] = storage["quantized"]
         self.metrics["prequantized_expert_tensors"] = storage["expert_tensors"]
@@ -405,7 +510,101 @@ def _placement(run: dict) -> dict:
     return {"device_map": {"": 0}} if run.get("device", "cpu") == "cuda" else {}
 
 
-def _sft_trainer(model, tokenizer, dataset, out_dir: Path, steps: int, callbacks: list, use_cpu: bool = True):
+class _CallCounter:
+    """Counts forward calls of one module (checkpointing recomputes a layer's forward during backward). A pre-hook:
+    torch's non-reentrant checkpointing stops a recomputation early, inside the layer, so a post-hook never runs."""
+
+    def __init__(self, module):
+        self.calls = 0
+        self._handle = None if module is None else module.register_forward_pre_hook(self._count)
+
+    def _count(self, *_):
+        self.calls += 1
+
+    def remove(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+
+
+def first_experts_module(model):
+    """The first MoE block: the parent of the first ``experts`` (a fused module on 5.x, a ModuleList on 4.57
+    that is iterated, never called, hence its parent)."""
+    for name, _ in model.named_modules():
+        if name.endswith(".experts"):
+            return model.get_submodule(name.rpartition(".")[0])
+    return None
+
+
+def _checkpointing_flags(model) -> dict[str, bool]:
+    """transformers checkpoints a layer when its ``gradient_checkpointing`` flag is set (and it is training)."""
+    return {name: bool(m.gradient_checkpointing) for name, m in model.named_modules()
+            if isinstance(getattr(m, "gradient_checkpointing", None), bool)}
+
+
+def _set_checkpointing(model, flags: dict[str, bool]) -> None:
+    for name, on in flags.items():
+        model.get_submodule(name).gradient_checkpointing = on
+
+
+# bitsandbytes optimizer class for each trainer optim name the recipe may ask for
+_BNB_OPTIMIZERS = {"paged_adamw_8bit": "PagedAdamW8bit", "adamw_bnb_8bit": "AdamW8bit"}
+MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors (its optimizers' min_8bit_size)
+
+
+def _probe_bnb_optimizer(name: str, device) -> str | None:
+    """None when bitsandbytes' optimizer ``name`` takes one step on ``device``, else why not (feature detection)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as exc:
+        return f"bitsandbytes not importable: {exc}"
+    cls = getattr(bnb.optim, _BNB_OPTIMIZERS.get(name, ""), None)
+    if cls is None:
+        return f"bitsandbytes {getattr(bnb, '__version__', '?')} has no optimizer for {name!r}"
+    param = torch.nn.Parameter(torch.ones(MIN_8BIT_SIZE, device=device))
+    param.grad = torch.full_like(param, 0.5)
+    try:
+        cls([param], lr=1e-3).step()
+    except (RuntimeError, NotImplementedError, ValueError) as exc:
+        return f"{name} on {device.type}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+    return None
+
+
+def recipe_trainer_args(recipe: dict, device) -> dict:
+    """SFTConfig arguments of the recipe: the first 8-bit optimizer that runs on ``device`` (adamw_torch when
+    none does), with what was asked for and why anything was passed over."""
+    requested = list(recipe.get("optim", []))
+    fallbacks = []
+    chosen = None
+    for name in requested:
+        why = _probe_bnb_optimizer(name, device)
+        if why is None:
+            chosen = name
+            break
+        fallbacks.append(why)
+    mixed = recipe.get("mixed_precision")
+    return dict(optim=chosen or "adamw_torch", optim_requested=",".join(requested), optim_fallbacks=fallbacks,
+                bf16=mixed == "bf16", fp16=mixed == "fp16",
+                gradient_checkpointing=bool(recipe.get("gradient_checkpointing")))
+
+
+def optimizer_state_counts(optimizer) -> dict:
+    """How many trained tensors have 8-bit optimizer state, of those large enough to get it."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps the torch optimizer
+    eligible = eight_bit = 0
+    for group in inner.param_groups:
+        for p in group["params"]:
+            if p.numel() < MIN_8BIT_SIZE or p not in inner.state:
+                continue
+            eligible += 1
+            eight_bit += inner.state[p].get("state1", torch.empty(0)).dtype == torch.uint8
+    return {"optimizer_class": type(inner).__name__, "optim_state_8bit": eight_bit,
+            "optim_state_eligible": eligible}
+
+
+def _sft_trainer(model, tokenizer, dataset, out_dir: Path, steps: int, callbacks: list, use_cpu: bool = True,
+                 **recipe_args):
+    """trl's SFTTrainer with the harness's settings; ``recipe_args`` (optim, bf16, fp16, gradient_checkpointing)
+    override them. Without them, gradient checkpointing is trl's own default (on from trl 1.0, off before)."""
     import inspect
 
     from transformers.trainer_callback import PrinterCallback
@@ -417,6 +616,7 @@ def _sft_trainer(model, tokenizer, dataset, out_dir: Path, steps: int, callbacks
         seed=0, use_cpu=use_cpu, dataloader_num_workers=0, dataset_text_field="text", packing=False,
         bf16=False, fp16=False, disable_tqdm=True,
     )
+    kwargs.update(recipe_args)
     accepted = inspect.signature(SFTConfig).parameters
     kwargs["max_length" if "max_length" in accepted else "max_seq_length"] = 64
     trainer = SFTTrainer(model=model, args=SFTConfig(**kwargs), train_dataset=dataset,

@@ -135,7 +135,8 @@ def run_case(spec_dict: dict, log: EventLog) -> None:
 
     case.metrics["peak_rss_mib"] = round(peak_rss_mib(), 1)
     log.emit("case_end", case=spec.case_id, record={
-        "case": spec.case_id, "arch": spec.arch, "quant": spec.quant, "stages": stages, "metrics": case.metrics,
+        "case": spec.case_id, "arch": spec.arch, "quant": spec.quant, "four_bit": spec.four_bit,
+        "recipe": spec.recipe is not None, "stages": stages, "metrics": case.metrics,
     })
 
 

@@ -89,6 +89,11 @@ def case_rows(docs: list[dict]) -> pd.DataFrame:
                 "kl_export_fp32": _fmt(m.get("kl_export_fp32")),
                 "foreign": (f"{m['foreign_ok']}/{m['foreign_total']}" if "foreign_total" in m else ""),
                 "kl_adapter": _fmt(m.get("kl_adapter")),
+                "gc_grads": (f"{_fmt(m.get('gc_grad_max_abs'))} ({m.get('gc_layer_calls')}x)"
+                             if "gc_grad_max_abs" in m else ""),
+                "optim": (f"{m.get('optim')} {m.get('optim_state_8bit')}/{m.get('optim_state_eligible')} 8-bit"
+                          + (f" (passed over: {'; '.join(m['optim_fallbacks'])})" if m.get("optim_fallbacks") else "")
+                          if m.get("optim") else ""),
                 "samples": " ".join(f"{k}:{m[f'samples_{k}']}" for k in ("merged", "export", "adapter")
                                     if f"samples_{k}" in m),
                 "seconds": sum(s.get("seconds", 0) for s in case.get("stages", {}).values()),
@@ -268,7 +273,7 @@ def _header(docs: list[dict]) -> list[str]:
 def _details(df: pd.DataFrame) -> str:
     cols = ["transformers", "peft", "trl", "arch", "quant", "shims", "machine", "device", "loss", "grad_norm",
             "expert_grad", "experts_4bit", "routers_4bit", "expert_bytes", "merged", "kl_merged", "kl_export_fp32", "kl_export",
-            "kl_adapter", "foreign", "samples", "verdict"]
+            "kl_adapter", "gc_grads", "optim", "foreign", "samples", "verdict"]
     cols = [c for c in cols if c in df.columns]
     view = df.sort_values(["cell", "arch", "quant", "mode"])[cols].fillna("")
     return view.to_markdown(index=False)

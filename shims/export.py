@@ -170,6 +170,24 @@ def _base_value(owner, name, raw):
     return raw.detach()
 
 
+def _kept_float32(base, dtype):
+    """A regex over state-dict keys of the tensors the model keeps in float32 in a ``dtype`` model, or None.
+
+    transformers keeps ``_keep_in_fp32_modules_strict`` (e.g. glm4_moe's ``gate.weight`` router) in float32 in
+    any 16-bit model and ``_keep_in_fp32_modules`` in float16 ones; an export in that dtype keeps them so too, as
+    the model's own save_pretrained would, instead of rounding a float32 router to bf16."""
+    import torch
+
+    if dtype not in (torch.bfloat16, torch.float16):
+        return None
+    names = list(getattr(base, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype == torch.float16:
+        names += list(getattr(base, "_keep_in_fp32_modules", None) or [])
+    if not names:
+        return None
+    return re.compile("|".join(rf"(?:^|\.){re.escape(n)}(?:$|\.)" for n in names))
+
+
 def _merged_value(key, plan: _Plan, dtype, counts):
     import torch
 
@@ -234,8 +252,11 @@ def _write_shards(base, plan: _Plan, tmp: Path, dtype, limit: int) -> dict:
         names.append((fname, list(disk)))
         shard, size = {}, 0
 
+    import torch
+
+    keep = _kept_float32(base, dtype)
     for key in plan.sources:
-        value = _merged_value(key, plan, dtype, counts)
+        value = _merged_value(key, plan, torch.float32 if keep and keep.search(key) else dtype, counts)
         nbytes = value.numel() * value.element_size()
         if shard and size + nbytes > limit:
             flush()

@@ -384,8 +384,7 @@ def install_packed_param(module, name: str, packed, quant_state, owner: str = ""
     packed_param._is_hf_initialized = True  # transformers must never re-initialise packed bytes
     module.register_parameter(name, packed_param)
     P.register_parametrization(module, name, parametrization_class()(quant_state, settings, label), unsafe=True)
-    if dims == 3:
-        install_forward_hooks(module)  # a router reads its weight once per forward: no cache or cast needed
+    install_forward_hooks(module)  # cast in / cast out as Linear4bit does, for experts and routers alike
 
 
 def requantize_param(module, name: str, value) -> None:

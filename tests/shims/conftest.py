@@ -78,6 +78,19 @@ def lora_targets():
 
 
 # ---- 4-bit experts fixtures (quant / forward / peft_experts / merge) -----------------------------------------
+@_pytest_lx.fixture(autouse=True)
+def bnb_computes_in_its_compute_dtype(monkeypatch):
+    """On CPUs with AVX512-BF16, bitsandbytes (0.50.x) runs an eval-mode Linear4bit through a bf16 kernel whatever
+    its compute dtype (it decides in Linear4bit.__init__ from ``has_avx512bf16``). The exact fp32 comparisons
+    here test the shims, so every Linear4bit built during a test computes in its declared dtype on any CPU."""
+    try:
+        import bitsandbytes.nn.modules as bnb_modules
+    except ImportError:
+        return
+    if hasattr(bnb_modules, "has_avx512bf16"):
+        monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: False)
+
+
 Q4_ARCHS = ("qwen3_moe", "mixtral", "gpt_oss")
 _Q4_SHIM_NAMES = ("quantize_fused_experts", "peft_quantized_experts", "peft_merge_quantized_experts")
 
