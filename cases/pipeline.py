@@ -371,14 +371,16 @@ class Case:
             out = measure.logits(reloaded, self.batch)
             self.metrics["export_rounding_max_abs"] = float((out - self.rounded_export_logits).abs().max())
         if self.spec.recipe is not None:
-            # the recipe's reference computes in bf16: compare the export as such a user reloads it
-            reloaded = self._prepare_recipe(self._load_exported(self.work / "export", self._dtype()), training=False)
+            # the recipe's reference computes in bf16: compare the export as a user reloads it for inference
+            reloaded = self._load_exported(self.work / "export", self._dtype())
         self._compare(reloaded, "export")
 
     def _load_exported(self, path: Path, dtype=torch.float32):
         from transformers import AutoModelForCausalLM
 
-        return self._from_pretrained(AutoModelForCausalLM, path, dtype, **_placement(self.spec.run))
+        model = self._from_pretrained(AutoModelForCausalLM, path, dtype, **_placement(self.spec.run))
+        measure.keep_bnb_compute_dtype(model)  # a native export of a 4-bit merge is itself 4-bit
+        return model
 
     def adapter_reload(self) -> None:
         from peft import PeftModel

@@ -6,13 +6,14 @@ from .registry import Registry
 
 
 def all_patches() -> tuple:
-    from . import checkpoint, fast_lora, merge, peft_compat, peft_experts, quant, quant_legacy, quant_router
+    from . import (checkpoint, fast_lora, loader_v5, merge, moe_routing_dtype, peft_compat, peft_experts,
+                   quant_legacy, quant_router)
 
-    # quant ... fast_lora: 4-bit experts and routers; the checkpoint patch wraps the loader outermost, so it sees
-    # saved 4-bit tensors before the load-time quantizers do.
-    return (tuple(quant.PATCHES) + tuple(quant_router.PATCHES) + tuple(quant_legacy.PATCHES)
+    # loader_v5 ... quant_legacy: 4-bit experts and routers; the checkpoint patch wraps the loader outermost, so it
+    # sees saved 4-bit tensors before the load-time quantizers do.
+    return (tuple(loader_v5.PATCHES) + tuple(quant_router.PATCHES) + tuple(quant_legacy.PATCHES)
             + tuple(checkpoint.PATCHES) + tuple(peft_experts.PATCHES) + tuple(merge.PATCHES)
-            + tuple(fast_lora.PATCHES) + tuple(peft_compat.PATCHES))
+            + tuple(fast_lora.PATCHES) + tuple(peft_compat.PATCHES) + tuple(moe_routing_dtype.PATCHES))
 
 
 def build_registry() -> Registry:

@@ -253,3 +253,28 @@ def test_export_from_4bit_per_expert_linear4bit(tmp_path, tiny_moe, lora_targets
     print(f"4.57 Linear4bit: KL={kl:.3e} max|d logits|={(want - got).abs().max().item():.3e}")
     assert kl <= KL_MAX
     assert "quantization_config" not in json.loads((tmp_path / "out/config.json").read_text())
+
+
+def test_bf16_export_keeps_the_models_float32_tensors(tmp_path, tiny_moe, lora_targets):
+    """A tensor the model class keeps in float32 in a 16-bit model (transformers' _keep_in_fp32_modules_strict,
+    e.g. glm4_moe's router ``gate.weight`` on 5.x) is exported in float32, as the model holds and trains it;
+    everything else in the requested dtype."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+
+    import shims
+
+    model = tiny_moe("glm4_moe")
+    keep = list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if not keep:
+        pytest.skip("this transformers keeps no glm4_moe tensor in float32")
+    pm = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))
+    shims.save_merged(pm, tmp_path / "out", dtype=torch.bfloat16)
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    kept = {k: v for k, v in saved.items() if any(k.endswith(f".{n}") or f".{n}." in k for n in keep)}
+    assert kept and all(v.dtype == torch.float32 for v in kept.values()), {k: v.dtype for k, v in kept.items()}
+    router = "model.layers.0.mlp.gate.weight"
+    if router in kept:
+        assert torch.equal(kept[router], model.model.layers[0].mlp.gate.weight.detach().float())
+    assert saved["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
