@@ -126,9 +126,10 @@ def _router_bytes(model, shims_on: bool) -> int:
     """Stored bytes of the MoE routers (``mlp.gate`` of this Qwen3-MoE-shaped model): Linear4bit on 4.57, a plain
     2D parameter on 5.x, which the shims store 4-bit."""
     if shims_on:
-        from shims import quant, quant_router
+        from shims import quant_router
+        from shims.loader_generation import V5, transformers_loader
 
-        if quant._has_fused_experts():
+        if transformers_loader() == V5:
             return quant_router.router_storage(model)["bytes"]
     from cases.measure import _quant_state_bytes
 

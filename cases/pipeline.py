@@ -169,9 +169,10 @@ class Case:
         """MoE routers and how many are 4-bit, for nf4 over fused experts (5.x), shims on or off: there a 4-bit
         load should store them as 4.x's Linear4bit routers were. Not counted on 4.x (routers are nn.Linear, or
         float as 4.x always left them), so the rule that reads these counts applies nowhere else."""
-        from shims import quant, quant_router  # structure only: counting patches nothing
+        from shims import quant_router  # structure only: counting patches nothing
+        from shims.loader_generation import V5, transformers_loader
 
-        if not self.spec.four_bit or not quant._has_fused_experts():
+        if not self.spec.four_bit or transformers_loader() != V5:
             return {}
         return quant_router.router_storage(model)
 

@@ -54,8 +54,8 @@ def save_merged(model, save_directory, dtype=None, **kwargs):
 
 
 def convert_adapter(src_dir, dst_dir, to, **kwargs):
-    """Convert a saved adapter between expert LoRA layouts; see shims.layout.convert_adapter."""
-    from .layout import convert_adapter as _convert_adapter
+    """Convert a saved adapter between expert LoRA layouts; see shims.adapter_convert.convert_adapter."""
+    from .adapter_convert import convert_adapter as _convert_adapter
 
     return _convert_adapter(src_dir, dst_dir, to=to, **kwargs)
 

@@ -26,7 +26,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    from .layout import AmbiguousLayoutError, convert_adapter
+    from .adapter_convert import AmbiguousLayoutError, convert_adapter
 
     try:
         record = convert_adapter(args.src, args.dst, to=args.to, base_config=args.base_config,

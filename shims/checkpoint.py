@@ -31,7 +31,19 @@ import logging
 import re
 from functools import wraps
 
+from .bnb_config import is_bnb_4bit
+from .forward import PARAMETRIZE_CACHE_TARGETS
+from .loader_generation import V5, targets_for
+from .loader_v5 import v5_loader_needed
+from .quant_router import ROUTER_WEIGHT, is_router_path
 from .registry import Patch, Target, chain_undo, swap_attr
+from .storage import (
+    EXPERT_WEIGHT_NAMES,
+    ExpertQuantError,
+    install_packed_param,
+    quantized_parametrization,
+    quantized_tensor_names,
+)
 
 log = logging.getLogger("shims")
 
@@ -45,7 +57,6 @@ _ERROR_ATTR = "_shims_state_error"
 def _quantized_tensors(model):
     """(key prefix, module, tensor name, parametrization) for every shim-quantized tensor of ``model`` (fused
     experts; router weights, which are then saved exactly as a Linear4bit weight)."""
-    from .quant import quantized_parametrization, quantized_tensor_names
 
     for module_name, module in model.named_modules():
         for name in quantized_tensor_names(module):
@@ -92,7 +103,6 @@ def saved_quant_state(packed, stats: dict, hf_quantizer):
 
 
 def packed_without_state_error(tensor_path: str, packed):
-    from .quant import ExpertQuantError
 
     return ExpertQuantError(
         f"{tensor_path}: the checkpoint stores packed {packed.dtype} data {tuple(packed.shape)} for this expert "
@@ -186,7 +196,6 @@ def expert_weight_converters(hf_quantizer) -> list:
     """One WeightConverter per fused expert tensor name, collecting its packed data and QuantState keys."""
     from transformers.core_model_loading import WeightConverter
 
-    from .quant import EXPERT_WEIGHT_NAMES
 
     out = []
     for name in EXPERT_WEIGHT_NAMES:
@@ -197,7 +206,6 @@ def expert_weight_converters(hf_quantizer) -> list:
 
 def _store_loaded(model, target_name: str, value) -> bool:
     """Store a deserialized 4-bit expert tensor; False when ``value`` is not one (let transformers handle it)."""
-    from .quant import EXPERT_WEIGHT_NAMES, ExpertQuantError
 
     module_path, _, name = target_name.rpartition(".")
     if name not in EXPERT_WEIGHT_NAMES:
@@ -222,7 +230,6 @@ def _store_loaded_router(model, target_name: str, value) -> bool:
     ``Params4bit`` (and sets ``module.quant_state``, as it does for a Linear4bit). A router is no Linear4bit: its
     forward would multiply the packed bytes. The data + state go into the shims' 4-bit storage instead.
     """
-    from .quant_router import ROUTER_WEIGHT, is_router_path
 
     state = getattr(value, "quant_state", None)  # set only on a Params4bit: float quant_storage is packed too
     module_path, _, name = target_name.rpartition(".")
@@ -237,7 +244,6 @@ def _store_loaded_router(model, target_name: str, value) -> bool:
 
 def install_saved_expert(module, module_path: str, name: str, packed, state) -> None:
     """Store saved packed data + its QuantState as ``module.<name>`` after checking that they describe each other."""
-    from .quant import ExpertQuantError, install_packed_param
 
     expected = (state.shape.numel() + 1) // 2  # two 4-bit values per byte
     stored = packed.numel() * packed.element_size()
@@ -268,18 +274,11 @@ def _is_load_only(conversion) -> bool:
     return any(getattr(op, "hf_quantizer", None) is not None for op in getattr(conversion, "operations", ()) or ())
 
 
-def _needed() -> str | None:
-    from .quant import _needed as quant_needed
-
-    return quant_needed()
-
-
 def _install():
     import transformers.core_model_loading as cml
     import transformers.modeling_utils as mu
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
-    from .quant import _is_bnb_4bit
 
     original_set = cml.set_param_for_module
     set_signature = inspect.signature(original_set)
@@ -298,7 +297,7 @@ def _install():
     @wraps(original_conversions)
     def get_weight_conversions(self, *args, **kwargs):
         upstream = original_conversions(self, *args, **kwargs)
-        if not (getattr(self, "pre_quantized", False) and _is_bnb_4bit(self)):
+        if not (getattr(self, "pre_quantized", False) and is_bnb_4bit(self)):
             return upstream
         return expert_weight_converters(self) + list(upstream)
 
@@ -344,21 +343,14 @@ _TARGETS = (
 )
 
 
-def _fused() -> bool:
-    from .quant import _has_fused_experts
-
-    return _has_fused_experts()
-
-
 PATCHES: tuple = (
     Patch(
         name="prequantized_experts_checkpoint",
         summary="save_pretrained of a model with 4-bit experts writes packed data + QuantState (bnb's packed "
                 "as_dict keys); from_pretrained reads them back into the same 4-bit storage, without float copies",
-        # On transformers 4.x these symbols do not exist and the patch is not needed (see quant.PATCHES).
-        targets=_TARGETS if _fused() else (),
-        optional_targets=() if _fused() else _TARGETS,
-        needed=_needed,
+        # On transformers 4.x these symbols do not exist and the patch is not needed (quant_legacy saves there).
+        **targets_for(V5, required=_TARGETS + PARAMETRIZE_CACHE_TARGETS),
+        needed=v5_loader_needed,
         install=_install,
     ),
 )

@@ -10,15 +10,14 @@ destination, which is renamed into place only when everything succeeded.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .layout import replace_dir
+from .files import refuse_existing, staged_dir, write_json
+from .storage import dequantize_param, quantized_parametrization
 
 log = logging.getLogger("shims")
 
@@ -50,7 +49,7 @@ def save_merged(model, save_directory, dtype=None, overwrite: bool = False, max_
     """Write a standard Hugging Face checkpoint of ``model`` (a PeftModel) with every active LoRA merged.
 
     ``dtype`` defaults to bfloat16. The base may be bf16/fp32, carry 4-bit experts quantized by
-    ``shims.quant``, or bitsandbytes ``Linear4bit`` layers; they are dequantized for the merge. Writes
+    ``shims.storage``, or bitsandbytes ``Linear4bit`` layers; they are dequantized for the merge. Writes
     model safetensors (sharded with an index when larger than ``max_shard_size``), config.json without
     ``quantization_config``, generation_config.json, and tokenizer files (``tokenizer`` if given, else copied
     from the base's local folder when there is one).
@@ -65,22 +64,15 @@ def save_merged(model, save_directory, dtype=None, overwrite: bool = False, max_
     dtype = torch.bfloat16 if dtype is None else dtype
     limit = _parse_size(max_shard_size)
     dst = Path(save_directory)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass overwrite=True to replace it")
+    refuse_existing(dst, overwrite)
     base = _unwrap_peft(model)
     adapters = _active_adapters(model)
     plan = _plan(base, adapters)
     _check_plan(plan)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp.", dir=dst.parent))
-    try:
+    with staged_dir(dst, overwrite) as tmp:
         counts = _write_shards(base, plan, tmp, dtype, limit)
         _write_side_files(base, tmp, dtype, tokenizer)
-        replace_dir(tmp, dst, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     counts["path"] = str(dst)
     log.info("shims: merged export to %s: %s", dst, counts)
     return counts
@@ -154,8 +146,6 @@ def _check_plan(plan: _Plan) -> None:
 def _base_value(owner, name, raw):
     """The logical float value of a base tensor (dequantized when stored in 4 bits)."""
     import torch
-
-    from .quant import dequantize_param, quantized_parametrization
 
     # Any tensor the shims store 4-bit (experts, routers), whatever its quant_storage dtype.
     if quantized_parametrization(owner, name) is not None:
@@ -274,7 +264,7 @@ def _write_shards(base, plan: _Plan, tmp: Path, dtype, limit: int) -> dict:
             weight_map.update({k: final for k in keys})
         index = {"metadata": {"total_size": sum((tmp / f).stat().st_size for f in set(weight_map.values()))},
                  "weight_map": dict(sorted(weight_map.items()))}
-        _write_json(tmp / "model.safetensors.index.json", index)
+        write_json(tmp / "model.safetensors.index.json", index)
     counts["shards"] = total
     return counts
 
@@ -298,11 +288,6 @@ def _write_side_files(base, tmp: Path, dtype, tokenizer) -> None:
         for name in _TOKENIZER_FILES:
             if (source / name).is_file():
                 shutil.copy2(source / name, tmp / name)
-
-
-def _write_json(path: Path, data) -> None:
-    with open(path, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2)
 
 
 def _parse_size(size) -> int:

@@ -36,9 +36,10 @@ import contextvars
 import logging
 from dataclasses import dataclass, field
 
-from .layout import SWAP_FLAG_TARGET, did_swap_in_out_features
+from .lora_layout import SWAP_FLAG_TARGET, did_swap_in_out_features
 from .peft_experts import needs_4bit_expert_lora
 from .registry import Patch, Target, swap_attr
+from .storage import dequantize_param, quantized_parametrization
 
 log = logging.getLogger("shims")
 
@@ -69,8 +70,6 @@ def _chain(wrapper):
 
 def plan_of(wrapper) -> FastPlan | str:
     """A FastPlan when the fast path can run ``wrapper`` (an outermost ParamWrapper), else the reason why not."""
-    from .quant import quantized_parametrization
-
     if not ENABLED:
         return "fast path disabled (shims.fast_lora.ENABLED = False)"
     wrappers, base = _chain(wrapper)
@@ -176,8 +175,6 @@ def _routed_matmul_class():
 
         @staticmethod
         def forward(ctx, x_sorted, counts, base, name, transposed):
-            from .quant import dequantize_param
-
             ctx.counts, ctx.base, ctx.name, ctx.transposed = counts, base, name, transposed
             with torch.no_grad():
                 weight = dequantize_param(base, name).to(x_sorted.dtype)
@@ -189,8 +186,6 @@ def _routed_matmul_class():
 
         @staticmethod
         def backward(ctx, grad_out):
-            from .quant import dequantize_param
-
             if not ctx.needs_input_grad[0]:
                 return None, None, None, None, None
             weight = dequantize_param(ctx.base, ctx.name).to(grad_out.dtype)
@@ -234,8 +229,6 @@ def _project(plan, name, x_sorted, counts, expert_sorted, dtype):
 def routed_lora_forward(plan: FastPlan, hidden_states, top_k_index, top_k_weights):
     """The experts forward with 4-bit base weights + the plan's LoRA, computed from the routed tokens only."""
     import torch
-
-    from .quant import quantized_parametrization
 
     base = plan.base
     E = base.num_experts
@@ -298,8 +291,6 @@ def _probe_grouped_mm(device, dtype) -> str | None:
 def _why_not_grouped(plan) -> str | None:
     """None when every grouped product of this plan can run through torch's grouped_mm kernel, else why not."""
     import torch
-
-    from .quant import quantized_parametrization
 
     if KERNEL == "loop":
         return "forced (shims.fast_lora.KERNEL = 'loop')"
@@ -367,8 +358,6 @@ def _grouped_classes():
 
         @staticmethod
         def forward(ctx, x_sorted, offs, base, name, transposed):
-            from .quant import dequantize_param
-
             ctx.save_for_backward(offs)
             ctx.base, ctx.name, ctx.transposed = base, name, transposed
             with torch.no_grad():
@@ -377,8 +366,6 @@ def _grouped_classes():
 
         @staticmethod
         def backward(ctx, grad_out):
-            from .quant import dequantize_param
-
             if not ctx.needs_input_grad[0]:
                 return None, None, None, None, None
             (offs,) = ctx.saved_tensors

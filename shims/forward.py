@@ -1,8 +1,8 @@
 """Forward of a module whose weights the shims store in 4 bits (fused experts, routers).
 
 No upstream forward is replaced: grouped_mm, batched_mm and eager experts, and every router, read their weight as
-``self.gate_up_proj`` / ``self.weight``, which the 4-bit parametrization (shims.quant) turns into the dequantized
-tensor. This module adds two per-module forward hooks to every module holding a shim 4-bit tensor, so that it
+``self.gate_up_proj`` / ``self.weight``, which the 4-bit parametrization turns into the dequantized
+tensor (:mod:`shims.storage`). This module adds two per-module forward hooks to every module holding a shim 4-bit tensor, so that it
 behaves at least as well as bitsandbytes' own ``Linear4bit``:
 
 - a dequantization cache for the duration of ONE forward (eager experts index ``gate_up_proj[e]`` once per
@@ -22,25 +22,25 @@ behaves at least as well as bitsandbytes' own ``Linear4bit``:
 
 from __future__ import annotations
 
+import functools
 import logging
+
+from .registry import Target
 
 log = logging.getLogger("shims")
 
-PATCHES: tuple = ()  # nothing upstream is replaced; the hooks are attached per module by shims.quant
+PATCHES: tuple = ()  # nothing upstream is replaced; the hooks are attached per module by shims.storage
+
+# The per-forward cache toggles torch's parametrize module state directly (what its ``cached()`` context manager
+# does, but across two hooks). Every patch that installs 4-bit tensors declares these, so status() reports a torch
+# that renames them instead of every forward failing.
+PARAMETRIZE_CACHE_TARGETS = (
+    Target("torch.nn.utils.parametrize", "_cache_enabled"),
+    Target("torch.nn.utils.parametrize", "_cache"),
+)
 
 _HOOKS_ATTR = "_shims_forward_hooks"
 _FRAMES_ATTR = "_shims_forward_frames"
-
-
-def _compute_dtype(module):
-    """The dtype the module's 4-bit tensors dequantize to (None if it holds none)."""
-    from .quant import quantized_parametrization
-
-    for name in getattr(module, "parametrizations", {}):
-        p = quantized_parametrization(module, name)
-        if p is not None:
-            return p.settings.compute_dtype
-    return None
 
 
 def _cast_input(args, kwargs, dtype):
@@ -86,10 +86,9 @@ def _cast_output(output, dtype):
     return None
 
 
-def _enter(module, args, kwargs):
+def _enter(module, args, kwargs, dtype=None):
     import torch.nn.utils.parametrize as P
 
-    dtype = _compute_dtype(module)
     new_args, new_kwargs, in_dtype = _cast_input(args, kwargs, dtype)
     module.__dict__.setdefault(_FRAMES_ATTR, []).append((in_dtype, _shadow_float_params(module, dtype)))
     P._cache_enabled += 1  # after the frame is pushed: _exit undoes exactly what a pushed frame did
@@ -114,11 +113,15 @@ def _exit(module, args, kwargs, output):
     return _cast_output(output, in_dtype)
 
 
-def install_forward_hooks(module) -> None:
-    """Attach the per-forward dequantization cache and dtype casts to a module holding shim 4-bit tensors (once)."""
+def install_forward_hooks(module, compute_dtype) -> None:
+    """Attach the per-forward dequantization cache and dtype casts to a module holding shim 4-bit tensors (once).
+
+    ``compute_dtype``: what the module's 4-bit tensors dequantize to; all tensors of one module (the expert weights
+    of one experts module, or a router's weight) are stored with the same settings, so the first one decides.
+    """
     if getattr(module, _HOOKS_ATTR, None) is not None:
         return
-    pre = module.register_forward_pre_hook(_enter, with_kwargs=True)
+    pre = module.register_forward_pre_hook(functools.partial(_enter, dtype=compute_dtype), with_kwargs=True)
     post = module.register_forward_hook(_exit, with_kwargs=True, always_call=True)
     object.__setattr__(module, _HOOKS_ATTR, (pre, post))
 

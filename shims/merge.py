@@ -19,6 +19,7 @@ from functools import wraps
 
 from .peft_experts import needs_4bit_expert_lora
 from .registry import Patch, Target, chain_undo, swap_attr
+from .storage import dequantize_param, quantized_parametrization, requantize_param
 
 log = logging.getLogger("shims")
 
@@ -28,8 +29,6 @@ _STASH_ATTR = "_shims_premerge"
 
 def _merge_quantized(wrapper, adapter_names, safe_merge: bool) -> None:
     import torch
-
-    from .quant import dequantize_param, quantized_parametrization, requantize_param
 
     base = wrapper.get_base_layer()
     name = wrapper.parameter_name
@@ -53,8 +52,6 @@ def _merge_quantized(wrapper, adapter_names, safe_merge: bool) -> None:
 def _unmerge_quantized(wrapper) -> None:
     import torch
 
-    from .quant import dequantize_param, quantized_parametrization, requantize_param
-
     base = wrapper.get_base_layer()
     name = wrapper.parameter_name
     param = quantized_parametrization(base, name)
@@ -75,8 +72,6 @@ def _unmerge_quantized(wrapper) -> None:
 def _install():
     from peft.tuners.lora.layer import ParamWrapper
     from peft.tuners.tuners_utils import check_adapters_to_merge
-
-    from .quant import quantized_parametrization
 
     original_merge = ParamWrapper.merge
     original_unmerge = ParamWrapper.unmerge

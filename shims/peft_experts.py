@@ -26,6 +26,7 @@ from contextlib import contextmanager, nullcontext
 from functools import wraps
 
 from .registry import Patch, Target, chain_undo, swap_attr
+from .storage import EXPERT_WEIGHT_NAMES, is_4bit_parametrization, quantized_parametrization
 
 log = logging.getLogger("shims")
 
@@ -52,8 +53,6 @@ def _matches(key: str, targets) -> bool:
 def inject_quantized_expert_params(tuner, peft_config, model, adapter_name, low_cpu_mem_usage=False) -> list[str]:
     """Attach LoRA ParamWrappers to shim-quantized expert tensors matching ``target_parameters``; return the keys."""
     from peft.tuners import tuners_utils
-
-    from .quant import EXPERT_WEIGHT_NAMES, quantized_parametrization
 
     targets = sorted(set(getattr(peft_config, "target_parameters", None) or ()))
     if not targets:
@@ -105,8 +104,6 @@ def _install():
     from peft.tuners.lora.layer import ParamWrapper
     from peft.tuners.tuners_utils import BaseTuner
 
-    from .quant import _Packed4bitBase, quantized_parametrization
-
     original_inject = BaseTuner._inject_parameters
     original_activate = ParamWrapper._activate_lora
     original_remove = ParamWrapper._remove_parametrizations
@@ -136,7 +133,7 @@ def _install():
             return original_remove(self)
         plist = base.parametrizations[self.parameter_name]
         for i in reversed(range(len(plist))):
-            if not isinstance(plist[i], _Packed4bitBase):
+            if not is_4bit_parametrization(plist[i]):
                 del plist[i]
                 return None
         raise RuntimeError(

@@ -4,13 +4,13 @@ Most MoE models on transformers 4.x keep per-expert ``nn.Linear`` experts, which
 few already fuse them into 3D parameters there (gpt_oss: ``gate_up_proj`` (E, H, 2I), ``down_proj`` (E, I, H), float
 biases), and ``load_in_4bit`` leaves those in 16-bit, as on 5.x. The 4.x loader asks the quantizer about every
 checkpoint tensor (``param_needs_quantization``) and hands the ones it claims to ``create_quantized_param``; we claim
-fused expert tensors (found by structure, as in :mod:`shims.quant`) and store them in the same 4-bit parametrization:
+fused expert tensors (found by structure, see :mod:`shims.storage`) and store them in the same 4-bit parametrization:
 
 - a float checkpoint: each expert tensor is quantized as it is read (the loader reads tensor by tensor);
 - a pre-quantized checkpoint (written by ``save_pretrained`` with this patch, same keys as :mod:`shims.checkpoint`:
   packed data under the tensor name + ``QuantState.as_dict(packed=True)`` keys): the packed data and its state are
   collected while reading and installed when ``_load_pretrained_model`` returns (before accelerate dispatches the
-  model), without dequantizing. Packed data without a complete state raises :class:`~shims.quant.ExpertQuantError`
+  model), without dequantizing. Packed data without a complete state raises :class:`~shims.storage.ExpertQuantError`
   naming the tensor.
 """
 
@@ -21,24 +21,27 @@ import inspect
 import logging
 from functools import wraps
 
+from . import storage
+from .bnb_config import settings_of, skip_patterns
+from .checkpoint import (
+    install_saved_expert,
+    packed_without_state_error,
+    saved_quant_state,
+    saving_quantized_experts,
+    split_stat_key,
+)
+from .forward import PARAMETRIZE_CACHE_TARGETS
+from .loader_generation import V4, targets_for, transformers_loader
 from .registry import Patch, Target, chain_undo, swap_attr
+from .storage import ExpertQuantError, claimed_expert_tensor, quantize_model_experts
 
 log = logging.getLogger("shims")
 
 _PENDING_ATTR = "_shims_pending_experts"
 
 
-def _legacy_loader() -> bool:
-    # Feature detection: the 4.x bnb quantizer loads tensor by tensor through create_quantized_param (gone in 5.x).
-    try:
-        from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
-    except ImportError:
-        return False
-    return hasattr(Bnb4BitHfQuantizer, "create_quantized_param")
-
-
 def _needed() -> str | None:
-    if importlib.util.find_spec("transformers") is None or not _legacy_loader():
+    if transformers_loader() != V4:
         return "transformers loads through core_model_loading here (see quantize_fused_experts)"
     if importlib.util.find_spec("bitsandbytes") is None:
         return "bitsandbytes is not installed (pip install 'moe-shims[quant]')"
@@ -48,9 +51,6 @@ def _needed() -> str | None:
 def expert_tensor_of(hf_quantizer, model, param_name: str):
     """(module path, module, tensor name, stat) when ``param_name`` is a fused expert tensor (or one of its saved
     QuantState keys) that this quantizer should store in 4-bit; None for everything else."""
-    from .checkpoint import split_stat_key
-    from .quant import claimed_expert_tensor
-
     tensor_path, stat = split_stat_key(param_name)
     claimed = claimed_expert_tensor(hf_quantizer, model, tensor_path)
     return None if claimed is None else (*claimed, stat)
@@ -59,18 +59,14 @@ def expert_tensor_of(hf_quantizer, model, param_name: str):
 def _store_float(hf_quantizer, module_path, module, name, value, device) -> None:
     import torch
 
-    from .quant import _settings_for, quantize_expert_param
-
     value = value.to(device)
     if not value.is_floating_point():
         raise _missing_state_error(f"{module_path}.{name}", value)
     module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
-    quantize_expert_param(module, name, _settings_for(hf_quantizer), owner=module_path)
+    storage.quantize_expert_param(module, name, settings_of(hf_quantizer), owner=module_path)
 
 
 def _missing_state_error(tensor_path: str, value):
-    from .quant import ExpertQuantError
-
     return ExpertQuantError(
         f"{tensor_path}: the checkpoint stores packed {value.dtype} data {tuple(value.shape)} for this expert tensor "
         "but the model's quantization_config says it is not pre-quantized; refusing to load packed bytes as weights")
@@ -78,9 +74,6 @@ def _missing_state_error(tensor_path: str, value):
 
 def install_pending(hf_quantizer, model) -> int:
     """Install the pre-quantized expert tensors collected while loading; returns how many."""
-    from .checkpoint import install_saved_expert, packed_without_state_error, saved_quant_state
-    from .quant import ExpertQuantError
-
     pending = hf_quantizer.__dict__.pop(_PENDING_ATTR, {})
     for tensor_path, parts in pending.items():
         packed = parts.pop("", None)
@@ -98,9 +91,6 @@ def install_pending(hf_quantizer, model) -> int:
 def _install():
     from transformers.modeling_utils import PreTrainedModel
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer as Q
-
-    from .checkpoint import saving_quantized_experts
-    from .quant import _skip_patterns, quantize_model_experts
 
     original_needs = Q.param_needs_quantization
     original_create = Q.create_quantized_param
@@ -144,7 +134,7 @@ def _install():
     def process_model_after_weight_loading(self, model, **kwargs):
         installed = install_pending(self, model)
         # Safety net for expert tensors that did not pass through create_quantized_param (missing -> initialised).
-        swept = quantize_model_experts(model, self.quantization_config, _skip_patterns(self))
+        swept = quantize_model_experts(model, self.quantization_config, skip_patterns(self))
         if installed or swept:
             log.info("4-bit experts: %d loaded pre-quantized, %d quantized after loading", installed, swept)
         return original_after(self, model, **kwargs)
@@ -176,10 +166,8 @@ PATCHES: tuple = (
         name="quantize_fused_experts_v4",
         summary="transformers 4.x loader: BitsAndBytesConfig(load_in_4bit) also stores fused 3D expert weights "
                 "(gpt_oss) in 4-bit, and saves / reloads them pre-quantized",
-        # On 5.x these symbols (create_quantized_param) are gone and the patch is not needed: drift-check them
-        # only where the 4.x loader exists.
-        targets=_TARGETS if _legacy_loader() else (),
-        optional_targets=() if _legacy_loader() else _TARGETS,
+        # On 5.x these symbols (create_quantized_param) are gone and the patch is not needed.
+        **targets_for(V4, required=_TARGETS + PARAMETRIZE_CACHE_TARGETS),
         needed=_needed,
         install=_install,
     ),

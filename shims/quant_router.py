@@ -7,7 +7,7 @@ transformers 4.x built most MoE routers as ``nn.Linear`` (qwen3_moe, mixtral ``m
 4-bit load larger than 4.57's (on a Qwen3-30B-A3B-shaped model: 0.5 MiB bf16 vs 0.14 MiB 4-bit per layer).
 
 The router weight is stored the way the shims store experts (packed bitsandbytes data + QuantState as the
-``original`` of a dequantizing parametrization, see :mod:`shims.quant`), so the router's own forward runs
+``original`` of a dequantizing parametrization, see :mod:`shims.storage`), so the router's own forward runs
 unchanged. It dequantizes to the router's own dtype, not ``bnb_4bit_compute_dtype``: routers do not cast their
 input (qwen3_moe, mixtral, gpt_oss multiply in the model dtype). A router the model keeps wider than its own dtype
 (deepseek_v3 and glm4_moe build theirs in float32 whatever the load dtype) is left float: that precision is the
@@ -23,27 +23,20 @@ from __future__ import annotations
 
 import logging
 
-from .quant import (
+from .bnb_config import QuantSettings, is_bnb_4bit, is_skipped, settings_of, skip_patterns
+from .forward import PARAMETRIZE_CACHE_TARGETS
+from .loader_generation import V5, targets_for, transformers_loader
+from .loader_v5 import AFTER_LOAD_TARGET, SET_PARAM_TARGET, WARMUP_SIZE_TARGET, loader_hooks, v5_loader_needed
+from .registry import Patch, chain_undo
+from .storage import (
     ExpertQuantError,
-    QuantSettings,
-    _AFTER_LOAD,
-    _LOADER,
-    _WARMUP_SIZE,
-    _has_fused_experts,
-    _is_bnb_4bit,
-    _needed,
-    _raw_tensor,
-    _settings_for,
-    _skip_patterns,
-    _skipped,
     expert_weight_names,
-    _quant_state_bytes,
     install_packed_param,
     iter_expert_modules,
-    loader_hooks,
+    quant_state_bytes,
     quantized_parametrization,
+    raw_tensor,
 )
-from .registry import Patch, chain_undo
 
 log = logging.getLogger("shims")
 
@@ -53,7 +46,7 @@ ROUTER_WEIGHT = "weight"
 def _num_experts(experts_module) -> int:
     name = expert_weight_names(experts_module)[0]
     param = quantized_parametrization(experts_module, name)
-    return param.logical_shape[0] if param is not None else _raw_tensor(experts_module, name).shape[0]
+    return param.logical_shape[0] if param is not None else raw_tensor(experts_module, name).shape[0]
 
 
 def router_shape(module) -> tuple | None:
@@ -133,13 +126,13 @@ def claimed_router_weight(hf_quantizer, model, tensor_path: str):
 def four_bit_router_weight(hf_quantizer, model, tensor_path: str):
     """(module path, module) when ``tensor_path`` is a router weight that a bnb 4-bit load stores in 4 bits
     (quantized now, or already saved so), i.e. a router not in the quantizer's modules_to_not_convert."""
-    if hf_quantizer is None or model is None or not _is_bnb_4bit(hf_quantizer):
+    if hf_quantizer is None or model is None or not is_bnb_4bit(hf_quantizer):
         return None
     module_path, _, name = tensor_path.rpartition(".")
     if name != ROUTER_WEIGHT or not module_path or not is_router_path(model, module_path):
         return None
     module = model.get_submodule(module_path)
-    if _skipped(module_path, _skip_patterns(hf_quantizer)) or kept_wide(model, module):
+    if is_skipped(module_path, skip_patterns(hf_quantizer)) or kept_wide(model, module):
         return None
     return module_path, module
 
@@ -169,7 +162,7 @@ def quantize_model_routers(model, quantization_config, skip_modules=()) -> int:
     done = 0
     for path, module in list(iter_routers(model)):
         weight = module._parameters.get(ROUTER_WEIGHT)
-        if weight is None or weight.device.type == "meta" or _skipped(path, skip_modules) or kept_wide(model, module):
+        if weight is None or weight.device.type == "meta" or is_skipped(path, skip_modules) or kept_wide(model, module):
             continue
         quantize_router(module, settings, path)
         done += 1
@@ -183,12 +176,12 @@ def router_storage(model) -> dict:
     for _, module in iter_routers(model):
         counts["routers"] += 1
         counts["kept_wide"] += kept_wide(model, module)
-        raw = _raw_tensor(module, ROUTER_WEIGHT)
+        raw = raw_tensor(module, ROUTER_WEIGHT)
         counts["bytes"] += raw.numel() * raw.element_size()
         param = quantized_parametrization(module, ROUTER_WEIGHT)
         if param is not None:
             counts["quantized"] += 1
-            counts["bytes"] += _quant_state_bytes(param.quant_state)
+            counts["bytes"] += quant_state_bytes(param.quant_state)
     return counts
 
 
@@ -197,10 +190,10 @@ def router_storage(model) -> dict:
 
 
 def _router_needed() -> str | None:
-    if not _has_fused_experts():
+    if transformers_loader() != V5:
         return ("transformers 4.x builds routers as nn.Linear (quantized natively, Linear4bit) or keeps plain "
                 "float routers (gpt_oss, deepseek_v3, glm4_moe) as 4.x always did")
-    return _needed()
+    return v5_loader_needed()
 
 
 def _quantize_claimed_router(model, target_name, param_value, hf_quantizer) -> None:
@@ -210,7 +203,7 @@ def _quantize_claimed_router(model, target_name, param_value, hf_quantizer) -> N
     module_path, module = claimed
     weight = module._parameters.get(ROUTER_WEIGHT)
     if weight is not None and weight.is_floating_point() and weight.device.type != "meta":
-        quantize_router(module, _settings_for(hf_quantizer), module_path)
+        quantize_router(module, settings_of(hf_quantizer), module_path)
 
 
 def missing_routers_sweep(hf_quantizer, model) -> int:
@@ -218,7 +211,7 @@ def missing_routers_sweep(hf_quantizer, model) -> int:
     pre-quantized checkpoint is loaded as saved."""
     if getattr(hf_quantizer, "pre_quantized", False):
         return 0
-    return quantize_model_routers(model, hf_quantizer.quantization_config, _skip_patterns(hf_quantizer))
+    return quantize_model_routers(model, hf_quantizer.quantization_config, skip_patterns(hf_quantizer))
 
 
 def _install():
@@ -234,8 +227,8 @@ PATCHES: tuple = (
                 "nn.Linear -> Linear4bit) in 4-bit, as 4.x did; llm_int8_skip_modules keeps them float",
         # Routers became plain parameters together with the fused experts (transformers 5.0): on 4.x they are
         # nn.Linear (quantized natively) or, where they were already plain (gpt_oss, deepseek_v3), left float.
-        targets=(_LOADER, _AFTER_LOAD) if _has_fused_experts() else (),
-        optional_targets=(_WARMUP_SIZE,) if _has_fused_experts() else (_LOADER, _AFTER_LOAD, _WARMUP_SIZE),
+        **targets_for(V5, required=(SET_PARAM_TARGET, AFTER_LOAD_TARGET) + PARAMETRIZE_CACHE_TARGETS,
+                      optional=(WARMUP_SIZE_TARGET,)),
         needed=_router_needed,
         install=_install,
     ),

@@ -150,7 +150,7 @@ def q4_reference(qmodel, path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shims import quant
+    from shims import storage
 
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -158,9 +158,9 @@ def q4_reference(qmodel, path):
             if isinstance(module, bnb.nn.Linear4bit):
                 w = module.weight
                 ref.get_submodule(name).weight.copy_(BF.dequantize_4bit(w.data, w.quant_state))
-            elif quant.quantized_tensor_names(module) and not hasattr(module, "base_layer"):
-                for pname in quant.quantized_tensor_names(module):  # experts, and routers when those are 4-bit
-                    getattr(ref.get_submodule(name), pname).copy_(quant.dequantize_param(module, pname))
+            elif storage.quantized_tensor_names(module) and not hasattr(module, "base_layer"):
+                for pname in storage.quantized_tensor_names(module):  # experts, and routers when those are 4-bit
+                    getattr(ref.get_submodule(name), pname).copy_(storage.dequantize_param(module, pname))
     ref.set_experts_implementation(qmodel.config._experts_implementation)
     return ref
 

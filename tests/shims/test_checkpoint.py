@@ -49,7 +49,7 @@ def test_save_reload_is_exact_and_stays_4bit(model_type, q4_checkpoint, ckpt_shi
     import bitsandbytes.functional as BF
     import torch
 
-    from shims import quant
+    from shims import storage
 
     q4_requires_fused()
     assert ckpt_shims["prequantized_experts_checkpoint"]["applied"]
@@ -71,14 +71,14 @@ def test_save_reload_is_exact_and_stays_4bit(model_type, q4_checkpoint, ckpt_shi
         BF.quantize_4bit = original
     assert calls == []
 
-    storage = quant.expert_storage(reloaded)
-    assert storage == quant.expert_storage(model)
-    assert storage["quantized"] == storage["expert_tensors"] == 2 * model.config.num_hidden_layers
-    for (name, module), (_, ref_module) in zip(quant.iter_expert_modules(reloaded), quant.iter_expert_modules(model)):
+    counts = storage.expert_storage(reloaded)
+    assert counts == storage.expert_storage(model)
+    assert counts["quantized"] == counts["expert_tensors"] == 2 * model.config.num_hidden_layers
+    for (name, module), (_, ref_module) in zip(storage.iter_expert_modules(reloaded), storage.iter_expert_modules(model)):
         assert not any(p.is_floating_point() and p.dim() == 3 for p in module.parameters())
-        for pname in quant.expert_weight_names(module):
+        for pname in storage.expert_weight_names(module):
             assert torch.equal(module.parametrizations[pname].original, ref_module.parametrizations[pname].original)
-            assert torch.equal(quant.dequantize_param(module, pname), quant.dequantize_param(ref_module, pname))
+            assert torch.equal(storage.dequantize_param(module, pname), storage.dequantize_param(ref_module, pname))
     ids = q4_ids()
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
@@ -87,7 +87,7 @@ def test_save_reload_is_exact_and_stays_4bit(model_type, q4_checkpoint, ckpt_shi
 def test_double_quant_fp4_round_trip(q4_checkpoint, ckpt_shims, tmp_path):
     import torch
 
-    from shims import quant
+    from shims import storage
 
     q4_requires_fused()
     model = q4_load(q4_checkpoint("qwen3_moe"), bnb_4bit_quant_type="fp4", bnb_4bit_use_double_quant=True)
@@ -96,9 +96,9 @@ def test_double_quant_fp4_round_trip(q4_checkpoint, ckpt_shims, tmp_path):
     prefix = "model.layers.1.mlp.experts.down_proj"
     assert {f"{prefix}.nested_absmax", f"{prefix}.nested_quant_map", f"{prefix}.quant_state.bitsandbytes__fp4"} <= set(saved)
     reloaded = _reload(tmp_path)
-    param = quant.quantized_parametrization(reloaded.model.layers[1].mlp.experts, "down_proj")
+    param = storage.quantized_parametrization(reloaded.model.layers[1].mlp.experts, "down_proj")
     assert param.quant_state.quant_type == "fp4" and param.quant_state.nested
-    assert quant.expert_storage(reloaded)["quantized"] == 4
+    assert storage.expert_storage(reloaded)["quantized"] == 4
     ids = q4_ids()
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
@@ -106,7 +106,7 @@ def test_double_quant_fp4_round_trip(q4_checkpoint, ckpt_shims, tmp_path):
 
 @pytest.mark.parametrize("damage", ["all_state", "absmax_only", "packed_only"])
 def test_incomplete_checkpoint_raises_naming_the_tensor(damage, q4_checkpoint, ckpt_shims, tmp_path):
-    from shims import quant
+    from shims import storage
 
     q4_requires_fused()
     q4_load(q4_checkpoint("qwen3_moe")).save_pretrained(tmp_path)
@@ -117,7 +117,7 @@ def test_incomplete_checkpoint_raises_naming_the_tensor(damage, q4_checkpoint, c
         "packed_only": lambda k: k == target,
     }[damage]
     _rewrite(tmp_path, drop)
-    with pytest.raises(quant.ExpertQuantError, match=rf"{target.replace('.', r'[.]')}"):
+    with pytest.raises(storage.ExpertQuantError, match=rf"{target.replace('.', r'[.]')}"):
         _reload(tmp_path)
 
 
@@ -126,7 +126,7 @@ def test_reloaded_model_saves_again(model_type, q4_checkpoint, ckpt_shims, tmp_p
     """save -> load -> save -> load: the second save of a pre-quantized model is byte-identical in its experts."""
     import torch
 
-    from shims import quant
+    from shims import storage
 
     q4_requires_fused()
     model = q4_load(q4_checkpoint(model_type))
@@ -137,16 +137,16 @@ def test_reloaded_model_saves_again(model_type, q4_checkpoint, ckpt_shims, tmp_p
     assert expert_keys and expert_keys <= set(second)
     assert all(torch.equal(first[k], second[k]) for k in expert_keys)
     again = _reload(tmp_path / "b")
-    assert quant.expert_storage(again)["quantized"] == 2 * model.config.num_hidden_layers
+    assert storage.expert_storage(again)["quantized"] == 2 * model.config.num_hidden_layers
     with torch.no_grad():
         assert torch.equal(again(q4_ids()).logits, model(q4_ids()).logits)
 
 
 def test_not_needed_without_fused_experts():
     import shims
-    from shims.quant import _has_fused_experts
+    from shims.loader_generation import V5, transformers_loader
 
-    if _has_fused_experts():
+    if transformers_loader() == V5:
         pytest.skip("fused experts exist here; the 4.x behaviour is checked on transformers 4.57")
     try:
         result = {s["name"]: s for s in shims.apply(only=["prequantized_experts_checkpoint"])}
@@ -162,7 +162,7 @@ def test_float_quant_storage_is_exact_or_refused(q4_checkpoint, ckpt_shims, tmp_
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shims import quant
+    from shims import storage
 
     q4_requires_fused()
     model = q4_load(q4_checkpoint("qwen3_moe"), bnb_4bit_quant_storage=torch.bfloat16)
@@ -171,16 +171,16 @@ def test_float_quant_storage_is_exact_or_refused(q4_checkpoint, ckpt_shims, tmp_
     with torch.no_grad():
         want = model(ids).logits
     same_dtype = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
-    param = quant.quantized_parametrization(same_dtype.model.layers[0].mlp.experts, "down_proj")
+    param = storage.quantized_parametrization(same_dtype.model.layers[0].mlp.experts, "down_proj")
     assert param.settings.quant_storage == torch.bfloat16
-    for (_, a), (_, b) in zip(quant.iter_expert_modules(model), quant.iter_expert_modules(same_dtype)):
+    for (_, a), (_, b) in zip(storage.iter_expert_modules(model), storage.iter_expert_modules(same_dtype)):
         for name in ("gate_up_proj", "down_proj"):
             # compare bytes: packed bytes viewed as bf16 include NaN patterns (NaN != NaN)
             assert torch.equal(a.parametrizations[name].original.view(torch.uint8),
                                b.parametrizations[name].original.view(torch.uint8))
     try:
         cast = _reload(tmp_path)
-    except quant.ExpertQuantError as exc:
+    except storage.ExpertQuantError as exc:
         assert "model.layers." in str(exc) and "loader cast it" in str(exc)
     else:
         with torch.no_grad():

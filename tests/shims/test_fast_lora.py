@@ -103,15 +103,15 @@ def test_fast_path_keeps_no_float_expert_stack_for_backward(kernel, q4_checkpoin
     """What autograd saves between forward and backward: peft's path keeps W + delta stacks, the fast path does not."""
     import torch
 
-    from shims import fast_lora, quant
+    from shims import fast_lora, storage
 
     q4_requires_fused()
     fast_lora.KERNEL = kernel
     model = q4_load(q4_checkpoint("qwen3_moe"))
     pm = _peft(model)
     # compare as sorted dims: implementations may save a transposed view of the stack
-    stack_shapes = {tuple(sorted(quant.quantized_parametrization(m, n).logical_shape))
-                    for _, m in quant.iter_expert_modules(model) for n in quant.expert_weight_names(m)}
+    stack_shapes = {tuple(sorted(storage.quantized_parametrization(m, n).logical_shape))
+                    for _, m in storage.iter_expert_modules(model) for n in storage.expert_weight_names(m)}
 
     def saved(enabled):
         fast_lora.ENABLED = enabled

@@ -32,13 +32,13 @@ def test_dequantized_once_per_experts_forward(q4_checkpoint, q4_shims):
     """eager indexes gate_up_proj[e] per expert; the per-forward cache dequantizes each tensor once."""
     import torch
 
-    from shims import quant
+    from shims import storage
 
     q4_requires_fused()
     model = q4_load(q4_checkpoint("qwen3_moe"))
     model.set_experts_implementation("eager")
     calls = []
-    cls = quant.parametrization_class()
+    cls = storage.parametrization_class()
     original = cls.forward
     cls.forward = lambda self, packed: calls.append(self.owner) or original(self, packed)
     try:
@@ -53,13 +53,13 @@ def test_dequantized_once_per_experts_forward(q4_checkpoint, q4_shims):
 def test_no_persistent_float_expert_copy(q4_checkpoint, q4_shims):
     import torch
 
-    from shims import quant
+    from shims import storage
 
     q4_requires_fused()
     model = q4_load(q4_checkpoint("qwen3_moe"))
     with torch.no_grad():
         model(q4_ids())
-    for _, module in quant.iter_expert_modules(model):
+    for _, module in storage.iter_expert_modules(model):
         stored = list(module.parameters()) + list(module.buffers())
         assert not any(t.is_floating_point() and t.dim() == 3 for t in stored)
 

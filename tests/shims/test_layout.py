@@ -14,7 +14,7 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from shims import layout  # noqa: E402
+from shims import adapter_convert, lora_layout  # noqa: E402
 
 dims = st.tuples(st.integers(1, 5), st.integers(1, 4), st.integers(1, 7), st.integers(1, 7))
 
@@ -54,7 +54,7 @@ def test_per_expert_slicing_equals_peft_delta(d, transposed):
     flag = bool(getattr(w, "_did_swap_in_out_features", False))
     with torch.no_grad():
         want = w.get_delta_weight("default")
-        got = layout.expert_delta(A, B, e, a_on_d2=flag, scaling=w.scaling["default"])
+        got = lora_layout.expert_delta(A, B, e, a_on_d2=flag, scaling=w.scaling["default"])
     assert got.shape == want.shape == (e, d1, d2)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
@@ -64,7 +64,7 @@ def test_per_expert_slicing_equals_peft_delta(d, transposed):
 def test_contiguous_b_slicing_is_wrong_for_several_experts(d):
     e, r, d1, d2 = d
     A, B = torch.randn(e * r, d2), torch.randn(d1, e * r)
-    right = layout.expert_delta(A, B, e, a_on_d2=True, scaling=1.0)
+    right = lora_layout.expert_delta(A, B, e, a_on_d2=True, scaling=1.0)
     wrong = torch.stack([B[:, i * r:(i + 1) * r] @ A[i * r:(i + 1) * r] for i in range(e)])
     if e > 1 and r > 1:
         assert not torch.allclose(right, wrong)
@@ -77,13 +77,13 @@ def test_contiguous_b_slicing_is_wrong_for_several_experts(d):
 def test_swap_round_trips_exactly_and_keeps_every_expert_delta(d):
     e, r, d1, d2 = d
     A, B = torch.randn(e * r, d2), torch.randn(d1, e * r)
-    A2, B2 = layout.swap_expert_factors(A, B, e)
+    A2, B2 = lora_layout.swap_expert_factors(A, B, e)
     assert A2.shape == (e * r, d1) and B2.shape == (d2, e * r)
-    assert torch.equal(layout.expert_delta(A2, B2, e, a_on_d2=False, scaling=1.0),
-                       layout.expert_delta(A, B, e, a_on_d2=True, scaling=1.0)) or torch.allclose(
-        layout.expert_delta(A2, B2, e, a_on_d2=False, scaling=1.0),
-        layout.expert_delta(A, B, e, a_on_d2=True, scaling=1.0), rtol=0, atol=1e-5)
-    A3, B3 = layout.swap_expert_factors(A2, B2, e)
+    assert torch.equal(lora_layout.expert_delta(A2, B2, e, a_on_d2=False, scaling=1.0),
+                       lora_layout.expert_delta(A, B, e, a_on_d2=True, scaling=1.0)) or torch.allclose(
+        lora_layout.expert_delta(A2, B2, e, a_on_d2=False, scaling=1.0),
+        lora_layout.expert_delta(A, B, e, a_on_d2=True, scaling=1.0), rtol=0, atol=1e-5)
+    A3, B3 = lora_layout.swap_expert_factors(A2, B2, e)
     assert torch.equal(A3, A) and torch.equal(B3, B)
 
 
@@ -92,7 +92,7 @@ def test_swap_round_trips_exactly_and_keeps_every_expert_delta(d):
 def test_stack_is_inverse_of_slicing(d):
     e, r, d1, d2 = d
     A, B = torch.randn(e * r, d2), torch.randn(d1, e * r)
-    A2, B2 = layout.stack_expert_factors([layout.expert_factors(A, B, e, i) for i in range(e)])
+    A2, B2 = lora_layout.stack_expert_factors([lora_layout.expert_factors(A, B, e, i) for i in range(e)])
     assert torch.equal(A, A2) and torch.equal(B, B2)
 
 
@@ -102,15 +102,15 @@ def test_shape_detection_raises_exactly_when_ambiguous(d, a_on_d2, transposed):
     _, _, d1, d2 = d
     a_in, b_out = (d2, d1) if a_on_d2 else (d1, d2)
     if d1 == d2:
-        with pytest.raises(layout.AmbiguousLayoutError):
-            layout.layout_from_shapes(a_in, b_out, d1, d2, transposed)
+        with pytest.raises(lora_layout.AmbiguousLayoutError):
+            lora_layout.layout_from_shapes(a_in, b_out, d1, d2, transposed)
     else:
-        got = layout.layout_from_shapes(a_in, b_out, d1, d2, transposed)
-        assert got == layout.layout_from_flag(a_on_d2, transposed)
+        got = lora_layout.layout_from_shapes(a_in, b_out, d1, d2, transposed)
+        assert got == lora_layout.layout_from_flag(a_on_d2, transposed)
 
 
 def test_version_rules():
-    v = layout.layout_from_peft_version
+    v = lora_layout.layout_from_peft_version
     # (E, out, in) experts: no experts module declares is_transposed
     assert v("0.21.2", False) == v("0.19.1", False) == "standard"
     assert v("0.19.0", False) == v("0.18.1", False) == "swapped"  # 0.19.0 decided the swap wrongly
@@ -129,7 +129,7 @@ def test_version_rules():
 def test_installed_peft_swaps_as_the_version_rule_says(declares):
     # peft decides from the module's is_transposed attribute, not from the parameter's real orientation
     w = _peft_wrapper(4, 2, 6, 10, transposed=declares)
-    assert bool(getattr(w, "_did_swap_in_out_features", False)) == layout.peft_a_on_d2(peft.__version__, declares)
+    assert bool(getattr(w, "_did_swap_in_out_features", False)) == lora_layout.peft_a_on_d2(peft.__version__, declares)
 
 
 @pytest.mark.parametrize("transposed", [False, True])
@@ -137,14 +137,14 @@ def test_live_wrapper_layout_matches_its_shapes(transposed):
     e, r, d1, d2 = 4, 2, 6, 10
     w = _peft_wrapper(e, r, d1, d2, transposed)
     A = w.lora_A["default"].weight
-    assert layout.wrapper_layout(w) == layout.layout_from_shapes(A.shape[1], w.lora_B["default"].weight.shape[0],
+    assert lora_layout.wrapper_layout(w) == lora_layout.layout_from_shapes(A.shape[1], w.lora_B["default"].weight.shape[0],
                                                                  d1, d2, transposed)
     if not transposed:
         # peft >= 0.19.1 ("standard") is the only convention with the flag; 0.18 is "swapped" here
         expect = "standard" if hasattr(w, "_did_swap_in_out_features") else "swapped"
-        assert layout.wrapper_layout(w) == expect
+        assert lora_layout.wrapper_layout(w) == expect
     else:
-        assert layout.wrapper_layout(w) == "standard"
+        assert lora_layout.wrapper_layout(w) == "standard"
 
 
 # ---------------------------------------------------------------- saved adapters (fused experts, 5.x)
@@ -169,17 +169,17 @@ def _expert_wrappers(model):
 def test_detect_and_convert_saved_adapter_keeps_logits(tmp_path, tiny_moe):
     model = _train_like_adapter(tiny_moe, "qwen3_moe", tmp_path)
     base_cfg = model.base_model.model.config
-    found = layout.detect_adapter_layout(tmp_path / "src", base_config=base_cfg)
-    live = {w.parameter_name: layout.wrapper_layout(w) for w in _expert_wrappers(model).values()}
+    found = adapter_convert.detect_adapter_layout(tmp_path / "src", base_config=base_cfg)
+    live = {w.parameter_name: lora_layout.wrapper_layout(w) for w in _expert_wrappers(model).values()}
     assert len(found) == 4 and {i.param for i in found.values()} == {"gate_up_proj", "down_proj"}
     assert all(info.layout == live[info.param] for info in found.values())
-    assert set(live.values()) == {layout.expected_layout(model)} == {layout.expected_layout(base_cfg)}
+    assert set(live.values()) == {lora_layout.expected_layout(model)} == {lora_layout.expected_layout(base_cfg)}
 
     other = "swapped" if live["down_proj"] == "standard" else "standard"
-    rec = layout.convert_adapter(tmp_path / "src", tmp_path / "other", to=other, base_config=base_cfg)
+    rec = adapter_convert.convert_adapter(tmp_path / "src", tmp_path / "other", to=other, base_config=base_cfg)
     assert rec["converted"] == 4
-    assert all(i.layout == other for i in layout.detect_adapter_layout(tmp_path / "other").values())
-    layout.convert_adapter(tmp_path / "other", tmp_path / "back", to=live["down_proj"], base_config=base_cfg)
+    assert all(i.layout == other for i in adapter_convert.detect_adapter_layout(tmp_path / "other").values())
+    adapter_convert.convert_adapter(tmp_path / "other", tmp_path / "back", to=live["down_proj"], base_config=base_cfg)
     from safetensors.torch import load_file
 
     src, back = load_file(str(tmp_path / "src/adapter_model.safetensors")), load_file(
@@ -190,7 +190,7 @@ def test_detect_and_convert_saved_adapter_keeps_logits(tmp_path, tiny_moe):
     conv = load_file(str(tmp_path / "other/adapter_model.safetensors"))
     for name, w in _expert_wrappers(model).items():
         flag = bool(getattr(w, "_did_swap_in_out_features", False))
-        got = layout.expert_delta(conv[f"{name}.lora_A.weight"], conv[f"{name}.lora_B.weight"], 4,
+        got = lora_layout.expert_delta(conv[f"{name}.lora_A.weight"], conv[f"{name}.lora_B.weight"], 4,
                                   a_on_d2=not flag, scaling=w.scaling["default"])
         with torch.no_grad():
             torch.testing.assert_close(got, w.get_delta_weight("default"), rtol=1e-6, atol=1e-6)
@@ -224,10 +224,10 @@ def test_ambiguous_square_adapter_without_version_raises(tmp_path, tiny_moe):
     cfg = json.loads(cfg_path.read_text())
     cfg.pop("peft_version", None)
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(layout.AmbiguousLayoutError):
-        layout.detect_adapter_layout(tmp_path / "src", base_config=model.base_model.model.config)
-    with pytest.raises(layout.AmbiguousLayoutError):
-        layout.convert_adapter(tmp_path / "src", tmp_path / "dst", to="swapped",
+    with pytest.raises(lora_layout.AmbiguousLayoutError):
+        adapter_convert.detect_adapter_layout(tmp_path / "src", base_config=model.base_model.model.config)
+    with pytest.raises(lora_layout.AmbiguousLayoutError):
+        adapter_convert.convert_adapter(tmp_path / "src", tmp_path / "dst", to="swapped",
                                base_config=model.base_model.model.config)
     assert not (tmp_path / "dst").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["src"]  # no temp folder left behind
@@ -235,9 +235,9 @@ def test_ambiguous_square_adapter_without_version_raises(tmp_path, tiny_moe):
 
 def test_convert_refuses_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError):
-        layout.convert_adapter(tmp_path, tmp_path / "x", to="standard")
+        adapter_convert.convert_adapter(tmp_path, tmp_path / "x", to="standard")
     with pytest.raises(ValueError, match="to must be"):
-        layout.convert_adapter(tmp_path, tmp_path / "x", to="sideways")
+        adapter_convert.convert_adapter(tmp_path, tmp_path / "x", to="sideways")
 
 
 # ---------------------------------------------------------------- 4.57 per-expert -> 5.x fused
@@ -253,7 +253,7 @@ def test_fuse_per_expert_adapter_keeps_every_expert_delta(tmp_path, tiny_moe, mo
     model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=3, target_modules=["q_proj"] + names,
                                                       init_lora_weights=False)).eval()
     model.save_pretrained(tmp_path / "src")
-    rec = layout.convert_adapter(tmp_path / "src", tmp_path / "fused", to="fused")
+    rec = adapter_convert.convert_adapter(tmp_path / "src", tmp_path / "fused", to="fused")
     cfg = json.loads((tmp_path / "fused/adapter_config.json").read_text())
     assert cfg["rank_pattern"] == {r".*\.gate_up_proj": 4} and cfg["alpha_pattern"] == {r".*\.gate_up_proj": 6}
     assert set(cfg["target_parameters"]) == {"mlp.experts.gate_up_proj", "mlp.experts.down_proj"}
@@ -269,7 +269,7 @@ def test_fuse_per_expert_adapter_keeps_every_expert_delta(tmp_path, tiny_moe, mo
         for param, key, parts in (("gate_up_proj", f"{dst}.base_layer", names[:2]), ("down_proj", dst, names[2:])):
             A, B = fused[f"{key}.lora_A.weight"], fused[f"{key}.lora_B.weight"]
             s = (3 * len(parts)) / (2 * len(parts))  # alpha' / r' of the fused parameter == alpha / r
-            got = layout.expert_delta(A, B, 4, a_on_d2=True, scaling=s)  # standard layout, (E, out, in)
+            got = lora_layout.expert_delta(A, B, 4, a_on_d2=True, scaling=s)  # standard layout, (E, out, in)
             with torch.no_grad():
                 want = torch.stack([torch.cat([mods[f"{src}.{e}.{p}"].get_delta_weight("default") for p in parts])
                                     for e in range(4)])
@@ -277,7 +277,7 @@ def test_fuse_per_expert_adapter_keeps_every_expert_delta(tmp_path, tiny_moe, mo
 
 
 def test_regex_target_modules_carry_over_to_fused_unless_they_match_the_experts_module():
-    from shims.layout import _regex_for_fused
+    from shims.adapter_convert import _regex_for_fused
 
     groups = {"base_model.model.model.layers.0.mlp": {}}
     regex = r"(?:.*\.(q_proj|v_proj))|(?:.*\.experts\.\d+\.(gate_proj|up_proj|down_proj))"
@@ -290,7 +290,7 @@ def test_regex_target_modules_carry_over_to_fused_unless_they_match_the_experts_
 
 # ---------------------------------------------------------------- gpt_oss: (E, in, out) experts, fused on 4.57 too
 def _experts_modules(model) -> list:
-    from shims.quant import iter_expert_modules
+    from shims.storage import iter_expert_modules
 
     return [m for _, m in iter_expert_modules(model)]
 
@@ -327,17 +327,17 @@ def test_gpt_oss_adapter_moves_between_undeclared_and_declared_is_transposed(tmp
         want = model(_IDS).logits
     wrappers = _expert_wrappers(model)
     base_cfg = model.base_model.model.config
-    found = layout.detect_adapter_layout(tmp_path / "src", base_config=base_cfg)
-    assert {i.layout for i in found.values()} == {layout.wrapper_layout(w, is_transposed=True)
+    found = adapter_convert.detect_adapter_layout(tmp_path / "src", base_config=base_cfg)
+    assert {i.layout for i in found.values()} == {lora_layout.wrapper_layout(w, is_transposed=True)
                                                    for w in wrappers.values()}
-    assert {i.layout for i in found.values()} == {layout.expected_layout(model)}
+    assert {i.layout for i in found.values()} == {lora_layout.expected_layout(model)}
 
-    wanted = layout.expected_layout(target)
+    wanted = lora_layout.expected_layout(target)
     adapter = tmp_path / "src"
     if {i.layout for i in found.values()} != {wanted}:
-        layout.convert_adapter(adapter, tmp_path / "dst", to=wanted, base_config=base_cfg)
+        adapter_convert.convert_adapter(adapter, tmp_path / "dst", to=wanted, base_config=base_cfg)
         adapter = tmp_path / "dst"
-        assert {i.layout for i in layout.detect_adapter_layout(adapter, base_config=base_cfg).values()} == {wanted}
+        assert {i.layout for i in adapter_convert.detect_adapter_layout(adapter, base_config=base_cfg).values()} == {wanted}
     loaded = peft.PeftModel.from_pretrained(target, adapter).eval()
     with torch.no_grad():
         got = loaded(_IDS).logits
@@ -347,8 +347,8 @@ def test_gpt_oss_adapter_moves_between_undeclared_and_declared_is_transposed(tmp
 def test_expected_layout_from_a_config_matches_the_live_model(tiny_moe, tmp_path):
     model = _gpt_oss_adapter(tiny_moe, tmp_path / "src")
     base = model.base_model.model
-    assert layout.expected_layout(base.config) == layout.expected_layout(base)
-    assert layout.expected_layout(base, peft_version="0.18.1") == "standard"  # 0.18 never swaps gpt_oss's LoRA
+    assert lora_layout.expected_layout(base.config) == lora_layout.expected_layout(base)
+    assert lora_layout.expected_layout(base, peft_version="0.18.1") == "standard"  # 0.18 never swaps gpt_oss's LoRA
 
 
 def test_square_gpt_oss_adapter_of_peft_0_19_is_ambiguous(tmp_path, tiny_moe):
@@ -358,9 +358,9 @@ def test_square_gpt_oss_adapter_of_peft_0_19_is_ambiguous(tmp_path, tiny_moe):
     base_cfg = model.base_model.model.config
     wrappers = _expert_wrappers(model).values()
     if not all(hasattr(w, "_did_swap_in_out_features") for w in wrappers):
-        found = layout.detect_adapter_layout(tmp_path / "src", base_config=base_cfg)  # peft 0.18: never swaps
+        found = adapter_convert.detect_adapter_layout(tmp_path / "src", base_config=base_cfg)  # peft 0.18: never swaps
         assert {i.layout for i in found.values()} == {"standard"}
-        assert {layout.wrapper_layout(w, is_transposed=True) for w in wrappers} == {"standard"}
+        assert {lora_layout.wrapper_layout(w, is_transposed=True) for w in wrappers} == {"standard"}
         return
-    with pytest.raises(layout.AmbiguousLayoutError, match="gate_up_proj"):
-        layout.detect_adapter_layout(tmp_path / "src", base_config=base_cfg)
+    with pytest.raises(lora_layout.AmbiguousLayoutError, match="gate_up_proj"):
+        adapter_convert.detect_adapter_layout(tmp_path / "src", base_config=base_cfg)

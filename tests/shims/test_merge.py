@@ -29,7 +29,7 @@ def _pairs(pq, pr):
 def test_merge_and_unload_equals_requantized_reference(model_type, q4_checkpoint, q4_shims):
     import torch
 
-    from shims import quant
+    from shims import storage
 
     q4_requires_fused()
     path = q4_checkpoint(model_type)
@@ -41,24 +41,24 @@ def test_merge_and_unload_equals_requantized_reference(model_type, q4_checkpoint
         base = rw.get_base_layer()
         # reference: float dequantized weight + peft's own delta (its layout convention), then bnb re-quantization
         target = getattr(base, name).detach() + rw.get_delta_weight("default")
-        param = quant.quantized_parametrization(w.get_base_layer(), name)
+        param = storage.quantized_parametrization(w.get_base_layer(), name)
         expected[(id(w.get_base_layer()), name)] = _requant(target, param)
     merged = pq.merge_and_unload(safe_merge=True)
     checked = 0
-    for _, module in quant.iter_expert_modules(merged):
+    for _, module in storage.iter_expert_modules(merged):
         for name in ("gate_up_proj", "down_proj"):
             packed, deq = expected[(id(module), name)]
             assert torch.equal(module.parametrizations[name].original, packed)
-            assert torch.equal(quant.dequantize_param(module, name), deq)
+            assert torch.equal(storage.dequantize_param(module, name), deq)
             checked += 1
     assert checked == 2 * qmodel.config.num_hidden_layers
-    assert quant.expert_storage(merged)["quantized"] == checked
+    assert storage.expert_storage(merged)["quantized"] == checked
 
 
 def test_merge_then_unmerge_restores(q4_checkpoint, q4_shims):
     import torch
 
-    from shims import merge, quant
+    from shims import merge, storage
 
     q4_requires_fused()
     path = q4_checkpoint("qwen3_moe")
@@ -66,11 +66,11 @@ def test_merge_then_unmerge_restores(q4_checkpoint, q4_shims):
     pq, pr = q4_lora_pair(qmodel, q4_reference(qmodel, path))
     pairs = _pairs(pq, pr)
     originals = {id(w): w.get_base_layer().parametrizations[w.parameter_name].original.clone() for w, _ in pairs}
-    weights = {id(w): quant.dequantize_param(w, w.parameter_name) for w, _ in pairs}
+    weights = {id(w): storage.dequantize_param(w, w.parameter_name) for w, _ in pairs}
     pq.merge_adapter()
     for w, _ in pairs:
         assert w.merged
-        assert not torch.equal(quant.dequantize_param(w, w.parameter_name), weights[id(w)])
+        assert not torch.equal(storage.dequantize_param(w, w.parameter_name), weights[id(w)])
     pq.unmerge_adapter()
     for w, _ in pairs:  # default: the pre-merge bytes come back exactly
         assert not w.merged
@@ -79,15 +79,15 @@ def test_merge_then_unmerge_restores(q4_checkpoint, q4_shims):
     merge.KEEP_PREMERGE_COPY = False  # memory-saving mode: unmerge re-quantizes W' - delta
     try:
         pq.merge_adapter()
-        merged = {id(w): quant.dequantize_param(w, w.parameter_name) for w, _ in pairs}
+        merged = {id(w): storage.dequantize_param(w, w.parameter_name) for w, _ in pairs}
         deltas = {id(w): w.get_delta_weight("default") for w, _ in pairs}
         pq.unmerge_adapter()
     finally:
         merge.KEEP_PREMERGE_COPY = True
     for w, _ in pairs:
-        param = quant.quantized_parametrization(w.get_base_layer(), w.parameter_name)
+        param = storage.quantized_parametrization(w.get_base_layer(), w.parameter_name)
         _, expected = _requant(merged[id(w)] - deltas[id(w)], param)
-        got = quant.dequantize_param(w, w.parameter_name)
+        got = storage.dequantize_param(w, w.parameter_name)
         assert torch.equal(got, expected)
         # documented bound: within a few 4-bit steps of the original weights
         assert (got - weights[id(w)]).abs().max() <= 0.5 * weights[id(w)].abs().max()
@@ -96,7 +96,7 @@ def test_merge_then_unmerge_restores(q4_checkpoint, q4_shims):
 def test_safe_merge_refuses_non_finite(q4_checkpoint, q4_shims):
     import torch
 
-    from shims import quant
+    from shims import storage
 
     q4_requires_fused()
     path = q4_checkpoint("qwen3_moe")
@@ -110,7 +110,7 @@ def test_safe_merge_refuses_non_finite(q4_checkpoint, q4_shims):
         w.merge(safe_merge=True)
     assert not w.merged
     assert torch.equal(w.get_base_layer().parametrizations[w.parameter_name].original, before)
-    assert quant.is_quantized_experts(w)
+    assert storage.is_quantized_experts(w)
 
 
 def test_float_experts_still_merge_natively(q4_checkpoint, q4_shims):

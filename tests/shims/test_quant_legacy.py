@@ -7,9 +7,9 @@ from conftest import lx_build_tiny_moe, q4_ids, q4_load
 
 def _requires_legacy_loader():
     pytest.importorskip("bitsandbytes")
-    from shims.quant_legacy import _legacy_loader
+    from shims.loader_generation import V4, transformers_loader
 
-    if not _legacy_loader():
+    if transformers_loader() != V4:
         pytest.skip("transformers 5.x loads through core_model_loading (tests/shims/test_quant.py covers it)")
 
 
@@ -40,16 +40,16 @@ def _dequantized_reference(qmodel, path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shims import quant
+    from shims import storage
 
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
         for name, module in qmodel.named_modules():
             if isinstance(module, bnb.nn.Linear4bit):
                 ref.get_submodule(name).weight.copy_(BF.dequantize_4bit(module.weight.data, module.weight.quant_state))
-            elif quant.is_quantized_experts(module):
-                for pname in quant.expert_weight_names(module):
-                    getattr(ref.get_submodule(name), pname).copy_(quant.dequantize_param(module, pname))
+            elif storage.is_quantized_experts(module):
+                for pname in storage.expert_weight_names(module):
+                    getattr(ref.get_submodule(name), pname).copy_(storage.dequantize_param(module, pname))
     return ref
 
 
@@ -57,15 +57,15 @@ def _dequantized_reference(qmodel, path):
 def test_fused_experts_quantized_at_load_and_exact(legacy_shims, gpt_oss_checkpoint, double_quant):
     import torch
 
-    from shims import quant
+    from shims import storage
 
     model = q4_load(gpt_oss_checkpoint, bnb_4bit_use_double_quant=double_quant)
-    storage = quant.expert_storage(model)
-    assert storage["quantized"] == storage["expert_tensors"] == 2 * model.config.num_hidden_layers
+    counts = storage.expert_storage(model)
+    assert counts["quantized"] == counts["expert_tensors"] == 2 * model.config.num_hidden_layers
     if not double_quant:  # on tensors this small the nested state's fixed tables outweigh what it saves
-        assert storage["bytes"] <= 0.29 * storage["bf16_bytes"]
+        assert counts["bytes"] <= 0.29 * counts["bf16_bytes"]
     experts = model.model.layers[0].mlp.experts
-    assert quant.quantized_parametrization(experts, "gate_up_proj").quant_state.nested == double_quant
+    assert storage.quantized_parametrization(experts, "gate_up_proj").quant_state.nested == double_quant
     assert experts.gate_up_proj_bias.dtype == torch.float32  # biases stay float
     reference = _dequantized_reference(model, gpt_oss_checkpoint)
     with torch.no_grad():
@@ -76,11 +76,11 @@ def test_per_expert_linear_models_are_left_to_bitsandbytes(legacy_shims, tmp_pat
     import bitsandbytes as bnb
     import torch
 
-    from shims import quant
+    from shims import storage
 
     lx_build_tiny_moe("qwen3_moe", dtype=torch.float32).save_pretrained(tmp_path)
     model = q4_load(str(tmp_path))
-    assert quant.expert_storage(model)["expert_tensors"] == 0
+    assert storage.expert_storage(model)["expert_tensors"] == 0
     assert isinstance(model.model.layers[0].mlp.experts[0].gate_proj, bnb.nn.Linear4bit)
 
 
@@ -88,12 +88,12 @@ def test_prequantized_checkpoint_round_trips_bit_exact(legacy_shims, gpt_oss_che
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shims import quant
+    from shims import storage
 
     model = q4_load(gpt_oss_checkpoint, bnb_4bit_use_double_quant=True)
     model.save_pretrained(tmp_path)
     again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    assert quant.expert_storage(again)["quantized"] == 2 * model.config.num_hidden_layers
+    assert storage.expert_storage(again)["quantized"] == 2 * model.config.num_hidden_layers
     with torch.no_grad():
         assert torch.equal(again(q4_ids()).logits, model(q4_ids()).logits)
 
@@ -103,7 +103,7 @@ def test_packed_experts_without_their_state_are_refused(legacy_shims, gpt_oss_ch
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
 
-    from shims.quant import ExpertQuantError
+    from shims.storage import ExpertQuantError
 
     q4_load(gpt_oss_checkpoint).save_pretrained(tmp_path)
     weights = tmp_path / "model.safetensors"
@@ -120,15 +120,15 @@ def test_float_quant_storage_round_trips_or_is_refused(legacy_shims, gpt_oss_che
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shims import quant
+    from shims import storage
 
     model = q4_load(gpt_oss_checkpoint, bnb_4bit_quant_storage=torch.float32)
     model.save_pretrained(tmp_path)
     try:
         again = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
-    except quant.ExpertQuantError as exc:
+    except storage.ExpertQuantError as exc:
         assert "quant_storage" in str(exc)
         return
-    assert quant.expert_storage(again)["quantized"] == 2 * model.config.num_hidden_layers
+    assert storage.expert_storage(again)["quantized"] == 2 * model.config.num_hidden_layers
     with torch.no_grad():
         assert torch.equal(again(q4_ids()).logits, model(q4_ids()).logits)

@@ -40,11 +40,11 @@ def router_checkpoint(tmp_path_factory):
 
 def _router_weights(model) -> dict:
     """path -> (stored tensor, logical float weight) for every router of ``model``."""
-    from shims import quant, quant_router
+    from shims import quant_router, storage
 
     out = {}
     for path, module in quant_router.iter_routers(model):
-        stored = quant._raw_tensor(module, "weight")
+        stored = storage.raw_tensor(module, "weight")
         out[path] = (stored, module.weight.detach())
     return out
 
@@ -118,13 +118,13 @@ def test_router_kept_wider_than_the_model_stays_float(model_type, router_checkpo
 def test_skip_modules_keep_routers_float_and_experts_4bit(router_checkpoint, router_shims):
     import torch
 
-    from shims import quant
+    from shims import storage
 
     q4_requires_fused()
     model = q4_load(router_checkpoint("qwen3_moe"), llm_int8_skip_modules=["gate", "lm_head"])
     for name, (stored, _) in _router_weights(model).items():
         assert stored.dtype == torch.float32, name
-    counts = quant.expert_storage(model)
+    counts = storage.expert_storage(model)
     assert counts["quantized"] == counts["expert_tensors"] > 0  # "gate" must not match experts.gate_up_proj
 
 

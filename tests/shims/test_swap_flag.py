@@ -1,8 +1,8 @@
-"""shims.layout.did_swap_in_out_features: peft's ParamWrapper flag, read without a silent default."""
+"""shims.lora_layout.did_swap_in_out_features: peft's ParamWrapper flag, read without a silent default."""
 
 import pytest
 
-from shims.layout import SWAP_FLAG_TARGET, did_swap_in_out_features
+from shims.lora_layout import SWAP_FLAG_TARGET, did_swap_in_out_features
 from shims.registry import DriftError, code_mentions
 
 

@@ -1,0 +1,464 @@
+"""The 4-bit storage primitive: a tensor stored with bitsandbytes' own storage (packed 4-bit data + ``QuantState``)
+that reads back as the logical float tensor.
+
+Each stored tensor is the ``original`` of a ``torch.nn.utils.parametrize`` parametrization
+(:func:`parametrization_class`). Reading ``module.gate_up_proj`` (or a router's ``module.weight``) dequantizes on
+the fly, so every experts implementation (grouped_mm, batched_mm, eager) and every router runs unchanged, and peft
+sees the logical shape and the compute dtype. While the module runs its forward the dequantized tensor is cached
+and dropped when that forward returns (:mod:`shims.forward`): there is no persistent float copy.
+
+Also here: finding fused experts by STRUCTURE (3D tensors named ``gate_up_proj``/``up_proj`` and ``down_proj``, not
+by class name), quantizing them a few experts at a time (bit-identical to bitsandbytes' whole-tensor call),
+re-quantizing after a merge, and the byte accounting. The loaders that call this: :mod:`shims.loader_v5`
+(transformers 5.x), :mod:`shims.quant_legacy` (4.x), :mod:`shims.quant_router`, :mod:`shims.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Iterator
+
+from .bnb_config import QuantSettings, is_bnb_4bit, is_skipped, skip_patterns
+from .forward import install_forward_hooks
+
+log = logging.getLogger("shims")
+
+# Canonical order = the order transformers registers them; peft nests its ParamWrappers in this order.
+EXPERT_WEIGHT_NAMES = ("gate_up_proj", "up_proj", "down_proj")
+
+
+class ExpertQuantError(RuntimeError):
+    """An expert tensor the shim cannot handle: wrong shape, or quantized data without its quantization state."""
+
+
+def _torch_nn():
+    import torch
+    import torch.nn.utils.parametrize as P
+
+    return torch, P
+
+
+class _Packed4bitMarker:
+    """Marker so that isinstance checks work without importing torch at module import."""
+
+
+def _make_parametrization_class():
+    torch, _ = _torch_nn()
+
+    class Packed4bitExperts(torch.nn.Module, _Packed4bitMarker):
+        """Parametrization: packed bitsandbytes 4-bit data (the ``original``) -> the logical float tensor."""
+
+        def __init__(self, quant_state, settings: QuantSettings, owner: str):
+            super().__init__()
+            self.quant_state = quant_state
+            self.settings = settings
+            self.owner = owner
+
+        @property
+        def logical_shape(self):
+            if self.quant_state is None:
+                raise ExpertQuantError(f"{self.owner}: 4-bit expert data has no quantization state (QuantState)")
+            return tuple(self.quant_state.shape)
+
+        def forward(self, packed):
+            import bitsandbytes.functional as F
+
+            if self.quant_state is None:
+                raise ExpertQuantError(
+                    f"{self.owner}: 4-bit expert data has no quantization state (QuantState); expected one "
+                    "recorded when it was quantized (refusing to read packed bytes as weights)"
+                )
+            if packed.dtype != self.settings.quant_storage:
+                # e.g. a float quant_storage cast by model.to(dtype): the bytes are no longer the packed values.
+                raise ExpertQuantError(
+                    f"{self.owner}: packed 4-bit storage has dtype {packed.dtype}, expected "
+                    f"{self.settings.quant_storage} (was the model cast after quantization?)"
+                )
+            if self.quant_state.absmax.device != packed.device:
+                self.quant_state.to(packed.device)
+            with torch.no_grad():
+                return F.dequantize_4bit(packed, self.quant_state)
+
+        def extra_repr(self) -> str:
+            qs = self.quant_state
+            shape = None if qs is None else tuple(qs.shape)
+            return (f"shape={shape}, quant_type={self.settings.quant_type}, "
+                    f"double_quant={self.settings.compress_statistics}, dtype={None if qs is None else qs.dtype}")
+
+    return Packed4bitExperts
+
+
+_PARAM_CLASS = None
+
+
+def parametrization_class():
+    """The parametrization class (built on first use so importing shims stays cheap)."""
+    global _PARAM_CLASS
+    if _PARAM_CLASS is None:
+        _PARAM_CLASS = _make_parametrization_class()
+    return _PARAM_CLASS
+
+
+# --------------------------------------------------------------------------------------------------------------
+# structure detection
+
+
+def _unwrap(module):
+    """The module that really holds the tensors (peft wrappers expose it through get_base_layer)."""
+    get_base = getattr(module, "get_base_layer", None)
+    return get_base() if callable(get_base) else module
+
+
+def is_4bit_parametrization(parametrization) -> bool:
+    """True for the shims' dequantizing parametrization (one entry of a ``module.parametrizations[name]`` list)."""
+    return isinstance(parametrization, _Packed4bitMarker)
+
+
+def quantized_parametrization(module, name: str):
+    """Our parametrization of ``module.<name>`` or None when that tensor is not 4-bit quantized by the shim."""
+    _, P = _torch_nn()
+    if not P.is_parametrized(module, name):
+        return None
+    for p in module.parametrizations[name]:
+        if is_4bit_parametrization(p):
+            return p
+    return None
+
+
+def quantized_tensor_names(module) -> tuple[str, ...]:
+    """Names of every tensor of ``module`` itself stored 4-bit by the shims (expert weights, a router's weight)."""
+    names = getattr(module, "parametrizations", None) or {}
+    return tuple(n for n in names if quantized_parametrization(module, n) is not None)
+
+
+def raw_tensor(module, name: str):
+    """The stored tensor under ``name`` without evaluating a parametrization (None if absent)."""
+    _, P = _torch_nn()
+    if P.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    t = module._parameters.get(name)
+    if t is None:
+        t = module._buffers.get(name)
+    return t
+
+
+def expert_weight_names(module) -> tuple[str, ...]:
+    """Names of the fused expert weights of ``module`` ((), if it is not an experts module).
+
+    An experts module, by structure: it holds a tensor ``down_proj`` and a tensor ``gate_up_proj`` or ``up_proj``
+    (tensors, not submodules: per-expert nn.Linear experts of transformers 4.x do not qualify). Raises
+    ExpertQuantError when such tensors exist but do not have the expected 3D layout, or look packed without state.
+    """
+    torch, _ = _torch_nn()
+    present = [n for n in EXPERT_WEIGHT_NAMES if isinstance(raw_tensor(module, n), torch.Tensor)]
+    if "down_proj" not in present or len(present) < 2:
+        return ()
+    for name in present:
+        param = quantized_parametrization(module, name)
+        if param is not None:
+            shape = param.logical_shape
+        else:
+            raw = raw_tensor(module, name)
+            if not (raw.is_floating_point() or raw.device.type == "meta"):
+                raise ExpertQuantError(
+                    f"{type(module).__name__}.{name}: holds {raw.dtype} data of shape {tuple(raw.shape)} but no "
+                    "4-bit quantization state; expected a float 3D tensor or a shim-quantized one"
+                )
+            shape = tuple(raw.shape)
+        if len(shape) != 3:
+            raise ExpertQuantError(
+                f"{type(module).__name__}.{name}: shape {shape} is not a fused expert layout; expected 3D "
+                "(num_experts, out, in) or, transposed, (num_experts, in, out)"
+            )
+    return tuple(present)
+
+
+def iter_expert_modules(model) -> Iterator[tuple[str, object]]:
+    """(name, module) for every fused-experts module of ``model`` (peft wrappers see through to the base)."""
+    for name, module in model.named_modules():
+        if expert_weight_names(module):
+            yield name, module
+
+
+def is_quantized_experts(module) -> bool:
+    """True when ``module`` (or the experts module a peft wrapper holds) has shim-quantized 4-bit expert weights."""
+    base = _unwrap(module)
+    return any(quantized_parametrization(base, n) is not None for n in EXPERT_WEIGHT_NAMES)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# quantize / dequantize
+
+
+# Elements per quantization chunk: bitsandbytes' CPU kernel makes ~20 bytes of temporaries per element (fp32 copy,
+# scaled values, int32 codes); 2**22 elements keeps that near 80 MB whatever the tensor size.
+CHUNK_ELEMENTS = 1 << 22
+
+
+def _nest_absmax(absmax, blocksize: int, quant_type: str, shape, dtype):
+    """Double quantization of the concatenated per-block absmax, exactly as bitsandbytes' quantize_4bit does it.
+
+    The nested statistics are taken over ALL blocks of the tensor (mean offset, then 256-blockwise 8-bit), so they
+    are computed once, after every chunk is in; the result equals quantize_4bit(..., compress_statistics=True)
+    bit for bit (tested against it).
+    """
+    import bitsandbytes.functional as F
+
+    offset = absmax.mean()
+    qabsmax, state2 = F.quantize_blockwise(absmax - offset, blocksize=256)
+    return F.QuantState(absmax=qabsmax, shape=shape, dtype=dtype, blocksize=blocksize,
+                        code=F.get_4bit_type(quant_type, device=absmax.device), quant_type=quant_type,
+                        offset=offset, state2=state2)
+
+
+class ExpertPacker:
+    """Fills the packed bytes and absmax of an (E, d1, d2) tensor from consecutive expert chunks.
+
+    Each chunk is quantized on its own (no nested statistics yet); its bytes and absmax land at the chunk's
+    offset, which is exactly where the whole-tensor call would put them when an expert is whole 4-bit blocks.
+    """
+
+    def __init__(self, shape, compute_dtype, blocksize, quant_type, quant_storage, compress_statistics):
+        self.shape, self.compute_dtype, self.blocksize = shape, compute_dtype, blocksize
+        self.quant_type, self.quant_storage, self.nested = quant_type, quant_storage, compress_statistics
+        self.packed = self.absmax = None
+
+    def add(self, start: int, chunk) -> None:
+        import bitsandbytes.functional as F
+
+        stop = start + chunk.shape[0]
+        part_packed, part_state = F.quantize_4bit(
+            chunk.to(self.compute_dtype).contiguous(), blocksize=self.blocksize, compress_statistics=False,
+            quant_type=self.quant_type, quant_storage=self.quant_storage)
+        rows, blocks = part_packed.shape[0] // chunk.shape[0], part_state.absmax.numel() // chunk.shape[0]
+        experts = self.shape[0]
+        if self.packed is None:
+            self.packed = part_packed.new_empty((rows * experts, *part_packed.shape[1:]))
+            self.absmax = part_state.absmax.new_empty((blocks * experts,))
+        self.packed[rows * start: rows * stop] = part_packed
+        self.absmax[blocks * start: blocks * stop] = part_state.absmax
+
+    def finish(self):
+        import bitsandbytes.functional as F
+
+        packed, absmax, shape = self.packed, self.absmax, self.shape
+        self.packed = self.absmax = None
+        if self.nested:
+            return packed, _nest_absmax(absmax, self.blocksize, self.quant_type, shape, self.compute_dtype)
+        return packed, F.QuantState(absmax=absmax, shape=shape, dtype=self.compute_dtype, blocksize=self.blocksize,
+                                    code=F.get_4bit_type(self.quant_type, device=absmax.device),
+                                    quant_type=self.quant_type)
+
+
+def effective_blocksize(blocksize=None) -> int:
+    """The blocksize bitsandbytes uses for ``blocksize`` (None -> its default, asked from bitsandbytes itself)."""
+    import bitsandbytes.functional as F
+    import torch
+
+    return F.quantize_4bit(torch.zeros(4096), blocksize=blocksize)[1].blocksize
+
+
+def experts_split_into_blocks(expert_shape, blocksize: int, quant_storage) -> bool:
+    """True when one expert (d1, d2) is whole 4-bit blocks and whole storage elements: chunking is then exact."""
+    per_expert = math.prod(expert_shape)
+    return per_expert > 0 and per_expert % blocksize == 0 and (per_expert // 2) % quant_storage.itemsize == 0
+
+
+def experts_per_chunk(expert_shape, chunk_elements: int | None = None) -> int:
+    per_expert = math.prod(expert_shape)
+    return max(1, (chunk_elements or CHUNK_ELEMENTS) // max(per_expert, 1))
+
+
+def quantize_experts_chunked(tensor, compute_dtype, blocksize=None, compress_statistics=False, quant_type="nf4",
+                             quant_storage=None, chunk_elements: int | None = None):
+    """bitsandbytes ``quantize_4bit`` of a 3D (E, d1, d2) tensor, a few experts at a time.
+
+    Blockwise quantization runs over the row-major flattened tensor; when d1*d2 is a multiple of the blocksize no
+    block straddles two experts, so quantizing expert slices and concatenating packed bytes and absmax gives the
+    very bytes and absmax of the whole-tensor call, while the float temporaries (the cast to ``compute_dtype`` and
+    the kernel's own) exist for one chunk only. Otherwise it falls back to one whole-tensor call.
+    Returns (packed, QuantState) like ``quantize_4bit``.
+    """
+    import bitsandbytes.functional as F
+    import torch
+
+    quant_storage = quant_storage or torch.uint8
+    experts, expert_shape = tensor.shape[0], tuple(tensor.shape[1:])
+    step = experts_per_chunk(expert_shape, chunk_elements)
+    block = effective_blocksize(blocksize)
+    if experts <= step or not experts_split_into_blocks(expert_shape, block, quant_storage):
+        if experts > step:
+            log.debug("expert slice %s is not whole %d-blocks: quantizing %s at once",
+                      expert_shape, block, tuple(tensor.shape))
+        return F.quantize_4bit(tensor.to(compute_dtype).contiguous(), blocksize=blocksize,
+                               compress_statistics=compress_statistics, quant_type=quant_type,
+                               quant_storage=quant_storage)
+    packer = ExpertPacker(tensor.shape, compute_dtype, block, quant_type, quant_storage, compress_statistics)
+    for start in range(0, experts, step):
+        packer.add(start, tensor[start: start + step])
+    return packer.finish()
+
+
+def quantize_expert_param(module, name: str, settings: QuantSettings, owner: str = "") -> None:
+    """Replace the float 3D tensor ``module.<name>`` by packed 4-bit storage + a dequantizing parametrization."""
+    torch, P = _torch_nn()
+    owner = owner or type(module).__name__
+    label = f"{owner}.{name}"
+    if quantized_parametrization(module, name) is not None:
+        return
+    if P.is_parametrized(module, name):
+        raise ExpertQuantError(f"{label}: already parametrized by something else; expected a plain 3D parameter")
+    tensor = module._parameters.get(name)
+    if tensor is None or not tensor.is_floating_point() or tensor.dim() != 3:
+        got = None if tensor is None else f"{tensor.dtype} {tuple(tensor.shape)}"
+        raise ExpertQuantError(f"{label}: expected a float 3D nn.Parameter, got {got}")
+    compute_dtype = settings.compute_dtype or tensor.dtype
+    packed, quant_state = quantize_experts_chunked(
+        tensor.detach(), compute_dtype,
+        blocksize=settings.blocksize,
+        compress_statistics=settings.compress_statistics,
+        quant_type=settings.quant_type,
+        quant_storage=settings.quant_storage or torch.uint8,
+    )
+    install_packed_param(module, name, packed, quant_state, owner=owner)
+    log.debug("quantized %s %s -> 4-bit %s", label, tuple(quant_state.shape), settings.quant_type)
+
+
+def install_packed_param(module, name: str, packed, quant_state, owner: str = "") -> None:
+    """Store packed 4-bit data + its QuantState as ``module.<name>`` (just quantized, or read from a saved checkpoint).
+
+    Replaces the float tensor or (usually meta) placeholder without materialising it in float: the logical shape
+    and dtype come from ``quant_state``.
+    """
+    torch, P = _torch_nn()
+    owner = owner or type(module).__name__
+    label = f"{owner}.{name}"
+    if quant_state is None:
+        raise ExpertQuantError(f"{label}: packed 4-bit data without quantization state (QuantState)")
+    if P.is_parametrized(module, name):
+        raise ExpertQuantError(f"{label}: already parametrized; expected the float placeholder of a fresh model")
+    dims = 3 if name in EXPERT_WEIGHT_NAMES else 2  # fused experts, or a router's (num_experts, hidden) weight
+    if len(quant_state.shape) != dims:
+        raise ExpertQuantError(f"{label}: quantization state has shape {tuple(quant_state.shape)}; expected a "
+                               f"{dims}D {'experts' if dims == 3 else 'router'} tensor")
+    settings = QuantSettings(quant_state.quant_type, bool(quant_state.nested), quant_state.dtype, packed.dtype,
+                             quant_state.blocksize)
+    module._parameters.pop(name, None)
+    packed_param = torch.nn.Parameter(packed.detach(), requires_grad=False)
+    packed_param._is_hf_initialized = True  # transformers must never re-initialise packed bytes
+    module.register_parameter(name, packed_param)
+    P.register_parametrization(module, name, parametrization_class()(quant_state, settings, label), unsafe=True)
+    install_forward_hooks(module, quant_state.dtype)  # cast in / cast out as Linear4bit does, experts and routers
+
+
+def requantize_param(module, name: str, value) -> None:
+    """Store ``value`` (logical shape) into an already quantized tensor with the same settings (used by merge)."""
+    param = quantized_parametrization(module, name)
+    if param is None:
+        raise ExpertQuantError(f"{type(module).__name__}.{name} is not a shim-quantized expert tensor")
+    if tuple(value.shape) != param.logical_shape:
+        raise ExpertQuantError(f"{param.owner}: new value has shape {tuple(value.shape)}, expected {param.logical_shape}")
+    s = param.settings
+    original = module.parametrizations[name].original
+    packed, quant_state = quantize_experts_chunked(
+        value.detach().to(device=original.device), s.compute_dtype,
+        blocksize=s.blocksize, compress_statistics=s.compress_statistics,
+        quant_type=s.quant_type, quant_storage=s.quant_storage,
+    )
+    original.data = packed
+    param.quant_state = quant_state
+
+
+def dequantize_param(module, name: str):
+    """The base weight ``module.<name>`` dequantized: logical shape, compute dtype, without any LoRA delta.
+
+    ``module`` may be the experts module or a peft wrapper around it. Raises ExpertQuantError otherwise.
+    """
+    base = _unwrap(module)
+    param = quantized_parametrization(base, name)
+    if param is None:
+        raise ExpertQuantError(
+            f"{type(base).__name__}.{name} is not a shim-quantized 4-bit expert tensor "
+            f"(quantized names here: {[n for n in EXPERT_WEIGHT_NAMES if quantized_parametrization(base, n)]})"
+        )
+    return param(base.parametrizations[name].original)
+
+
+def quant_state_bytes(qs) -> int:
+    total = 0
+    for t in (qs.absmax, qs.code, getattr(qs, "offset", None)):
+        if t is not None and hasattr(t, "numel"):
+            total += t.numel() * t.element_size()
+    nested = getattr(qs, "state2", None)
+    if nested is not None:
+        total += quant_state_bytes(nested)
+    return total
+
+
+def expert_storage(model) -> dict:
+    """Count fused expert weights: how many, how many 4-bit, their stored bytes, and what bf16 would take."""
+    counts = dict(expert_tensors=0, quantized=0, bytes=0, bf16_bytes=0)
+    for _, module in iter_expert_modules(model):
+        for name in expert_weight_names(module):
+            counts["expert_tensors"] += 1
+            param = quantized_parametrization(module, name)
+            raw = raw_tensor(module, name)
+            if param is not None:
+                counts["quantized"] += 1
+                shape = param.logical_shape
+                counts["bytes"] += raw.numel() * raw.element_size() + quant_state_bytes(param.quant_state)
+            else:
+                shape = tuple(raw.shape)
+                counts["bytes"] += raw.numel() * raw.element_size()
+            numel = 1
+            for d in shape:
+                numel *= d
+            counts["bf16_bytes"] += 2 * numel
+    return counts
+
+
+# --------------------------------------------------------------------------------------------------------------
+# which tensors a bitsandbytes 4-bit load stores in 4 bits
+
+
+def claimed_expert_tensor(hf_quantizer, model, tensor_path: str):
+    """(module path, module, tensor name) when ``tensor_path`` names a fused expert weight that this bnb 4-bit
+    quantizer should store in 4 bits (not skipped by modules_to_not_convert); None otherwise."""
+    if hf_quantizer is None or model is None or not is_bnb_4bit(hf_quantizer):
+        return None
+    module_path, _, name = tensor_path.rpartition(".")
+    if name not in EXPERT_WEIGHT_NAMES:
+        return None
+    try:
+        module = model.get_submodule(module_path) if module_path else model
+    except AttributeError:
+        return None
+    if name not in expert_weight_names(module) or is_skipped(module_path, skip_patterns(hf_quantizer)):
+        return None
+    return module_path, module, name
+
+
+def quantize_experts_module(module, module_name: str, settings: QuantSettings) -> int:
+    """Quantize every float expert weight of one experts module; returns how many were quantized."""
+    done = 0
+    for name in expert_weight_names(module):
+        if quantized_parametrization(module, name) is not None:
+            continue
+        raw = raw_tensor(module, name)
+        if raw.device.type == "meta":
+            continue
+        quantize_expert_param(module, name, settings, owner=module_name or type(module).__name__)
+        done += 1
+    return done
+
+
+def quantize_model_experts(model, quantization_config, skip_modules=()) -> int:
+    """Quantize the fused experts of an already loaded model (biases stay float). Returns tensors quantized."""
+    settings = QuantSettings.from_bnb_config(quantization_config)
+    done = 0
+    for name, module in list(iter_expert_modules(model)):
+        if is_skipped(name, skip_modules):
+            continue
+        done += quantize_experts_module(module, name, settings)
+    return done
