@@ -196,7 +196,6 @@ def expert_weight_converters(hf_quantizer) -> list:
     """One WeightConverter per fused expert tensor name, collecting its packed data and QuantState keys."""
     from transformers.core_model_loading import WeightConverter
 
-
     out = []
     for name in EXPERT_WEIGHT_NAMES:
         out.append(WeightConverter(source_patterns=list(_source_patterns(name)), target_patterns=name,
@@ -278,7 +277,6 @@ def _install():
     import transformers.core_model_loading as cml
     import transformers.modeling_utils as mu
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
-
 
     original_set = cml.set_param_for_module
     set_signature = inspect.signature(original_set)
