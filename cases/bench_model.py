@@ -114,9 +114,9 @@ class Memory:
 
 def _expert_storage(model, shims_on: bool) -> dict:
     if shims_on:
-        from shims import quant
+        from shims import storage
 
-        return quant.expert_storage(model)
+        return storage.expert_storage(model)
     from cases.measure import expert_storage
 
     return expert_storage(model)

@@ -13,7 +13,7 @@ EXPERT_PARAM_NAMES = ("gate_up_proj", "down_proj")
 @torch.no_grad()
 def logits(model, batch: dict) -> torch.Tensor:
     model.eval()
-    device = _device_of(model)
+    device = device_of(model)
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                 use_cache=False)
     return out.logits.float().cpu()
@@ -36,7 +36,7 @@ def keep_bnb_compute_dtype(model) -> int:
     return touched
 
 
-def _device_of(model) -> torch.device:
+def device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -62,7 +62,7 @@ def kl(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> floa
 def greedy(model, tokenizer, texts: list[str], new_tokens: int) -> list[list[int]]:
     model.eval()
     enc = tokenizer(texts, return_tensors="pt", padding=True)
-    device = _device_of(model)
+    device = device_of(model)
     out = model.generate(
         input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device), max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
         eos_token_id=None,
@@ -75,7 +75,7 @@ def agreement(reference: list[list[int]], other: list[list[int]]) -> str:
     return f"{same}/{len(reference)}"
 
 
-def _is_expert_module(name: str) -> bool:
+def is_expert_module(name: str) -> bool:
     return ".experts" in f".{name}" and "shared_expert" not in name
 
 
@@ -97,12 +97,12 @@ def expert_storage(model) -> dict:
     """Count routed-expert weight tensors, how many are 4-bit, and their bytes vs a bf16 copy.
 
     Seen natively: 3D fused float params (transformers 5.x) and per-expert nn.Linear / bnb Linear4bit
-    (transformers 4.57). With shims on, the shim's own accounting (shims.quant.expert_storage) is used instead:
+    (transformers 4.57). With shims on, the shim's own accounting (shims.storage.expert_storage) is used instead:
     its storage is the shim's business, and the count it reports is cross-checked by the verdict rules.
     """
     tensors = quantized = nbytes = bf16_bytes = 0
     for mod_name, module in model.named_modules():
-        if not _is_expert_module(mod_name):
+        if not is_expert_module(mod_name):
             continue
         for pname, p in module.named_parameters(recurse=False):
             if "lora" in pname or "bias" in pname:
@@ -125,7 +125,7 @@ def lora_expert_params(model) -> dict[str, torch.nn.Parameter]:
     """LoRA factors that adapt routed experts (fused ParamWrapper or per-expert Linear)."""
     return {
         n: p for n, p in model.named_parameters()
-        if "lora_" in n and _is_expert_module(n) and p.requires_grad
+        if "lora_" in n and is_expert_module(n) and p.requires_grad
     }
 
 

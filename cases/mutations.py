@@ -39,9 +39,9 @@ def _export_contiguous_lora_b() -> None:
 
 def _quantize_noop() -> None:
     """Expert quantization silently does nothing (the upstream failure mode the shim exists to fix)."""
-    from shims import quant
+    from shims import storage  # the loaders look the function up here on every call
 
-    quant.quantize_expert_param = lambda *args, **kwargs: None
+    storage.quantize_expert_param = lambda *args, **kwargs: None
 
 
 def _skip(patch_name: str):

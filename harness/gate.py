@@ -42,7 +42,7 @@ from typing import Iterable
 from . import verdict
 from .matrix import MODES, Matrix, load_matrix
 from .merge import MergedResults, load_many
-from .results import write_text_atomic
+from .results import case_key, write_text_atomic
 
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2
 BASELINE_KIND = "moe-shims/baseline"
@@ -145,7 +145,7 @@ def make_baseline(docs: list[dict]) -> dict:
     for doc in sorted(docs, key=lambda d: d.get("started") or 0):
         entry = {"status": doc["status"], "started": doc.get("started"),
                  "versions": {p: (doc.get("versions") or {}).get(p) for p in ("transformers", "peft", "trl")},
-                 "cases": {c.get("case", f"{c.get('arch')}/{c.get('quant')}"): _compact_case(c)
+                 "cases": {case_key(c): _compact_case(c)
                            for c in doc["cases"]}}
         cells.setdefault(doc["cell"]["name"], {})[doc["mode"]] = entry  # newest run wins
     return {"kind": BASELINE_KIND, "schema": BASELINE_SCHEMA, "shims_version": versions[0],
@@ -195,7 +195,7 @@ class GateResult:
 
 
 def _case_id(case: dict) -> str:
-    return case.get("case", f"{case.get('arch')}/{case.get('quant')}")
+    return case_key(case)
 
 
 def _values(case: dict, rule: verdict.Rule) -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterable
 
 from . import verdict
-from .results import Problem, load_dir
+from .results import Problem, case_key, load_dir
 
 
 def run_key(doc: dict) -> tuple:
@@ -31,7 +31,7 @@ def verdicts_of(doc: dict) -> dict[str, str]:
     """case id -> verdict for a results document; a cell that did not run is one entry, its status."""
     if doc["status"] != "ran":
         return {"(all)": doc["status"]}
-    return {case.get("case", f"{case.get('arch')}/{case.get('quant')}"): verdict.judge(case)[0]
+    return {case_key(case): verdict.judge(case)[0]
             for case in doc["cases"]}
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from . import verdict
 from .matrix import MATRIX_FILE, MatrixError
+from .results import case_key
 
 NEEDED, NOT_NEEDED, BROKEN, UNPROVEN = "needed", "not needed here", "broken", "unproven"
 NA, UNEXERCISED, UNDECLARED, NO_RUN = "n/a", "not exercised", "no symptom declared", "no shims run"
@@ -122,7 +123,7 @@ class Entry:
 def _cases(doc: dict | None) -> dict[str, dict]:
     if doc is None or doc["status"] != "ran":
         return {}
-    return {c.get("case", f"{c.get('arch')}/{c.get('quant')}"): c for c in doc["cases"]}
+    return {case_key(c): c for c in doc["cases"]}
 
 
 def _status_list(doc: dict | None, key: str) -> list[dict] | None:

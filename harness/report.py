@@ -18,7 +18,7 @@ from . import history, necessity, verdict
 from .matrix import Matrix, load_matrix
 from .merge import MergedResults, load_many
 from .mutations import render_section as render_mutations
-from .results import Problem
+from .results import Problem, case_id
 
 MUTATIONS_FILE = Path(__file__).resolve().parent.parent / "reports" / "mutations.json"
 
@@ -193,7 +193,7 @@ def verdict_map(df: pd.DataFrame) -> dict[str, str]:
         return {}
     out = {}
     for (cell, shims, arch, quant), group in df.groupby(["cell", "shims", "arch", "quant"]):
-        out[history.key(cell, shims, f"{arch}/{quant}")] = ",".join(sorted(set(group["verdict"])))
+        out[history.key(cell, shims, case_id(arch, quant))] = ",".join(sorted(set(group["verdict"])))
     return out
 
 

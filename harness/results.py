@@ -14,6 +14,16 @@ KIND = "moe-shims/cell-results"
 CELL_STATUSES = ("ran", "unresolvable", "install_failed")
 
 
+def case_id(arch: str, quant: str) -> str:
+    """The id of one case (an arch x a quantization) in results files, reports, the gate and the baseline."""
+    return f"{arch}/{quant}"
+
+
+def case_key(record: dict) -> str:
+    """The id of a case record (records written before "case" was stored carry only arch and quant)."""
+    return record.get("case") or case_id(record.get("arch"), record.get("quant"))
+
+
 def results_name(cell_name: str, mode: str) -> str:
     return f"{cell_name}__shims-{mode}.json"
 

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .matrix import Cell, Matrix
-from .results import KIND, SCHEMA_VERSION, results_name, write_json_atomic
+from .results import KIND, SCHEMA_VERSION, case_id, results_name, write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 POLL_S = 0.5
@@ -72,7 +72,7 @@ class CellRun:
             self._run_child()
 
     def _case_id(self, spec: dict) -> str:
-        return f"{spec['arch']}/{spec['quant']}"
+        return case_id(spec["arch"], spec["quant"])
 
     def _run_child(self) -> None:
         self.children += 1
@@ -151,7 +151,7 @@ class CellRun:
 
 
 def _failed_record(spec: dict, stage: str, status: str, error: dict) -> dict:
-    return {"case": f"{spec['arch']}/{spec['quant']}", "arch": spec["arch"], "quant": spec["quant"],
+    return {"case": case_id(spec["arch"], spec["quant"]), "arch": spec["arch"], "quant": spec["quant"],
             "stages": {stage: {"status": status, "error": error}}, "metrics": {}}
 
 
@@ -180,7 +180,7 @@ def run_cell(cell: Cell, mode: str, python: str, matrix: Matrix, results_dir: Pa
     started = time.time()
     supervisor = CellRun(python, specs, work, float(matrix.run["case_timeout_s"]), work / "cell.log")
     supervisor.run()
-    order = [f"{s['arch']}/{s['quant']}" for s in specs]
+    order = [case_id(s["arch"], s["quant"]) for s in specs]
     doc = _document(cell, mode, "ran", started, install)
     doc.update(
         versions=supervisor.versions or {},

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 KL_ADAPTER_MAX = 1e-5      # reloading the same adapter into the same base must reproduce the logits
+KL_FOREIGN_MAX = 1e-5      # an adapter from another cell, converted where needed, reproduces its publisher's logits
 KL_EXPORT_MAX = 1e-4       # merged export reloaded in fp32: only bf16 rounding of W + delta remains
 KL_EXPORT_FP32_MAX = 1e-6  # the same export in float32: the merge itself must be exact
 KL_MERGED_MAX = 1e-4       # in-place merge into float experts (4-bit merges re-quantize: reported, not bounded)
@@ -256,6 +257,11 @@ RULES: tuple[Rule, ...] = (
     Rule("kl_adapter", f"KL(trained || base + reloaded adapter) <= {KL_ADAPTER_MAX:g}", _ran("adapter_reload"),
          _le("kl_adapter", KL_ADAPTER_MAX),
          metrics=("kl_adapter",)),
+    Rule("kl_foreign", f"adapters published by other cells load (converted by the shims where needed) and reproduce "
+         f"the publisher's logits: max KL <= {KL_FOREIGN_MAX:g}", _ran("foreign_adapters"),
+         lambda c: _le("kl_foreign_max", KL_FOREIGN_MAX)(c)
+         and c.get("metrics", {}).get("foreign_ok") == c.get("metrics", {}).get("foreign_total"),
+         metrics=("kl_foreign_max", "foreign_ok", "foreign_total")),
     Rule("samples_adapter", "greedy samples after adapter reload match the trained model's",
          _ran("adapter_reload"), _samples("samples_adapter"),
          metrics=("samples_adapter",)),

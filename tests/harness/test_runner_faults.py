@@ -25,7 +25,7 @@ def test_kill_hang_and_crash_each_become_a_row_and_the_rest_still_runs(tmp_path,
     quick = dataclasses.replace(matrix, run={**matrix.run, "train_steps": 4, "case_timeout_s": 45})
     cell = Cell("0.0", "0.0", "0.0")
     path = run_cell(cell, "off", sys.executable, quick, tmp_path / "results", tmp_path / "work",
-                    archs=["qwen3_moe", "mixtral"])
+                    archs=["qwen3_moe", "mixtral"], quants=["bf16", "nf4"])
     doc = json.loads(path.read_text())
     cases = {c["case"]: c for c in doc["cases"]}
     assert list(cases) == ["qwen3_moe/bf16", "qwen3_moe/nf4", "mixtral/bf16", "mixtral/nf4"]

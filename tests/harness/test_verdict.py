@@ -30,6 +30,49 @@ def test_each_rule_can_fail(key, value, rule):
     assert any(f"rule {rule}" in r for r in reasons)
 
 
+def test_a_complete_recipe_case_passes():
+    assert verdict.judge(passing_case(quant="nf4-recipe")) == ("pass", [])
+
+
+@pytest.mark.parametrize("quant,key,value,rule", [
+    ("nf4", "gc_grad_max_abs", 1e-7, "gc_grads_equal"),
+    ("nf4", "gc_layer_calls", 1, "gc_grads_equal"),  # checkpointing never recomputed: nothing was compared
+    ("nf4-recipe", "gc_grad_max_abs", 1e-3, "gc_grads_equal"),
+    ("nf4-recipe", "train_layer_calls_per_step", 1.0, "recipe_checkpointing"),
+    ("nf4-recipe", "optim_state_8bit", 3, "recipe_optimizer_8bit"),
+    ("nf4-recipe", "kl_export", 4.1e-4, "kl_export_recipe"),  # > 4 x the run's bf16 noise (1e-4)
+    ("nf4-recipe", "experts_quantized", 2, "experts_4bit"),
+])
+def test_each_recipe_and_checkpointing_rule_can_fail(quant, key, value, rule):
+    case = passing_case(quant=quant)
+    case["metrics"][key] = value
+    v, reasons = verdict.judge(case)
+    assert v == "fail" and any(f"rule {rule}" in r for r in reasons), reasons
+
+
+def test_recipe_optimizer_fallback_passes_only_with_every_reason_recorded():
+    case = passing_case(quant="nf4-recipe")
+    case["metrics"].update(optim="adamw_torch", optim_state_8bit=0, optim_state_eligible=0,
+                           optim_fallbacks=["paged_adamw_8bit on cpu: RuntimeError: no kernel"])
+    assert any("recipe_optimizer_8bit" in r for r in verdict.judge(case)[1])  # one of two reasons missing
+    case["metrics"]["optim_fallbacks"].append("adamw_bnb_8bit on cpu: RuntimeError: no kernel")
+    assert verdict.judge(case) == ("pass", [])
+
+
+def test_recipe_export_is_not_held_to_the_fp32_bound():
+    case = passing_case(quant="nf4-recipe")  # kl_export_fp32 1e-4: bf16 compute noise, not a merge error
+    assert not any("kl_export_fp32" in r for r in verdict.judge(case)[1])
+
+
+def test_foreign_adapter_kl_is_judged_by_the_verdict():
+    case = passing_case()
+    case["stages"]["foreign_adapters"] = {"status": "ok"}
+    case["metrics"].update(foreign_ok=2, foreign_total=2, kl_foreign_max=0.0)
+    assert verdict.judge(case) == ("pass", [])
+    case["metrics"]["kl_foreign_max"] = 3e-5
+    assert any("rule kl_foreign" in r for r in verdict.judge(case)[1])
+
+
 def test_prequantized_roundtrip_must_keep_4bit_experts_and_logits():
     for key, value in (("prequantized_experts_quantized", 0), ("prequantized_max_abs", 1e-3)):
         case = passing_case(quant="nf4")

@@ -229,7 +229,7 @@ def test_undeliverable_delta_raises_and_writes_nothing(tmp_path, tiny_moe, lora_
 def test_export_from_4bit_per_expert_linear4bit(tmp_path, tiny_moe, lora_targets):
     """transformers 4.57: experts are nn.Linear -> bitsandbytes Linear4bit; export dequantizes them."""
     if _FUSED:
-        pytest.skip("fused 3D experts on 5.x are quantized by shims.quant (tested with that shim)")
+        pytest.skip("fused 3D experts on 5.x are quantized by shims.loader_v5 (tested with that shim)")
     pytest.importorskip("bitsandbytes")
     from transformers import BitsAndBytesConfig
 

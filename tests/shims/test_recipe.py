@@ -82,7 +82,7 @@ def test_float32_hidden_states_cast_in_and_out_of_a_4bit_router(model_type, q4_c
     import torch
     import torch.nn.functional as F
 
-    from shims import quant, quant_router
+    from shims import quant_router, storage
 
     q4_requires_fused()
     model = q4_load(q4_checkpoint(model_type), dtype=torch.bfloat16, bnb_4bit_compute_dtype=torch.bfloat16)
@@ -94,7 +94,7 @@ def test_float32_hidden_states_cast_in_and_out_of_a_4bit_router(model_type, q4_c
     with torch.no_grad():
         out = router(x)
         logits = out[0] if isinstance(out, tuple) else out
-        weight = quant.dequantize_param(router, "weight")
+        weight = storage.dequantize_param(router, "weight")
         assert weight.dtype == torch.bfloat16
         want = F.linear(x.to(torch.bfloat16), weight, None if bias is None else bias.to(torch.bfloat16))
     assert logits.dtype == torch.float32, path
