@@ -351,6 +351,9 @@ class Case:
                 for p in reloaded.parameters():
                     p.copy_(p.to(torch.bfloat16).to(p.dtype))
             self.rounded_export_logits = measure.logits(reloaded, self.batch)
+            # the bf16 rounding of W + delta alone (computed in fp32): one of the two noises of a 16-bit export
+            self.metrics["kl_export_rounded"] = measure.kl(self.reference, self.rounded_export_logits,
+                                                           self.batch["attention_mask"])
         else:
             self.merged.save_pretrained(dest)
             self.tokenizer.save_pretrained(dest)

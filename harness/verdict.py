@@ -17,13 +17,15 @@ KL_EXPORT_FP32_MAX = 1e-6  # the same export in float32: the merge itself must b
 KL_MERGED_MAX = 1e-4       # in-place merge into float experts (4-bit merges re-quantize: reported, not bounded)
 LOSS_FALL_RATIO = 0.9      # mean of the last 3 logged losses <= 0.9 x mean of the first 3
 GC_GRAD_MAX_ABS = 0.0      # gradient checkpointing recomputes the same ops: first-step LoRA gradients identical
-# QLoRA recipe (bf16 compute, quant "nf4-recipe"): the merged 16-bit export reloaded in bf16 against the trained
-# model in bf16. Its KL is bf16 noise twice over: the trained model's own bf16 compute (measured in the same run as
-# KL(trained || the exact float32 export) = kl_export_fp32, 4.6e-5 .. 3.9e-3 on the six tiny archs, 2026-12-01) and
-# the rounding of W + delta to bf16. Measured kl_export / kl_export_fp32 on those runs: 1.0 .. 1.9 (see
-# reports/COMPAT.md); the bound allows 4x the run's own noise, plus a floor for runs whose noise is ~0.
-RECIPE_EXPORT_NOISE_FACTOR = 4.0
-RECIPE_EXPORT_FLOOR = 1e-4
+# QLoRA recipe (quant "nf4-recipe"): the trained model computes in bf16, so no export can match it exactly. The
+# exact merge is proven where compute is fp32 (kl_export_fp32 <= 1e-6 on nf4/bf16 cases); here the float32 export
+# (exact W + delta, computed in fp32) must sit within bf16 compute noise of the trained model. Measured
+# KL(trained || float32 export) on the six tiny archs, 2026-12-01: 2.8e-5 .. 1.5e-3 (CPU, transformers 5.24 / 4.57;
+# H200, 5.17), while a merge that loses or misplaces the expert deltas lands near KL(trained || base) = 0.5 .. 3.7.
+# The bound is ~7x the largest measured noise. The 16-bit export itself is the float32 one rounded to bf16 (rule
+# export_rounding); its KL in bf16 (kl_export, adding bf16 rounding of W + delta and a bf16 residual stream:
+# 9e-5 .. 1.9e-2 measured) is reported, and bounded only for native exports, which have no float32 export.
+RECIPE_BF16_NOISE_MAX = 1e-2
 RECIPE_OPTIMIZERS_8BIT = ("paged_adamw_8bit", "adamw_bnb_8bit")
 
 PASS, FAIL, ERROR, NA = "pass", "fail", "error", "n/a"
@@ -150,11 +152,9 @@ def _gc_grads_equal(case: dict) -> bool:
 
 
 def _recipe_export_within_noise(case: dict) -> bool:
-    m = case.get("metrics", {})
-    noise = _num(m, "kl_export_fp32")
-    if noise is None:  # native export: no exact float32 export to measure the run's noise by
-        noise = 0.0
-    return _le("kl_export", max(RECIPE_EXPORT_FLOOR, RECIPE_EXPORT_NOISE_FACTOR * noise))(case)
+    # shims: the exact float32 export; native: its own 16-bit export, the only one there is
+    key = "kl_export_fp32" if _shims_export(case) else "kl_export"
+    return _le(key, RECIPE_BF16_NOISE_MAX)(case)
 
 
 def _optimizer_8bit(case: dict) -> bool:
@@ -233,8 +233,8 @@ RULES: tuple[Rule, ...] = (
          "its KL to the trained model, bf16 rounding of W + delta only, is reported",
          lambda c: _ran("export_reload")(c) and _shims_export(c), _le("export_rounding_max_abs", 0.0),
          metrics=("export_rounding_max_abs", "export_attempted")),
-    Rule("kl_export_recipe", f"QLoRA recipe: KL(trained || 16-bit export reloaded in bf16) <= "
-         f"max({RECIPE_EXPORT_FLOOR:g}, {RECIPE_EXPORT_NOISE_FACTOR:g} x the run's bf16 noise, kl_export_fp32)",
+    Rule("kl_export_recipe", f"QLoRA recipe (bf16 compute): KL(trained || float32 export) <= "
+         f"{RECIPE_BF16_NOISE_MAX:g}, bf16 compute noise (native: its 16-bit export)",
          lambda c: _recipe(c) and _ran("export_reload")(c), _recipe_export_within_noise,
          metrics=("kl_export", "kl_export_fp32")),
     Rule("gc_grads_equal", "4-bit loads: gradient checkpointing recomputes each layer (2 forward calls vs 1) and the "
