@@ -1,4 +1,8 @@
-"""Command line: ``python -m shims convert-adapter SRC DST --to standard|swapped|fused`` (also ``moe-shims``)."""
+"""Command line (also ``moe-shims``):
+
+    python -m shims convert-adapter SRC DST --to standard|swapped|fused|per_expert [--base-config DIR]
+    python -m shims check-adapter DIR --engine vllm|sglang|transformers [--base-config DIR]
+"""
 
 from __future__ import annotations
 
@@ -13,13 +17,15 @@ def _parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert-adapter", help="convert a saved LoRA adapter's expert layout")
     conv.add_argument("src", help="saved peft adapter folder")
     conv.add_argument("dst", help="destination folder (written atomically)")
-    conv.add_argument("--to", required=True, choices=("standard", "swapped", "fused"),
+    conv.add_argument("--to", required=True, choices=("standard", "swapped", "fused", "per_expert"),
                       help="standard: peft >= 0.19.1 (and peft 0.18 on gpt_oss); swapped: peft 0.18 (and "
-                           "peft >= 0.19.1 on 4.57's gpt_oss); fused: transformers 4.57 per-expert -> 5.x")
+                           "peft >= 0.19.1 on 4.57's gpt_oss); fused: transformers 4.57 per-expert -> 5.x; "
+                           "per_expert: 5.x fused -> 4.57 per-expert modules (also what SGLang and most of vLLM read)")
     conv.add_argument("--layout", default="standard", choices=("standard", "swapped"),
                       help="with --to fused: the peft convention of the fused output (default standard)")
     conv.add_argument("--base-config", default=None,
-                      help="base model folder or config.json (needed for peft 0.18 adapters and square dims)")
+                      help="base model folder, config.json or hub id in the local HF cache (default: the adapter's "
+                           "base_model_name_or_path; needed for per_expert, peft 0.18 adapters and square dims)")
     conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     return parser
 

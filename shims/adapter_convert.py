@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from .base_config import load_base_config
 from .files import read_json, refuse_existing, staged_dir, write_json
 from .lora_layout import (
     LAYOUTS,
@@ -30,6 +30,8 @@ from .lora_layout import (
 log = logging.getLogger("shims")
 
 FUSED = "fused"  # convert_adapter's third target: transformers 4.x per-expert LoRAs -> 5.x fused ones
+PER_EXPERT = "per_expert"  # and the reverse: 5.x fused expert LoRA -> 4.57 per-expert modules (adapter_per_expert)
+CONVERSION_TARGETS = (STANDARD, SWAPPED, FUSED, PER_EXPERT)
 
 # Our own record of what a converted adapter holds; peft ignores extra files in an adapter folder.
 LAYOUT_RECORD = "moe_shims_layout.json"
@@ -121,16 +123,9 @@ def _expert_lora_prefixes(tensors, config):
 
 
 def _expert_dims(base_config, adapter_config) -> ExpertDims | None:
-    if base_config is None:
-        base = adapter_config.get("base_model_name_or_path")
-        if base and (Path(base) / "config.json").is_file():
-            base_config = base
-    if base_config is None:
-        return None
-    if isinstance(base_config, (str, os.PathLike)):
-        path = Path(base_config)
-        base_config = read_json(path / "config.json" if path.is_dir() else path)
-    return ExpertDims.from_config(base_config)
+    # a base_config the caller names must be found; the adapter's own record of its base is only a hint
+    config = load_base_config(base_config, adapter_config, required=base_config is not None)
+    return None if config is None else ExpertDims.from_config(config)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,14 +144,20 @@ def convert_adapter(src_dir, dst_dir, to: str, base_config=None, layout: str = S
         To keep ``alpha / r`` (or ``alpha / sqrt(r)`` with rslora) unchanged the config records
         ``rank_pattern`` and ``alpha_pattern`` for ``.*\\.gate_up_proj`` -- the same entries peft's own v4->v5
         remap writes. Mixtral's ``block_sparse_moe`` becomes ``mlp``. Non-expert LoRAs are copied unchanged.
+    to="per_expert": the reverse for a 5.x fused adapter of either layout: per-expert LoRA modules under
+        transformers 4.57's names (``mlp.experts.{e}.gate_proj/up_proj/down_proj``, mixtral
+        ``block_sparse_moe.experts.{e}.w1/w3/w2``), every expert delta unchanged, loadable by peft on 4.57 and read
+        by engines that want per-expert LoRA; see :mod:`shims.adapter_per_expert` (gpt_oss has no per-expert
+        modules and is refused). Needs the base config (model type, expert dims): ``base_config`` or the adapter's
+        ``base_model_name_or_path`` (a local folder, or a hub id in the local Hugging Face cache).
 
     Which layout a given peft and transformers expect: :func:`shims.lora_layout.expected_layout`. The written adapter_config.json's
     ``peft_version`` names a peft release whose convention implies ``layout`` for these experts (so that
     version-based readers do not contradict it); the original version and what was done are kept in
     ``moe_shims_layout.json``, which is what this module trusts first.
     """
-    if to not in (STANDARD, SWAPPED, FUSED):
-        raise ValueError(f"to must be one of 'standard', 'swapped', 'fused', not {to!r}")
+    if to not in CONVERSION_TARGETS:
+        raise ValueError(f"to must be one of {', '.join(map(repr, CONVERSION_TARGETS))}, not {to!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'standard' or 'swapped', not {layout!r}")
     src_dir, dst_dir = Path(src_dir), Path(dst_dir)
@@ -167,6 +168,8 @@ def convert_adapter(src_dir, dst_dir, to: str, base_config=None, layout: str = S
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"only LoRA adapters are supported, not {config.get('peft_type')}")
     tensors = _read_tensors(src_dir)
+    if to == PER_EXPERT:
+        return _convert_to_per_expert(src_dir, dst_dir, tensors, config, base_config, overwrite)
     if to == FUSED:
         tensors, config, summary = _fuse_per_expert(tensors, config, layout)
     else:
@@ -175,6 +178,20 @@ def convert_adapter(src_dir, dst_dir, to: str, base_config=None, layout: str = S
     record = {"expert_layout": layout, "source_peft_version": config.get("peft_version"), **summary}
     config["peft_version"] = _peft_version_writing(layout, summary.get("experts_transposed"))
     _write_adapter(src_dir, dst_dir, tensors, config, record, overwrite)
+    return record
+
+
+def _convert_to_per_expert(src_dir, dst_dir, tensors, config, base_config, overwrite) -> dict:
+    from .adapter_per_expert import split_fused_experts
+
+    base = load_base_config(base_config, config, required=True)  # model type and expert dims are needed
+    found = detect_adapter_layout(src_dir, base)
+    if not found:
+        raise ValueError(f"{src_dir} has no fused-expert LoRA (target_parameters) to split per expert")
+    tensors, new_config, summary = split_fused_experts(tensors, config, found, base)
+    # per-expert LoRAs are plain Linear LoRAs, the same in every peft version: peft_version stays what wrote it
+    record = {"expert_layout": PER_EXPERT, "source_peft_version": config.get("peft_version"), **summary}
+    _write_adapter(src_dir, dst_dir, tensors, new_config, record, overwrite)
     return record
 
 
