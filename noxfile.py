@@ -145,6 +145,24 @@ def mutations(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON, default=False)
+def archs(session: nox.Session) -> None:
+    """Every MoE arch of the newest transformers, discovered from the library, shims off and on ->
+    reports/ARCHS.md (-- qwen3_moe,jetmoe limits the run to some discovered archs)."""
+    from harness import archs as all_archs
+
+    session.install(*REPORT_DEPS)
+    cell = MATRIX.archs_cell()
+    python = _venv_python(session)
+    try:
+        install.install(python, cell, MATRIX.environment, float(MATRIX.run["install_timeout_s"]))
+    except install.InstallError as exc:
+        session.error(f"cannot install the archs cell {cell.name}: {exc.message}")
+    only = [a for arg in session.posargs for a in arg.split(",") if a] or None
+    out = all_archs.run(cell, python, MATRIX, REPO / "reports" / "archs", WORK / "archs", only)
+    session.log(f"wrote {out.relative_to(REPO)}")
+
+
+@nox.session(python=PYTHON, default=False)
 def bench(session: nox.Session) -> None:
     """Side by side: 5.x + shims 4-bit, 5.x bf16, 5.x native "4-bit", 4.57.6 native 4-bit -> reports/BENCH.md.
     Small dims by default (CPU); pass e.g. -- --device cuda --hidden 2048 --experts 128 --top-k 8

@@ -214,6 +214,9 @@ class Case:
         if not self.spec.four_bit:
             raise portable.NothingToDo("checked on 4-bit cases")
         model = self.model
+        if not getattr(model.base_model.model, "supports_gradient_checkpointing", True):
+            raise portable.NothingToDo(f"{type(model.base_model.model).__name__} does not support gradient "
+                                       "checkpointing")
         model.train()
         was_on = _checkpointing_flags(model)
         if not any(was_on.values()):

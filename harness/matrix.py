@@ -74,12 +74,16 @@ class Matrix:
     test_lanes: tuple[Cell, ...] = ()
     mutations: dict = field(default_factory=dict, hash=False, compare=False)
     bench: dict = field(default_factory=dict, hash=False, compare=False)
+    archs_settings: dict = field(default_factory=dict, hash=False, compare=False)  # [archs]: the discovered set
 
     def on_device(self, device: str) -> "Matrix":
         """The same matrix with its cases placed on ``device`` ("cpu" or "cuda")."""
         import dataclasses
 
         return dataclasses.replace(self, run={**self.run, "device": device})
+
+    def archs_cell(self) -> Cell:
+        return Cell(**self.archs_settings["cell"])
 
     def mutation_cell(self) -> Cell:
         return Cell(**self.mutations["cell"])
@@ -140,7 +144,7 @@ def load_matrix(path: Path = MATRIX_FILE) -> Matrix:
         full = {p: [check_version(p, v) for v in data["full"][p]] for p in PACKAGES}
         tests = tuple(Cell(**lane) for lane in data.get("test_lane", []))
         matrix = Matrix(data["environment"], data["run"], lanes, full, data["arch_common"], archs, data["quant"],
-                        tests, data.get("mutations", {}), data.get("bench", {}))
+                        tests, data.get("mutations", {}), data.get("bench", {}), data.get("archs", {}))
     except (KeyError, TypeError) as exc:
         raise MatrixError(f"{path}: malformed matrix ({type(exc).__name__}: {exc})") from exc
     names = [c.name for c in lanes]

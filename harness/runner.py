@@ -34,6 +34,12 @@ def shims_version(repo: Path = REPO) -> str:
     raise LookupError("shims/__init__.py defines no __version__")
 
 
+def child_env() -> dict:
+    """The environment of a process that runs cases/ in a cell's venv: this repo first on its path."""
+    pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return dict(os.environ, PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1")
+
+
 def machine_label() -> dict:
     return {"host": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count()}
 
@@ -80,8 +86,7 @@ class CellRun:
         events_path = self.work / f"events-{self.children}.jsonl"
         spec_path.write_text(json.dumps({"shims_on": self.pending[0]["shims_on"], "cases": self.pending}))
         events_path.unlink(missing_ok=True)
-        pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-        env = dict(os.environ, PYTHONPATH=pythonpath, PYTHONUNBUFFERED="1")
+        env = child_env()
         with open(self.log_path, "a", encoding="utf-8") as log:
             child = subprocess.Popen(
                 [self.python, "-m", "cases.run_cell", "--spec", str(spec_path), "--events", str(events_path)],

@@ -1,0 +1,210 @@
+"""Discover the MoE architectures of the installed transformers and derive a tiny config for each.
+
+Runs inside a cell's venv (``python -m cases.discover --out FILE``). An architecture is an MoE when its modeling
+module defines an experts class (``class ...Experts...(``), read from the library's own source files, not from a
+list. Each one with a causal-LM head gets a tiny config derived from its config class's defaults: small dims, two
+layers, four experts, two per token, ``initializer_range=0.2`` so a wrong expert shows, and an expert width of 24
+against a hidden size of 64 (2 x 24 != 64, so a layout mistake cannot hide). Only attributes the defaults already
+carry are changed. The model is then built once on the meta device-free CPU to check the config and to read, by
+structure, its attention projections and expert tensors; whatever fails says why in its row.
+
+The output is the list of generated arch entries (the shape of ``[arch.*]`` in harness/matrix.toml, plus
+``skip`` with a reason where no tiny model could be built).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+EXPERTS_CLASS = re.compile(r"^class \w*Experts\w*\(", re.M)
+MAX_PARAMS = 3_000_000  # a tiny config still larger than this kept a big dimension the rules below missed
+
+HIDDEN, EXPERT_WIDTH, EXPERTS, TOP_K = 64, 24, 4, 2
+# attribute -> tiny value, applied where the config class's defaults carry the attribute
+TINY = {
+    "vocab_size": 128, "hidden_size": HIDDEN, "d_model": HIDDEN, "num_hidden_layers": 2, "num_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 128,
+    "initializer_range": 0.2, "tie_word_embeddings": False,
+    # expert width (and the dense MLP width where the arch has one beside its experts)
+    "moe_intermediate_size": EXPERT_WIDTH, "expert_intermediate_size": EXPERT_WIDTH, "ffn_hidden_size": EXPERT_WIDTH,
+    "shared_expert_intermediate_size": 32, "moe_shared_expert_intermediate_size": 32,
+    # expert count and routing
+    "num_experts": EXPERTS, "num_local_experts": EXPERTS, "n_routed_experts": EXPERTS, "moe_num_experts": EXPERTS,
+    "num_routed_experts": EXPERTS, "n_experts": EXPERTS, "num_experts_per_tok": TOP_K, "moe_topk": TOP_K,
+    "moe_k": TOP_K, "top_k": TOP_K, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 0,
+    "n_shared_experts": 1, "num_shared_experts": 1, "decoder_sparse_step": 1, "moe_layer_freq": 1,
+    "mlp_only_layers": [], "sliding_window": 16, "attention_chunk_size": 16,
+    # latent / linear / state-space attention dims
+    "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16,
+    "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+    "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8, "mamba_n_groups": 1, "ssm_state_size": 8,
+    "mamba_expand": 2, "n_groups": 1, "kv_channels": 16, "index_head_dim": 16, "index_n_heads": 2,
+}
+# without a separate moe width, the experts use intermediate_size; with one, intermediate_size is a dense MLP
+DENSE_WIDTH = 48
+
+
+def moe_model_types() -> list[str]:
+    """Every model type whose modeling module defines an experts class, in the library's registry order."""
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
+
+    root = Path(transformers.__file__).parent / "models"
+    found = []
+    for model_type in CONFIG_MAPPING_NAMES:
+        module = model_type_to_module_name(model_type)
+        source = root / module / f"modeling_{module}.py"
+        if source.exists() and EXPERTS_CLASS.search(source.read_text(encoding="utf-8")):
+            found.append(model_type)
+    return found
+
+
+def has_causal_lm(model_type: str) -> bool:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+
+def _layer_types(value: list) -> list:
+    """Two layers keeping the arch's mix: the first occurrence of the first two distinct layer types."""
+    distinct = list(dict.fromkeys(value))
+    return (distinct + distinct)[:2] if distinct else value[:2]
+
+
+EXPERT_COUNT = re.compile(r"^(n|num|moe_num)_(local_|routed_)?experts?$")
+SUB_CONFIGS = ("text_config", "language_config", "llm_config")
+
+
+def tiny_overrides(defaults: dict) -> dict:
+    """The tiny values for the attributes this config carries (and its text sub-config, for composite archs)."""
+    out = {k: v for k, v in TINY.items() if k in defaults}
+    for key, value in defaults.items():
+        if isinstance(value, bool) or not isinstance(value, int):
+            continue
+        if "vocab" in key and value > TINY["vocab_size"]:
+            out[key] = TINY["vocab_size"]  # per-layer / padded vocabularies too
+        elif key in ("pad_token_id", "bos_token_id", "eos_token_id") and value >= TINY["vocab_size"]:
+            out[key] = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[key]
+        elif EXPERT_COUNT.match(key) and "shared" not in key:
+            out[key] = EXPERTS
+    if isinstance(defaults.get("per_layer_config"), dict):
+        out["per_layer_config"] = {}  # keyed by layer index of the full-depth model
+    for key in SUB_CONFIGS:
+        if isinstance(defaults.get(key), dict):
+            out[key] = {**defaults[key], **tiny_overrides(defaults[key])}
+    if "intermediate_size" in defaults:
+        has_moe_width = any(k in defaults for k in ("moe_intermediate_size", "expert_intermediate_size",
+                                                     "ffn_hidden_size"))
+        out["intermediate_size"] = DENSE_WIDTH if has_moe_width else EXPERT_WIDTH
+    for key in ("layer_types", "layers_block_type", "hybrid_override_pattern"):
+        value = defaults.get(key)
+        if isinstance(value, list) and value:
+            out[key] = _layer_types(value)
+        elif isinstance(value, str) and value:
+            out[key] = value[:2]
+    if isinstance(defaults.get("rope_scaling"), dict) or isinstance(defaults.get("rope_parameters"), dict):
+        pass  # rope settings do not depend on the sizes above
+    return out
+
+
+def attention_projections(model) -> list[str]:
+    """Leaf names of the nn.Linear layers under an attention module (the LoRA targets next to the experts)."""
+    import torch
+
+    names = set()
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and re.search(r"(^|\.)(self_)?attn|attention(\.|$)", path):
+            names.add(path.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def _config_errors() -> tuple:
+    """What building a config or model from a generated config may raise (config validators included)."""
+    errors = [ValueError, TypeError, KeyError, AttributeError, AssertionError, RuntimeError, IndexError,
+              ZeroDivisionError, NotImplementedError, ImportError]
+    try:  # transformers 5.x configs are strict dataclasses validated by huggingface_hub
+        from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
+
+        errors += [StrictDataclassClassValidationError, StrictDataclassFieldValidationError]
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+# Constraints some archs' validators impose on the tiny sizes, tried in turn when the first config is refused.
+RETRIES = ({"num_key_value_heads": 4}, {"num_key_value_heads": 4, "head_dim": 16, "qk_rope_head_dim": 16,
+                                        "qk_nope_head_dim": 16})
+
+
+def build_tiny_config(model_type: str, defaults: dict):
+    """(config, overrides) for the first variant of the tiny overrides that the config class accepts."""
+    from transformers import AutoConfig
+
+    overrides = tiny_overrides(defaults)
+    variants = [overrides] + [{**overrides, **{k: v for k, v in fix.items() if k in defaults}} for fix in RETRIES]
+    error = None
+    for variant in variants:
+        try:
+            return AutoConfig.for_model(model_type, **variant), variant
+        except _config_errors() as exc:
+            error = exc
+    raise error
+
+
+def derive(model_type: str) -> dict:
+    """A generated arch entry for ``model_type``: its tiny config and attention names, or ``skip`` with why."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    entry = {"name": model_type, "model_type": model_type, "discovered": True}
+    if not has_causal_lm(model_type):
+        return {**entry, "skip": "no causal-LM head (not in AutoModelForCausalLM): its experts are not run here"}
+    overrides = {}
+    try:
+        defaults = AutoConfig.for_model(model_type).to_dict()
+        config, overrides = build_tiny_config(model_type, defaults)
+        with torch.device("meta"):  # sized first: a dimension the rules missed must not fill the memory
+            model = AutoModelForCausalLM.from_config(config)
+        params = sum(p.numel() for p in model.parameters())
+        if params > MAX_PARAMS:
+            big = max(model.named_parameters(), key=lambda kv: kv[1].numel())
+            return {**entry, "skip": f"tiny config still has {params:,} parameters (largest: {big[0]} "
+                                     f"{tuple(big[1].shape)})", "config": overrides}
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config)  # builds on the CPU too (some inits fail only there)
+    except _config_errors() as exc:
+        # an arch whose tiny config this generic derivation cannot satisfy: a row with the reason
+        return {**entry, "skip": f"tiny config does not build: {type(exc).__name__}: {str(exc)[:200]}",
+                "config": overrides}
+    return {**entry, "attention": attention_projections(model), "config": overrides, "params": params}
+
+
+def discover() -> list[dict]:
+    return [derive(model_type) for model_type in moe_model_types()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--only", default="", help="comma-separated model types (default: every MoE type)")
+    args = parser.parse_args(argv)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    only = [m for m in args.only.split(",") if m]
+    entries = [derive(m) for m in only] if only else discover()
+    doc = {"transformers": transformers.__version__, "archs": entries}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
+    tmp.replace(args.out)
+    print(f"{len(entries)} MoE model types, {sum('skip' not in e for e in entries)} with a tiny model")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
