@@ -85,6 +85,44 @@ def inject_quantized_expert_params(tuner, peft_config, model, adapter_name, low_
     return injected
 
 
+class LoraTargetDropped(ValueError):
+    """A ``target_parameters`` entry matched a tensor of the model and peft attached no LoRA to it."""
+
+
+def _tensor_names(module) -> list[str]:
+    """Direct parameters and parametrized tensors (e.g. 4-bit experts, whose parameter moved under
+    ``parametrizations``) of one module."""
+    names = [n for n, p in module._parameters.items() if p is not None]
+    return names + list(getattr(module, "parametrizations", {}) or {})
+
+
+def dropped_lora_targets(model, peft_config, adapter_name: str) -> list[str]:
+    """Keys of the tensors that match ``peft_config.target_parameters`` but carry no LoRA for ``adapter_name``.
+
+    peft skips some matches without a word (tensors it sees through other parametrizations, names its branches do
+    not match); a run that trains "all experts" while one projection has no adapter is a silent partial result.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    targets = sorted(set(getattr(peft_config, "target_parameters", None) or ()))
+    if not targets:
+        return []
+    wanted = {t.rsplit(".", 1)[-1] for t in targets}
+    dropped = []
+    for name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer) or ".lora_" in f".{name}":
+            continue
+        path = _strip_base_layer(name)
+        for param_name in _tensor_names(module):
+            key = f"{path}.{param_name}"
+            if param_name not in wanted or not _matches(key, targets):
+                continue
+            wrapper = _find_wrapper(model.get_submodule(path), param_name) if path else None
+            if wrapper is None or adapter_name not in getattr(wrapper, "lora_A", {}):
+                dropped.append(key)
+    return dropped
+
+
 def needs_4bit_expert_lora() -> str | None:
     """Why LoRA on 4-bit fused experts cannot arise here, or None when it can: the shared need check of the
     patches that adapt, merge into and speed up LoRA on shim-quantized experts."""
@@ -112,6 +150,12 @@ def _install():
     def _inject_parameters(self, peft_config, model, adapter_name, low_cpu_mem_usage, *args, **kwargs):
         ours = inject_quantized_expert_params(self, peft_config, model, adapter_name, low_cpu_mem_usage)
         result = original_inject(self, peft_config, model, adapter_name, low_cpu_mem_usage, *args, **kwargs)
+        dropped = dropped_lora_targets(model, peft_config, adapter_name)
+        if dropped:
+            raise LoraTargetDropped(
+                f"target_parameters {sorted(set(getattr(peft_config, 'target_parameters', ())))} match "
+                f"{len(dropped)} tensor(s) to which peft attached no LoRA adapter {adapter_name!r}: {dropped[:6]}"
+                + (" ..." if len(dropped) > 6 else ""))
         if isinstance(result, list):  # peft >= 0.20 returns the names
             return ours + result
         self.targeted_parameter_names.extend(ours)  # older peft records them on the tuner
@@ -151,7 +195,8 @@ def _install():
 PATCHES: tuple = (
     Patch(
         name="peft_quantized_experts",
-        summary="peft target_parameters LoRA attaches to, trains on and cleans up after 4-bit parametrized experts",
+        summary="peft target_parameters LoRA attaches to, trains on and cleans up after 4-bit parametrized experts; "
+                "a target_parameters match that gets no LoRA is an error, not a silent drop",
         targets=(
             Target("peft.tuners.tuners_utils", "BaseTuner._inject_parameters",
                    ("peft_config", "model", "adapter_name", "low_cpu_mem_usage")),

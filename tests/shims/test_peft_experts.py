@@ -85,3 +85,41 @@ def test_without_the_patch_peft_attaches_no_expert_lora(q4_checkpoint):
         assert _expert_wrappers(pq) == []
     finally:
         shims.restore()
+
+
+@pytest.mark.parametrize("quantized", [True, False], ids=["4bit", "float"])
+def test_a_target_parameter_peft_skips_is_an_error_naming_it(quantized, q4_checkpoint, q4_shims, monkeypatch):
+    """peft has skipped matching expert tensors without a word; with the shims that is an error naming them."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.model import LoraModel
+    from transformers import AutoModelForCausalLM
+
+    from shims.peft_experts import LoraTargetDropped
+
+    q4_requires_fused()
+    path = q4_checkpoint("qwen3_moe")
+    model = q4_load(path) if quantized else AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    original = LoraModel._create_and_replace
+
+    def skip_down_proj(self, *args, **kwargs):
+        if kwargs.get("parameter_name") == "down_proj":
+            return None  # the silent drop
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LoraModel, "_create_and_replace", skip_down_proj)
+    config = LoraConfig(r=2, target_modules=["q_proj"],
+                        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    with pytest.raises(LoraTargetDropped, match=r"layers\.0\.mlp\.experts\.down_proj"):
+        get_peft_model(model, config)
+
+
+def test_every_matched_target_parameter_gets_lora(q4_checkpoint, q4_shims):
+    from peft import LoraConfig, get_peft_model
+
+    from shims.peft_experts import dropped_lora_targets
+
+    q4_requires_fused()
+    pm = get_peft_model(q4_load(q4_checkpoint("mixtral")), LoraConfig(
+        r=2, target_modules=["q_proj"], target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    assert dropped_lora_targets(pm.base_model.model, pm.peft_config["default"], "default") == []
