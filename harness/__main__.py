@@ -54,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     rc.add_argument("--results", type=Path, required=True)
     rc.add_argument("--work", type=Path, default=REPO / ".cache" / "e2e")
     rc.add_argument("options", nargs=argparse.REMAINDER, help="--arch/--quant/--mode/--device as for nox -s e2e")
+    ar = sub.add_parser("archs", help="discover every MoE arch of an interpreter's transformers, run it shims off "
+                                      "and on, write reports/ARCHS.md")
+    ar.add_argument("--python", required=True, help="interpreter of the archs cell (torch/transformers/peft/trl)")
+    ar.add_argument("--only", default="", help="comma-separated discovered archs to run (default: all)")
+    ar.add_argument("--out-dir", type=Path, default=REPO / "reports" / "archs")
+    ar.add_argument("--work", type=Path, default=REPO / ".cache" / "e2e" / "archs")
     args = parser.parse_args(argv)
     results = getattr(args, "results", None) or [REPO / "reports" / "results"]
     try:
@@ -90,6 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             for path in run_modes(cell, opts.mode, args.python, matrix.on_device(opts.device), args.results,
                                   args.work, opts.arch, opts.quant):
                 print(f"wrote {path}")
+        elif args.command == "archs":
+            from . import archs as archs_mod
+
+            matrix = load_matrix()
+            only = [a for a in args.only.split(",") if a] or None
+            print(f"wrote {archs_mod.run(matrix.archs_cell(), args.python, matrix, args.out_dir, args.work, only)}")
         elif args.command == "list":
             m = load_matrix()
             print(json.dumps({"lanes": [c.as_dict() for c in m.lanes], "archs": list(m.archs),
