@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
+from contextlib import contextmanager
 from functools import wraps
 
 from .bnb_config import is_bnb_4bit
@@ -273,6 +274,25 @@ def _is_load_only(conversion) -> bool:
     return any(getattr(op, "hf_quantizer", None) is not None for op in getattr(conversion, "operations", ()) or ())
 
 
+@contextmanager
+def load_only_converters_left_out(model):
+    """While reverting ``model``'s weight conversions for saving, leave out its load-only converters.
+
+    A model loaded from a pre-quantized checkpoint remembers the quantizer's load-only converters (bnb's
+    Bnb4bitDeserialize, ours) in ``model._weight_conversions``; they have no reverse_op, so saving (or exporting a
+    merged copy) raised NotImplementedError. Their tensors are either already in serialized form (4-bit ones) or
+    float tensors that the model's own converters revert, so the reversal needs none of them.
+    """
+    conversions = getattr(model, "_weight_conversions", None)
+    if conversions:
+        model._weight_conversions = [c for c in conversions if not _is_load_only(c)]
+    try:
+        yield
+    finally:
+        if conversions:
+            model._weight_conversions = conversions
+
+
 def _install():
     import transformers.core_model_loading as cml
     import transformers.modeling_utils as mu
@@ -282,7 +302,7 @@ def _install():
     set_signature = inspect.signature(original_set)
     original_conversions = Bnb4BitHfQuantizer.get_weight_conversions
     original_state_dict = Bnb4BitHfQuantizer.get_state_dict_and_metadata
-    original_revert = mu.revert_weight_conversion
+    original_revert = cml.revert_weight_conversion
 
     @wraps(original_set)
     def set_param_for_module(model, target_name, param_value, *args, **kwargs):
@@ -300,23 +320,16 @@ def _install():
         return expert_weight_converters(self) + list(upstream)
 
     @wraps(original_revert)
+    def revert_without_load_only(model, state_dict, *args, **kwargs):
+        with load_only_converters_left_out(model):
+            return original_revert(model, state_dict, *args, **kwargs)
+
+    @wraps(original_revert)
     def revert_weight_conversion(model, state_dict, *args, **kwargs):
         owned = {f"{prefix}{name}": None for prefix, _, name, _ in _quantized_tensors(model)}
-        if not owned:
-            return original_revert(model, state_dict, *args, **kwargs)
         kept = {k: state_dict[k] for k in list(state_dict) if _is_quantized_expert_key(k, owned)}
         rest = {k: v for k, v in state_dict.items() if k not in kept}
-        # A model loaded from a pre-quantized checkpoint remembers the quantizer's load-only converters (bnb's
-        # Bnb4bitDeserialize has no reverse_op: re-saving raised NotImplementedError). Their tensors are already in
-        # serialized form in the state dict, so saving needs no reversal: leave them out for this call.
-        conversions = getattr(model, "_weight_conversions", None)
-        if conversions:
-            model._weight_conversions = [c for c in conversions if not _is_load_only(c)]
-        try:
-            result = original_revert(model, rest, *args, **kwargs)
-        finally:
-            if conversions:
-                model._weight_conversions = conversions
+        result = revert_without_load_only(model, rest, *args, **kwargs)
         result.update(kept)
         return result
 
@@ -325,6 +338,9 @@ def _install():
         swap_attr(Bnb4BitHfQuantizer, "get_weight_conversions", get_weight_conversions),
         swap_attr(Bnb4BitHfQuantizer, "get_state_dict_and_metadata", saving_quantized_experts(original_state_dict)),
         swap_attr(mu, "revert_weight_conversion", revert_weight_conversion),
+        # Other callers (shims.export writes merged float shards through it) only need the load-only converters
+        # left out; their float expert tensors are reverted to the per-expert on-disk layout as usual.
+        swap_attr(cml, "revert_weight_conversion", revert_without_load_only),
     ])
 
 
@@ -336,6 +352,7 @@ _TARGETS = (
     Target("transformers.quantizers.quantizer_bnb_4bit", "Bnb4BitHfQuantizer.get_weight_conversions"),
     Target("transformers.quantizers.quantizer_bnb_4bit", "Bnb4BitHfQuantizer.get_state_dict_and_metadata", ("model",)),
     Target("transformers.modeling_utils", "revert_weight_conversion", ("model", "state_dict")),
+    Target("transformers.core_model_loading", "revert_weight_conversion", ("model", "state_dict")),
     Target("bitsandbytes.functional", "QuantState.from_dict", ("qs_dict", "device")),
     Target("bitsandbytes.functional", "QuantState.as_dict", ("packed",)),
 )

@@ -72,6 +72,33 @@ def _missing_state_error(tensor_path: str, value):
         "but the model's quantization_config says it is not pre-quantized; refusing to load packed bytes as weights")
 
 
+def fused_checkpoint_error(model, param_name: str):
+    """The error for a fused 4-bit expert key (written by transformers 5.x + shims) whose model here keeps per-expert
+    ``nn.Linear`` experts (a ModuleList: qwen3_moe, mixtral ... on 4.x); None for any other key.
+
+    Upstream 4.x would otherwise fail with ``KeyError: '...mlp.experts.weight'`` deep in bitsandbytes' quantizer.
+    """
+    import torch
+
+    tensor_path, _ = split_stat_key(param_name)
+    module_path, _, name = tensor_path.rpartition(".")
+    if name not in storage.EXPERT_WEIGHT_NAMES:
+        return None
+    try:
+        module = model.get_submodule(module_path)
+    except AttributeError:
+        return None
+    if not isinstance(module, torch.nn.ModuleList):
+        return None
+    import transformers
+
+    return ExpertQuantError(
+        f"{tensor_path}: the checkpoint stores fused 4-bit experts (as transformers 5.x with moe-shims saves them), "
+        f"but transformers {transformers.__version__} builds {module_path} as per-expert nn.Linear modules and cannot "
+        "load that layout. Load it with transformers >= 5 and shims.apply(), or export a float checkpoint "
+        "(shims.save_merged) for transformers 4.x")
+
+
 def install_pending(hf_quantizer, model) -> int:
     """Install the pre-quantized expert tensors collected while loading; returns how many."""
     pending = hf_quantizer.__dict__.pop(_PENDING_ATTR, {})
@@ -117,6 +144,9 @@ def _install():
     def create_quantized_param(self, model, param_value, param_name, target_device, *args, **kwargs):
         found = expert_tensor_of(self, model, param_name)
         if found is None:
+            error = fused_checkpoint_error(model, param_name) if self.pre_quantized else None
+            if error is not None:
+                raise error
             return original_create(self, model, param_value, param_name, target_device, *args, **kwargs)
         module_path, module, name, stat = found
         # Packed data is 2D (n, 1) whatever its storage dtype (a float quant_storage too); float weights are 3D.
