@@ -5,8 +5,9 @@ module defines an experts class (``class ...Experts...(``), read from the librar
 list. Each one with a causal-LM head gets a tiny config derived from its config class's defaults: small dims, two
 layers, four experts, two per token, ``initializer_range=0.2`` so a wrong expert shows, and an expert width of 24
 against a hidden size of 64 (2 x 24 != 64, so a layout mistake cannot hide). Only attributes the defaults already
-carry are changed. The model is then built once on the meta device-free CPU to check the config and to read, by
-structure, its attention projections and expert tensors; whatever fails says why in its row.
+carry are changed. The model is then sized on the meta device, built on the CPU and run forward once, and its
+attention projections are read from its structure; where that fails, other variants of the tiny sizes are tried,
+and whatever still fails says why in its row.
 
 The output is the list of generated arch entries (the shape of ``[arch.*]`` in harness/matrix.toml, plus
 ``skip`` with a reason where no tiny model could be built).
@@ -135,52 +136,62 @@ def _config_errors() -> tuple:
     return tuple(errors)
 
 
-# Constraints some archs' validators impose on the tiny sizes, tried in turn when the first config is refused.
+# Constraints some archs impose on the tiny sizes (config validators, or shapes that only clash in the forward),
+# tried in turn when a variant is refused.
 RETRIES = ({"num_key_value_heads": 4}, {"num_key_value_heads": 4, "head_dim": 16, "qk_rope_head_dim": 16,
                                         "qk_nope_head_dim": 16})
+# leaf names peft's transformers-5 MoE remap reads as expert projections: not LoRA targets among attention layers
+EXPERT_PROJECTION_NAMES = {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"}
 
 
-def build_tiny_config(model_type: str, defaults: dict):
-    """(config, overrides) for the first variant of the tiny overrides that the config class accepts."""
-    from transformers import AutoConfig
-
+def variants(defaults: dict) -> list[dict]:
     overrides = tiny_overrides(defaults)
-    variants = [overrides] + [{**overrides, **{k: v for k, v in fix.items() if k in defaults}} for fix in RETRIES]
-    error = None
-    for variant in variants:
-        try:
-            return AutoConfig.for_model(model_type, **variant), variant
-        except _config_errors() as exc:
-            error = exc
-    raise error
+    return [overrides] + [{**overrides, **{k: v for k, v in fix.items() if k in defaults}} for fix in RETRIES]
+
+
+def try_variant(model_type: str, overrides: dict):
+    """(model, params) built from ``overrides`` after one forward pass, or ``(None, params)`` when too large."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, **overrides)
+    with torch.device("meta"):  # sized first: a dimension the rules missed must not fill the memory
+        meta = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in meta.parameters())
+    if params > MAX_PARAMS:
+        big = max(meta.named_parameters(), key=lambda kv: kv[1].numel())
+        return None, f"tiny config still has {params:,} parameters (largest: {big[0]} {tuple(big[1].shape)})"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # some shape clashes only show in the forward
+        model(input_ids=torch.randint(0, TINY["vocab_size"], (2, 8)), use_cache=False)
+    return model, params
 
 
 def derive(model_type: str) -> dict:
     """A generated arch entry for ``model_type``: its tiny config and attention names, or ``skip`` with why."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     entry = {"name": model_type, "model_type": model_type, "discovered": True}
     if not has_causal_lm(model_type):
         return {**entry, "skip": "no causal-LM head (not in AutoModelForCausalLM): its experts are not run here"}
-    overrides = {}
     try:
         defaults = AutoConfig.for_model(model_type).to_dict()
-        config, overrides = build_tiny_config(model_type, defaults)
-        with torch.device("meta"):  # sized first: a dimension the rules missed must not fill the memory
-            model = AutoModelForCausalLM.from_config(config)
-        params = sum(p.numel() for p in model.parameters())
-        if params > MAX_PARAMS:
-            big = max(model.named_parameters(), key=lambda kv: kv[1].numel())
-            return {**entry, "skip": f"tiny config still has {params:,} parameters (largest: {big[0]} "
-                                     f"{tuple(big[1].shape)})", "config": overrides}
-        torch.manual_seed(0)
-        AutoModelForCausalLM.from_config(config)  # builds on the CPU too (some inits fail only there)
     except _config_errors() as exc:
-        # an arch whose tiny config this generic derivation cannot satisfy: a row with the reason
-        return {**entry, "skip": f"tiny config does not build: {type(exc).__name__}: {str(exc)[:200]}",
-                "config": overrides}
-    return {**entry, "attention": attention_projections(model), "config": overrides, "params": params}
+        return {**entry, "skip": f"default config does not build: {type(exc).__name__}: {str(exc)[:200]}"}
+    error, overrides = None, {}
+    for overrides in variants(defaults):
+        try:
+            model, params = try_variant(model_type, overrides)
+        except _config_errors() as exc:
+            error = exc  # an arch whose tiny config this generic derivation cannot satisfy: the row says why
+            continue
+        if model is None:
+            return {**entry, "skip": params, "config": overrides}
+        attention = [n for n in attention_projections(model) if n not in EXPERT_PROJECTION_NAMES]
+        return {**entry, "attention": attention, "config": overrides, "params": params}
+    return {**entry, "skip": f"tiny config does not build: {type(error).__name__}: {str(error)[:200]}",
+            "config": overrides}
 
 
 def discover() -> list[dict]:

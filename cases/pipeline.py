@@ -282,8 +282,10 @@ class Case:
                 norms.append(measure.grad_norm(expert_lora.values()))
 
         recipe_args = {}
+        if not getattr(self.model.base_model.model, "supports_gradient_checkpointing", True):
+            recipe_args["gradient_checkpointing"] = False  # trl >= 1.0 turns it on by default; the model refuses it
         if self.spec.recipe is not None:
-            recipe_args = recipe_trainer_args(self.spec.recipe, measure.device_of(self.model))
+            recipe_args.update(recipe_trainer_args(self.spec.recipe, measure.device_of(self.model)))
             self.metrics.update(optim_requested=recipe_args.pop("optim_requested"),
                                 optim_fallbacks=recipe_args.pop("optim_fallbacks"), optim=recipe_args["optim"])
         trainer = _sft_trainer(self.model, self.tokenizer, Dataset.from_dict({"text": tiny.training_texts()}),
@@ -350,9 +352,13 @@ class Case:
             samples = measure.greedy(reloaded, self.tokenizer, tiny.prompts(self.spec.run["prompts"]),
                                      self.spec.run["new_tokens"])
             self.metrics["samples_export_fp32"] = measure.agreement(self.reference_samples, samples)
+            from shims.export import kept_float32
+
+            keep = kept_float32(reloaded, torch.bfloat16)  # tensors the bf16 export keeps in float32
             with torch.no_grad():
-                for p in reloaded.parameters():
-                    p.copy_(p.to(torch.bfloat16).to(p.dtype))
+                for name, p in reloaded.named_parameters():
+                    if not (keep and keep.search(name)):
+                        p.copy_(p.to(torch.bfloat16).to(p.dtype))
             self.rounded_export_logits = measure.logits(reloaded, self.batch)
             # the bf16 rounding of W + delta alone (computed in fp32): one of the two noises of a 16-bit export
             self.metrics["kl_export_rounded"] = measure.kl(self.reference, self.rounded_export_logits,

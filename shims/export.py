@@ -160,7 +160,7 @@ def _base_value(owner, name, raw):
     return raw.detach()
 
 
-def _kept_float32(base, dtype):
+def kept_float32(base, dtype):
     """A regex over state-dict keys of the tensors the model keeps in float32 in a ``dtype`` model, or None.
 
     transformers keeps ``_keep_in_fp32_modules_strict`` (e.g. glm4_moe's ``gate.weight`` router) in float32 in
@@ -244,7 +244,7 @@ def _write_shards(base, plan: _Plan, tmp: Path, dtype, limit: int) -> dict:
 
     import torch
 
-    keep = _kept_float32(base, dtype)
+    keep = kept_float32(base, dtype)
     for key in plan.sources:
         value = _merged_value(key, plan, torch.float32 if keep and keep.search(key) else dtype, counts)
         nbytes = value.numel() * value.element_size()
