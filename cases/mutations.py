@@ -44,6 +44,14 @@ def _quantize_noop() -> None:
     storage.quantize_expert_param = lambda *args, **kwargs: None
 
 
+def _expert_family_skipped() -> None:
+    """Structure detection forgets one family of expert tensor names (down_proj): those stacks stay float while
+    the rest of the module is 4-bit, the partial load the shims must never produce silently."""
+    from shims import storage  # read at call time by the structure walk and the loaders
+
+    storage.EXPERT_WEIGHT_NAMES = tuple(n for n in storage.EXPERT_WEIGHT_NAMES if n != "down_proj")
+
+
 def _skip(patch_name: str):
     def mutate() -> None:
         import shims
@@ -58,6 +66,7 @@ def _skip(patch_name: str):
 MUTATIONS = {
     "export_contiguous_lora_b": _export_contiguous_lora_b,
     "quantize_noop": _quantize_noop,
+    "expert_family_skipped": _expert_family_skipped,
 }
 
 
