@@ -60,4 +60,12 @@ def convert_adapter(src_dir, dst_dir, to, **kwargs):
     return _convert_adapter(src_dir, dst_dir, to=to, **kwargs)
 
 
-__all__ = ["__version__", "apply", "restore", "status", "save_merged", "convert_adapter"]
+def check_adapter(adapter_dir, engine, **kwargs):
+    """Whether an engine (vllm / sglang / transformers) reads an adapter's expert LoRA layout, and the conversion that
+    fixes it; see shims.engine_check.check_adapter."""
+    from .engine_check import check_adapter as _check_adapter
+
+    return _check_adapter(adapter_dir, engine, **kwargs)
+
+
+__all__ = ["__version__", "apply", "restore", "status", "save_merged", "convert_adapter", "check_adapter"]

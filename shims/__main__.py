@@ -27,21 +27,57 @@ def _parser() -> argparse.ArgumentParser:
                       help="base model folder, config.json or hub id in the local HF cache (default: the adapter's "
                            "base_model_name_or_path; needed for per_expert, peft 0.18 adapters and square dims)")
     conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    check = sub.add_parser("check-adapter", help="does an engine read this adapter's expert LoRA layout? exit 0 "
+                                                 "yes, 1 a conversion is needed (printed), 2 bad input")
+    check.add_argument("adapter", help="saved peft adapter folder")
+    check.add_argument("--engine", required=True, choices=("vllm", "sglang", "transformers"))
+    check.add_argument("--base-config", default=None,
+                       help="base model folder, config.json or hub id in the local HF cache (default: the "
+                            "adapter's base_model_name_or_path)")
+    check.add_argument("--transformers-version", default=None, help="--engine transformers: default installed")
+    check.add_argument("--peft-version", default=None, help="--engine transformers: default installed")
+    check.add_argument("--json", action="store_true", help="print the verdict as JSON")
     return parser
 
 
-def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    from .adapter_convert import AmbiguousLayoutError, convert_adapter
+_BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)  # AmbiguousLayoutError is a ValueError
+
+
+def _convert(args) -> int:
+    from .adapter_convert import convert_adapter
 
     try:
         record = convert_adapter(args.src, args.dst, to=args.to, base_config=args.base_config,
                                  layout=args.layout, overwrite=args.overwrite)
-    except (AmbiguousLayoutError, ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as exc:
+    except _BAD_INPUT as exc:
         print(f"moe-shims convert-adapter: error: {exc}", file=sys.stderr)
         return 2
     print(json.dumps(record, sort_keys=True))
     return 0
+
+
+def _check(args) -> int:
+    from .engine_check import check_adapter
+
+    try:
+        verdict = check_adapter(args.adapter, args.engine, base_config=args.base_config,
+                                transformers_version=args.transformers_version, peft_version=args.peft_version)
+    except _BAD_INPUT as exc:
+        print(f"moe-shims check-adapter: error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(verdict.as_dict(), sort_keys=True))
+    else:
+        print(f"{verdict.engine}: {'compatible' if verdict.compatible else 'NOT compatible'}: {verdict.reason}")
+        if not verdict.compatible:
+            print(f"fix: {verdict.conversion}" if verdict.conversion else "fix: no conversion can make it readable")
+        print(f"(rules: {verdict.source})")
+    return verdict.exit_code
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    return _check(args) if args.command == "check-adapter" else _convert(args)
 
 
 if __name__ == "__main__":
