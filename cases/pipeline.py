@@ -31,6 +31,8 @@ STAGES: dict[str, tuple[str, ...]] = {
     "foreign_adapters": ("build",),
     "all_linear": ("build",),
     "prequantized": ("build",),
+    "prequantized_v4": ("build",),
+    "rl_cycles": ("build",),
 }
 
 
@@ -41,7 +43,7 @@ def stage_order(shims_on: bool) -> list[str]:
     else:
         middle = ["merge", "export"]
     return ["build", "load", "lora", "gc_grads", "train", "save_adapter", *middle, "export_reload", "adapter_reload",
-            "foreign_adapters", "all_linear", "prequantized"]
+            "foreign_adapters", "all_linear", "prequantized", "prequantized_v4", "rl_cycles"]
 
 
 def needs(stage: str, shims_on: bool) -> tuple[str, ...]:
@@ -464,6 +466,69 @@ class Case:
         self.metrics["prequantized_expert_tensors"] = storage["expert_tensors"]
         self.metrics.update({f"prequantized_routers_{k}": v for k, v in self._router_storage(reloaded).items()})
         self.metrics["prequantized_max_abs"] = float((measure.logits(reloaded, self.batch) - before).abs().max())
+        if self._publishes_prequantized(model):
+            portable.publish_prequantized(Path(self.spec.store_dir), self.spec.arch, self.spec.quant, dest,
+                                          before, self.batch)
+
+    def _publishes_prequantized(self, model) -> bool:
+        """transformers 4.x checkpoints as users download them: the native load's per-expert Linear4bit; where
+        4.x fuses the experts itself (gpt_oss), only the shims store them 4-bit, so that run publishes."""
+        from shims.loader_generation import transformers_loader
+        from shims.storage import iter_expert_modules
+
+        if not self.spec.store_dir or self.spec.quant != "nf4" or transformers_loader() != "v4":
+            return False
+        fused = any(True for _ in iter_expert_modules(model))
+        return self.spec.shims_on == fused
+
+    def prequantized_v4(self) -> None:
+        """Load the 4-bit checkpoints transformers 4.x cells published (per-expert Linear4bit experts) and
+        reproduce the logits 4.x computed on them; the experts must arrive 4-bit."""
+        if not self.spec.four_bit or not self.spec.store_dir:
+            raise portable.NothingToDo("checked on 4-bit cases with an artifact store")
+        entries = portable.prequantized_entries(Path(self.spec.store_dir), self.spec.arch, self.spec.quant)
+        if not entries:
+            raise portable.NothingToDo("no transformers 4.x pre-quantized checkpoint published for this case "
+                                       "(4.x cells publish them; this cell is 4.x, or none ran before it)")
+        from transformers import AutoModelForCausalLM
+
+        outcomes = []
+        for entry in entries:
+            ref = torch.load(entry / "reference.pt")
+            model = self._from_pretrained(AutoModelForCausalLM, entry / "checkpoint", self._dtype(),
+                                          **_placement(self.spec.run))
+            measure.keep_bnb_compute_dtype(model)
+            storage = self._expert_storage(model)
+            out = measure.logits(model, {"input_ids": ref["input_ids"], "attention_mask": ref["attention_mask"]})
+            outcomes.append({"from": entry.name, "max_abs": float((out - ref["logits"]).abs().max()),
+                             "experts_quantized": storage["quantized"], "expert_tensors": storage["expert_tensors"]})
+        self.metrics.update(
+            prequantized_v4=outcomes, prequantized_v4_total=len(outcomes),
+            prequantized_v4_max_abs=max(o["max_abs"] for o in outcomes),
+            prequantized_v4_experts_4bit=all(o["expert_tensors"] > 0 and o["experts_quantized"] == o["expert_tensors"]
+                                             for o in outcomes))
+
+    def rl_cycles(self) -> None:
+        """RL-style merge_adapter -> forward -> unmerge_adapter cycles with a LoRA step between (trl's online
+        trainers), on the shims' 4-bit experts: the stored experts after every unmerge, the merged logits' drift."""
+        if not self.spec.shims_on or not self.spec.four_bit:
+            raise portable.NothingToDo("measured on the shims' 4-bit experts (shims on, 4-bit cases)")
+        from peft import LoraConfig, get_peft_model
+
+        from shims.merge_cycles import cycle_drift
+
+        base = self._load_base(self.model_dir)
+        targets = expert_targets(base)
+        if not targets["parameters"]:
+            raise portable.NothingToDo("no fused expert tensors (transformers 4.x per-expert Linear4bit: peft's own "
+                                       "Linear4bit merge, not the shims')")
+        torch.manual_seed(0)
+        model = get_peft_model(base, LoraConfig(r=self.spec.lora_rank, lora_alpha=self.spec.run["lora_alpha"],
+                                                target_modules=[], target_parameters=targets["parameters"],
+                                                init_lora_weights=False))
+        drift = cycle_drift(model, steps=int(self.spec.run.get("rl_cycles", 200)),
+                            input_ids=self.batch["input_ids"][:2].to(measure.device_of(model)))
+        self.metrics.update({f"rl_{k}": v for k, v in drift.items()})
 
 
 def _expert_weights(model) -> dict[str, torch.Tensor]:

@@ -49,6 +49,35 @@ def publish(store: Path, arch: str, quant: str, adapter_dir: Path, base_dir: Pat
     return target
 
 
+PREQUANTIZED = "prequantized"  # store subfolder: 4-bit checkpoints that transformers 4.x wrote
+
+
+def publish_prequantized(store: Path, arch: str, quant: str, checkpoint: Path, logits, batch) -> Path:
+    """A transformers 4.x pre-quantized checkpoint and its logits, for 5.x cells to load (atomic, like adapters)."""
+    versions = _versions()
+    target = store / PREQUANTIZED / f"{arch}-{quant}" / _entry_name(versions)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    shutil.copytree(checkpoint, tmp / "checkpoint")
+    torch.save({"logits": logits.cpu(), "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+               tmp / "reference.pt")
+    (tmp / "meta.json").write_text(json.dumps({**versions, "arch": arch, "quant": quant}))
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+    return target
+
+
+def prequantized_entries(store: Path, arch: str, quant: str) -> list[Path]:
+    """Pre-quantized checkpoints of this arch that transformers 4.x published, for a 5.x cell (none on 4.x)."""
+    if _major(_versions()["transformers"]) < 5:
+        return []
+    folder = store / PREQUANTIZED / f"{arch}-{quant}"
+    if not folder.is_dir():
+        return []
+    return [e for e in sorted(folder.iterdir()) if not e.name.startswith(".") and (e / "meta.json").exists()]
+
+
 def foreign_entries(store: Path, arch: str, quant: str) -> list[Path]:
     """Published entries of other (transformers, peft) pairs that this transformers can load.
 

@@ -89,6 +89,11 @@ def case_rows(docs: list[dict]) -> pd.DataFrame:
                 "kl_export_fp32": _fmt(m.get("kl_export_fp32")),
                 "foreign": (f"{m['foreign_ok']}/{m['foreign_total']}" if "foreign_total" in m else ""),
                 "kl_adapter": _fmt(m.get("kl_adapter")),
+                "prequant_4x": (f"{_fmt(m.get('prequantized_v4_max_abs'))}"
+                                + (" 4-bit" if m.get("prequantized_v4_experts_4bit") else " float")
+                                if "prequantized_v4_max_abs" in m else ""),
+                "rl_cycles": (f"{m.get('rl_cycles')}x: drift {m.get('rl_max_unmerge_byte_diff')} B, "
+                              f"KL<={_fmt(m.get('rl_max_merged_kl'))}" if "rl_cycles" in m else ""),
                 "gc_grads": (f"{_fmt(m.get('gc_grad_max_abs'))} ({m.get('gc_layer_calls')}x)"
                              if "gc_grad_max_abs" in m else ""),
                 "optim": (f"{m.get('optim')} {m.get('optim_state_8bit')}/{m.get('optim_state_eligible')} 8-bit"
@@ -273,7 +278,7 @@ def _header(docs: list[dict]) -> list[str]:
 def _details(df: pd.DataFrame) -> str:
     cols = ["transformers", "peft", "trl", "arch", "quant", "shims", "machine", "device", "loss", "grad_norm",
             "expert_grad", "experts_4bit", "routers_4bit", "expert_bytes", "merged", "kl_merged", "kl_export_fp32", "kl_export",
-            "kl_adapter", "gc_grads", "optim", "foreign", "samples", "verdict"]
+            "kl_adapter", "gc_grads", "optim", "prequant_4x", "rl_cycles", "foreign", "samples", "verdict"]
     cols = [c for c in cols if c in df.columns]
     view = df.sort_values(["cell", "arch", "quant", "mode"])[cols].fillna("")
     return view.to_markdown(index=False)

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 KL_ADAPTER_MAX = 1e-5      # reloading the same adapter into the same base must reproduce the logits
-KL_FOREIGN_MAX = 1e-5      # an adapter from another cell, converted where needed, reproduces its publisher's logits
+KL_FOREIGN_MAX = 1e-5
+PREQUANTIZED_V4_MAX_ABS = 1e-5  # a 4.x pre-quantized checkpoint on 5.x: 4.x's logits (fp32 compute), bit-exact storage      # an adapter from another cell, converted where needed, reproduces its publisher's logits
 KL_EXPORT_MAX = 1e-4       # merged export reloaded in fp32: only bf16 rounding of W + delta remains
 KL_EXPORT_FP32_MAX = 1e-6  # the same export in float32: the merge itself must be exact
 KL_MERGED_MAX = 1e-4       # in-place merge into float experts (4-bit merges re-quantize: reported, not bounded)
@@ -262,6 +263,21 @@ RULES: tuple[Rule, ...] = (
          lambda c: _le("kl_foreign_max", KL_FOREIGN_MAX)(c)
          and c.get("metrics", {}).get("foreign_ok") == c.get("metrics", {}).get("foreign_total"),
          metrics=("kl_foreign_max", "foreign_ok", "foreign_total")),
+    Rule("prequantized_v4", f"a 4-bit checkpoint saved by transformers 4.x loads with every expert tensor 4-bit and "
+         f"reproduces 4.x's logits (max |d| <= {PREQUANTIZED_V4_MAX_ABS:g})", _ran("prequantized_v4"),
+         lambda c: bool(c.get("metrics", {}).get("prequantized_v4_experts_4bit"))
+         and _le("prequantized_v4_max_abs", PREQUANTIZED_V4_MAX_ABS)(c),
+         metrics=("prequantized_v4_max_abs", "prequantized_v4_experts_4bit")),
+    # The merged logits' KL (one nf4 re-quantization of W + delta) is reported, not bounded: its size depends on the
+    # model and on how sharp training made the adapter; "nothing accumulates" is what the rule checks exactly.
+    Rule("rl_cycles_exact", "merge/unmerge cycles on 4-bit experts: after every unmerge the stored experts are "
+         "bit-identical to before the first merge, every merge is exactly one fresh quantization of W + delta "
+         "(nothing accumulates), and the adapter trained between cycles", _ran("rl_cycles"),
+         lambda c: (lambda m: m.get("rl_max_unmerge_byte_diff") == 0 and m.get("rl_max_unmerge_absmax_diff") == 0
+                    and m.get("rl_max_merged_byte_diff_vs_fresh") == 0 and bool(m.get("rl_adapter_moved"))
+                    and (m.get("rl_expert_tensors") or 0) > 0)(c.get("metrics", {})),
+         metrics=("rl_max_unmerge_byte_diff", "rl_max_unmerge_absmax_diff", "rl_max_merged_byte_diff_vs_fresh",
+                  "rl_adapter_moved", "rl_expert_tensors")),
     Rule("samples_adapter", "greedy samples after adapter reload match the trained model's",
          _ran("adapter_reload"), _samples("samples_adapter"),
          metrics=("samples_adapter",)),
