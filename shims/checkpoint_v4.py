@@ -88,7 +88,8 @@ def _check_uniform(parts) -> None:
         if math.prod(shape) % first.blocksize:
             raise PerExpertCheckpointError(
                 f"per-expert tensor {tuple(shape)} ({math.prod(shape)} elements) is not whole "
-                f"{first.blocksize}-element 4-bit blocks: a block would straddle two experts, so the fused tensor cannot reuse these bytes")
+                f"{first.blocksize}-element 4-bit blocks: a block would straddle two experts, so the fused tensor "
+                "cannot reuse these bytes")
     trailing = {tuple(part[0][1].shape[1:]) for part in parts}
     if len(trailing) != 1:
         raise PerExpertCheckpointError(f"parts cannot be concatenated along rows: trailing shapes {sorted(trailing)}")

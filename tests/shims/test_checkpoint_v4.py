@@ -159,6 +159,8 @@ def _experts(model, layer):
 
 @pytest.mark.parametrize("case", CASES)
 def test_v457_checkpoint_loads_fused_bit_exact(v457_checkpoints, applied, case):
+    import bitsandbytes as bnb
+
     from shims import storage
     from shims.checkpoint_v4 import describe_prequantized
 
@@ -179,6 +181,8 @@ def test_v457_checkpoint_loads_fused_bit_exact(v457_checkpoints, applied, case):
         assert param is not None and param.quant_state.quant_type == quant_type, key
         assert not param.quant_state.nested  # double-quant absmax is stored un-nested (exact), see checkpoint_v4
         assert torch.equal(getattr(experts, name), want), f"{case} {key}: not 4.57's dequantized weights"
+    attention = model.model.layers[0].self_attn
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in attention.modules())  # 4.57's Linear4bit keys, natively
     router = model.model.layers[0].mlp.gate
     assert (storage.quantized_parametrization(router, "weight") is not None) == (arch in FOUR_BIT_ROUTERS)
     with torch.no_grad():
@@ -249,7 +253,10 @@ def test_v5_shims_checkpoint_on_457_raises_clear_error(tmp_path, applied, q4_che
 
     if not V5:
         pytest.skip("writes a transformers 5.x checkpoint")
+    from shims.checkpoint_v4 import describe_prequantized
+
     q4_load(q4_checkpoint("qwen3_moe")).save_pretrained(tmp_path / "q4")
+    assert describe_prequantized(tmp_path / "q4")["format"] == "5.x shims fused"
     out = _run_457(_LOADER_457, tmp_path / "q4", cwd=tmp_path)
     assert out.startswith("RAISED ExpertQuantError"), out
     assert "fused 4-bit experts" in out and "transformers >= 5" in out, out
