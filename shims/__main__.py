@@ -40,7 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-_BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)  # AmbiguousLayoutError is a ValueError
+# bad input -> exit 2 with the message; AmbiguousLayoutError and PerExpertNotApplicable are ValueErrors
+_BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotImplementedError)
 
 
 def _convert(args) -> int:

@@ -53,7 +53,8 @@ def split_fused_experts(tensors: dict, config: dict, found: dict, base: dict) ->
     model_type = base.get("model_type")
     moe_name, gate, up, down = per_expert_names(model_type)
     dims = ExpertDims.from_config(base)
-    out = {k: v for k, v in tensors.items() if k not in _fused_keys(found)}
+    fused_keys = _fused_keys(found)
+    out = {k: v for k, v in tensors.items() if k not in fused_keys}  # attention etc. copied as they are
     scaling = {}  # per-expert module name -> (rank, alpha) of the fused LoRA it came from
     moe_modules = set()
     for prefix, info in found.items():

@@ -36,8 +36,8 @@ MIXED_LAYOUTS = "mixed_layouts"  # fused expert LoRAs, some standard and some sw
 @dataclass(frozen=True)
 class AdapterCheck:
     """The verdict of :func:`check_adapter`. ``found`` / ``needed``: "per_expert", "standard", "swapped" (fused
-    layouts), "none" (no expert LoRA), "mixed" / "mixed_layouts" (found only); ``needed`` is None when the engine cannot read expert
-    LoRA for this arch at all. ``conversion``: the command that fixes it, or None."""
+    layouts), "none" (no expert LoRA), "mixed" / "mixed_layouts" (found only); ``needed`` is None when the engine
+    cannot read expert LoRA for this arch at all. ``conversion``: the command that fixes it, or None."""
 
     engine: str
     model_type: str | None

@@ -126,7 +126,8 @@ def test_transformers_verdict_follows_the_versions(tmp_path, versions, model_typ
 def test_attention_only_adapter_is_compatible_everywhere(tmp_path, engine):
     from shims.engine_check import check_adapter
 
-    verdict = check_adapter(_adapter(tmp_path, "qwen3_moe", "none"), engine, **(_TF5 if engine == "transformers" else {}))
+    versions = _TF5 if engine == "transformers" else {}
+    verdict = check_adapter(_adapter(tmp_path, "qwen3_moe", "none"), engine, **versions)
     assert verdict.compatible and verdict.found == "none"
 
 

@@ -100,7 +100,7 @@ def test_per_expert_deltas_equal_peft_fused_delta(model_type, tmp_path):
         if not isinstance(wrapper, ParamWrapper):
             continue
         delta = wrapper.get_delta_weight("default")  # (E, 2I, H) or (E, H, I): peft's own convention
-        layer = name.split(".mlp.")[0].replace(".model.layers", ".model.layers")
+        layer = name.split(".mlp.")[0]  # base_model.model.model.layers.N
         for e in range(delta.shape[0]):
             prefix = f"{layer}.{moe}.experts.{e}"
 
@@ -119,19 +119,21 @@ def test_per_expert_deltas_equal_peft_fused_delta(model_type, tmp_path):
     assert attention and all(torch.equal(got[k], v) for k, v in attention.items())  # copied as is
 
 
-def test_swapped_source_gives_the_same_per_expert_adapter(tmp_path):
-    """peft 0.18's swapped layout (made here from the standard one with the exact swap) splits to the same tensors."""
+def test_swapped_and_standard_sources_give_the_same_per_expert_adapter(tmp_path):
+    """The installed peft's layout and the other one (made with the exact swap) split to the same tensors: peft
+    0.19+ writes standard here, 0.18 swapped (both lanes run this)."""
     import torch
 
     import shims
 
     _requires_fused()
     base, adapter, _ = _fused_adapter("qwen3_moe", tmp_path)
-    swapped = tmp_path / "swapped"
-    shims.convert_adapter(adapter, swapped, to="swapped", base_config=base)
     a = shims.convert_adapter(adapter, tmp_path / "a", to="per_expert", base_config=base)
-    b = shims.convert_adapter(swapped, tmp_path / "b", to="per_expert", base_config=base)
-    assert (a["source_layouts"], b["source_layouts"]) == (["standard"], ["swapped"])
+    (own,) = a["source_layouts"]
+    other = "swapped" if own == "standard" else "standard"
+    shims.convert_adapter(adapter, tmp_path / "other", to=other, base_config=base)
+    b = shims.convert_adapter(tmp_path / "other", tmp_path / "b", to="per_expert", base_config=base)
+    assert b["source_layouts"] == [other]
     ta, tb = _tensors(tmp_path / "a"), _tensors(tmp_path / "b")
     assert ta.keys() == tb.keys()
     assert all(torch.equal(ta[k], tb[k]) for k in ta)
