@@ -15,7 +15,9 @@ def _requant(value, like_param):
     packed, state = BF.quantize_4bit(value.to(s.compute_dtype), blocksize=s.blocksize,
                                      compress_statistics=s.compress_statistics, quant_type=s.quant_type,
                                      quant_storage=s.quant_storage)
-    return packed, BF.dequantize_4bit(packed, state)
+    from shims.storage import dequantize_flat  # bitsandbytes' 3D CPU decode is wrong for unaligned last dims
+
+    return packed, dequantize_flat(packed, state)
 
 
 def _pairs(pq, pr):
