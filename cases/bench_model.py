@@ -131,13 +131,13 @@ def _router_bytes(model, shims_on: bool) -> int:
 
         if transformers_loader() == V5:
             return quant_router.router_storage(model)["bytes"]
-    from cases.measure import _quant_state_bytes
+    from cases.measure import quant_state_bytes
 
     total = 0
     for name, module in model.named_modules():
         if name.endswith(".mlp.gate"):
             for p in module.parameters():
-                total += p.numel() * p.element_size() + _quant_state_bytes(getattr(p, "quant_state", None))
+                total += p.numel() * p.element_size() + quant_state_bytes(getattr(p, "quant_state", None))
     return total
 
 

@@ -7,6 +7,9 @@ import resource
 import torch
 import torch.nn.functional as F
 
+# The harness's own idea of an expert tensor and of a QuantState's size, deliberately not imported from shims/: a
+# checker that took them from the code under test would stop seeing a shim that forgets a family of expert names
+# (the expert_family_skipped mutation) or miscounts its bytes.
 EXPERT_PARAM_NAMES = ("gate_up_proj", "down_proj")
 
 
@@ -79,7 +82,7 @@ def is_expert_module(name: str) -> bool:
     return ".experts" in f".{name}" and "shared_expert" not in name
 
 
-def _quant_state_bytes(state) -> int:
+def quant_state_bytes(state) -> int:
     if state is None:
         return 0
     total = 0
@@ -89,7 +92,7 @@ def _quant_state_bytes(state) -> int:
             total += t.numel() * t.element_size()
     nested = getattr(state, "state2", None)
     if nested is not None:
-        total += _quant_state_bytes(nested)
+        total += quant_state_bytes(nested)
     return total
 
 
@@ -112,7 +115,7 @@ def expert_storage(model) -> dict:
                 logical = state.shape.numel() if state is not None else p.numel() * 2
                 tensors += 1
                 quantized += 1
-                nbytes += p.numel() * p.element_size() + _quant_state_bytes(state)
+                nbytes += p.numel() * p.element_size() + quant_state_bytes(state)
                 bf16_bytes += logical * 2
             elif p.dim() >= 2 and p.dtype.is_floating_point and ("lora" not in mod_name):
                 tensors += 1

@@ -52,6 +52,14 @@ def _expert_family_skipped() -> None:
     storage.EXPERT_WEIGHT_NAMES = tuple(n for n in storage.EXPERT_WEIGHT_NAMES if n != "down_proj")
 
 
+def _recipe_dtype_uncast() -> None:
+    """Modules holding shim 4-bit tensors no longer cast float32 hidden states to their compute dtype: the QLoRA
+    recipe's first step fails in a 4-bit router (the bug of shims 0.3.0)."""
+    from shims import forward
+
+    forward._cast_input = lambda args, kwargs, dtype: (args, kwargs, None)
+
+
 def _skip(patch_name: str):
     def mutate() -> None:
         import shims
@@ -67,6 +75,7 @@ MUTATIONS = {
     "export_contiguous_lora_b": _export_contiguous_lora_b,
     "quantize_noop": _quantize_noop,
     "expert_family_skipped": _expert_family_skipped,
+    "recipe_dtype_uncast": _recipe_dtype_uncast,
 }
 
 
