@@ -12,6 +12,7 @@ resident set (now / peak), less what it held before loading.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -20,7 +21,9 @@ import sys
 import time
 from pathlib import Path
 
-CONFIGS = ("shims-nf4", "shims-nf4-peft-path", "bf16", "native-nf4")
+CONFIGS = ("shims-nf4", "shims-nf4-peft-path", "bf16", "native-nf4", "shims-nf4-recipe", "native-nf4-recipe")
+# -recipe: the QLoRA recipe (double quant, prepare_model_for_kbit_training with gradient checkpointing, bitsandbytes'
+# paged 8-bit AdamW where it runs on the device, bf16 autocast), next to the plain rows
 
 
 def parse_args(argv=None):
@@ -141,6 +144,23 @@ def _router_bytes(model, shims_on: bool) -> int:
     return total
 
 
+def _optimizer(params, recipe: bool, device):
+    """(optimizer, label): AdamW; for the recipe the first bitsandbytes 8-bit AdamW that steps on ``device``."""
+    import torch
+
+    if recipe:
+        import bitsandbytes as bnb
+
+        from cases.pipeline import probe_bnb_optimizer
+
+        for name, cls in (("paged_adamw_8bit", bnb.optim.PagedAdamW8bit), ("adamw_bnb_8bit", bnb.optim.AdamW8bit)):
+            why = probe_bnb_optimizer(name, device)
+            if why is None:
+                return cls(params, lr=1e-4), name
+        return torch.optim.AdamW(params, lr=1e-4), f"adamw_torch (8-bit unavailable: {why})"
+    return torch.optim.AdamW(params, lr=1e-4), "adamw_torch"
+
+
 def run(args) -> dict:
     import torch
     import transformers
@@ -159,9 +179,11 @@ def run(args) -> dict:
     kwargs = {"device_map": {"": 0} if args.device == "cuda" else {"": "cpu"}}
     dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     kwargs[dtype_key] = torch.bfloat16
+    recipe = args.config.endswith("-recipe")
     if "nf4" in args.config:
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+            bnb_4bit_use_double_quant=recipe)
     mem.reset_peak()
     t0 = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.directory, **kwargs)
@@ -174,6 +196,10 @@ def run(args) -> dict:
 
     from cases.pipeline import expert_targets
 
+    if recipe:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     targets = expert_targets(model)
     attention = r".*\.(q_proj|k_proj|v_proj|o_proj)"
     pattern = "|".join(f"(?:{p})" for p in [attention] + targets["modules"])
@@ -181,8 +207,10 @@ def run(args) -> dict:
                         **({"target_parameters": targets["parameters"]} if targets["parameters"] else {}))
     model = get_peft_model(model, config)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
     device = "cuda" if args.device == "cuda" else "cpu"
+    opt, out["optimizer"] = _optimizer(params, recipe, torch.device(device))
+    autocast = (torch.autocast(device_type=device, dtype=torch.bfloat16) if recipe
+                else contextlib.nullcontext())
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
     model.train()
@@ -191,7 +219,8 @@ def run(args) -> dict:
     for step in range(args.steps + 2):
         mem.sync()
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids).loss
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

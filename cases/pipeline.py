@@ -633,7 +633,7 @@ _BNB_OPTIMIZERS = {"paged_adamw_8bit": "PagedAdamW8bit", "adamw_bnb_8bit": "Adam
 MIN_8BIT_SIZE = 4096  # bitsandbytes keeps 32-bit state for smaller tensors (its optimizers' min_8bit_size)
 
 
-def _probe_bnb_optimizer(name: str, device) -> str | None:
+def probe_bnb_optimizer(name: str, device) -> str | None:
     """None when bitsandbytes' optimizer ``name`` takes one step on ``device``, else why not (feature detection)."""
     try:
         import bitsandbytes as bnb
@@ -658,7 +658,7 @@ def recipe_trainer_args(recipe: dict, device) -> dict:
     fallbacks = []
     chosen = None
     for name in requested:
-        why = _probe_bnb_optimizer(name, device)
+        why = probe_bnb_optimizer(name, device)
         if why is None:
             chosen = name
             break

@@ -22,7 +22,7 @@ from .results import write_json_atomic, write_text_atomic
 REPO = Path(__file__).resolve().parent.parent
 # Which configurations run under which interpreter label.
 PLAN = (("tf5", "shims-nf4"), ("tf5", "shims-nf4-peft-path"), ("tf5", "bf16"), ("tf5", "native-nf4"),
-        ("tf457", "native-nf4"))
+        ("tf457", "native-nf4"), ("tf5", "shims-nf4-recipe"), ("tf457", "native-nf4-recipe"))
 DIM_FLAGS = ("hidden", "experts", "top_k", "moe_intermediate", "vocab", "layers", "heads", "kv_heads")
 GIB = 1024 ** 3
 
@@ -114,6 +114,7 @@ def render(doc: dict) -> str:
             "router MiB": _num(r["router_bytes"] / 2**20 if "router_bytes" in r else None, ".2f"),
             "train step s": _num(r.get("train_step_s"), ".4f"), "train peak GiB": _gib(r.get("train_peak_bytes")),
             "gen tokens/s": _num(r.get("gen_tokens_per_s"), ".1f"), "fast LoRA": _fast_label(key, r),
+            "optimizer": r.get("optimizer", ""),
             "error": r.get("error", ""),
         })
     targets = []
