@@ -80,7 +80,6 @@ def test_recipe_trains_in_every_forward_path(model_type, compute, float_routers,
 def test_float32_hidden_states_cast_in_and_out_of_a_4bit_router(model_type, q4_checkpoint, all_shims):
     """Exactly what Linear4bit does: input to the dequantized dtype, output back to the input's dtype."""
     import torch
-    import torch.nn.functional as F
 
     from shims import quant_router, storage
 
@@ -92,13 +91,17 @@ def test_float32_hidden_states_cast_in_and_out_of_a_4bit_router(model_type, q4_c
         bias.data = bias.data.float()
     x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        out = router(x)
-        logits = out[0] if isinstance(out, tuple) else out
-        weight = storage.dequantize_param(router, "weight")
-        assert weight.dtype == torch.bfloat16
-        want = F.linear(x.to(torch.bfloat16), weight, None if bias is None else bias.to(torch.bfloat16))
-    assert logits.dtype == torch.float32, path
-    assert torch.equal(logits, want.float()), path
+        got = router(x)
+        want = router(x.to(torch.bfloat16))  # what the router computes in its compute dtype
+        assert storage.dequantize_param(router, "weight").dtype == torch.bfloat16
+    got, want = (o if isinstance(o, tuple) else (o,) for o in (got, want))
+    floats = [(g, w) for g, w in zip(got, want) if g.is_floating_point()]
+    assert floats and all(g.dtype == torch.float32 for g, _ in floats), path  # cast back to the caller's dtype
+    for g, w in zip(got, want):  # the same computation: indices identical, logits / scores up to bf16 rounding
+        if g.is_floating_point():  # (a router may round its scores to the dtype it was called with)
+            torch.testing.assert_close(g, w.float(), rtol=8e-3, atol=8e-3, msg=path)
+        else:
+            assert torch.equal(g, w), path
     if bias is not None:  # the stored parameter keeps its dtype; the cast copy is gone after the forward
         assert router.bias.dtype == torch.float32 and "bias" not in router.__dict__
 
