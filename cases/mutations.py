@@ -60,6 +60,19 @@ def _recipe_dtype_uncast() -> None:
     forward._cast_input = lambda args, kwargs, dtype: (args, kwargs, None)
 
 
+def _fuse_swapped_experts() -> None:
+    """Fusing a 4.x checkpoint's per-expert 4-bit tensors puts expert 1's bytes where expert 0's belong (and the
+    reverse): every tensor is still 4-bit and well formed, only the wrong expert answers."""
+    from shims import checkpoint_v4  # the loader looks the function up here on every call
+
+    original = checkpoint_v4.fuse_per_expert_quant_states
+
+    def swapped(parts):
+        return original([[part[1], part[0], *part[2:]] if len(part) > 1 else part for part in parts])
+
+    checkpoint_v4.fuse_per_expert_quant_states = swapped
+
+
 def _skip(patch_name: str):
     def mutate() -> None:
         import shims
@@ -76,6 +89,7 @@ MUTATIONS = {
     "quantize_noop": _quantize_noop,
     "expert_family_skipped": _expert_family_skipped,
     "recipe_dtype_uncast": _recipe_dtype_uncast,
+    "fuse_swapped_experts": _fuse_swapped_experts,
 }
 
 
