@@ -55,6 +55,17 @@ def _venv_python(session: nox.Session) -> str:
     return str(Path(session.virtualenv.location) / "bin" / "python")
 
 
+def _install_or_stop(session: nox.Session, cell: Cell, what: str) -> str:
+    """Install ``cell``'s pins into the session's venv and return its interpreter; a cell that cannot be installed
+    ends the session with the resolver's message."""
+    python = _venv_python(session)
+    try:
+        install.install(python, cell, MATRIX.environment, float(MATRIX.run["install_timeout_s"]))
+    except install.InstallError as exc:
+        session.error(f"cannot install {what} {cell.name}: {exc.message}")
+    return python
+
+
 def _options(session: nox.Session):
     try:
         return cli.parse_cell_options(session.posargs, MATRIX)
@@ -132,12 +143,7 @@ def mutations(session: nox.Session) -> None:
     """Plant each bug listed under [mutations] in matrix.toml and record how many the harness catches."""
     from harness import mutations as mut
 
-    cell = MATRIX.mutation_cell()
-    python = _venv_python(session)
-    try:
-        install.install(python, cell, MATRIX.environment, float(MATRIX.run["install_timeout_s"]))
-    except install.InstallError as exc:
-        session.error(f"cannot install the mutation cell {cell.name}: {exc.message}")
+    python = _install_or_stop(session, MATRIX.mutation_cell(), "the mutation cell")
     score = mut.run_mutations(MATRIX, python, WORK / "mutations", WORK, session.posargs or None)
     mut.write_score(score, REPO / "reports" / "mutations.json")
     session.log(f"mutations caught: {score['caught']} / {score['planted']}")
@@ -148,12 +154,7 @@ def mutations(session: nox.Session) -> None:
 def archs(session: nox.Session) -> None:
     """Every MoE arch of the newest transformers, discovered from the library, shims off and on ->
     reports/ARCHS.md (-- qwen3_moe,jetmoe limits the run to some discovered archs)."""
-    cell = MATRIX.archs_cell()
-    python = _venv_python(session)
-    try:
-        install.install(python, cell, MATRIX.environment, float(MATRIX.run["install_timeout_s"]))
-    except install.InstallError as exc:
-        session.error(f"cannot install the archs cell {cell.name}: {exc.message}")
+    python = _install_or_stop(session, MATRIX.archs_cell(), "the archs cell")
     session.install(*REPORT_DEPS)
     only = ",".join(a for arg in session.posargs for a in arg.split(",") if a)
     session.run("python", "-m", "harness", "archs", "--python", python, "--only", only,
