@@ -135,11 +135,11 @@ def _merged_vs_live(model, tracked, input_ids, adapter):
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        live = model(input_ids).logits.float()
+        live = model(input_ids, use_cache=False).logits.float()  # no cache: hybrid archs refuse one here
         model.merge_adapter()
         try:
             checks = [_check_merged(t, adapter) for t in tracked]
-            merged = model(input_ids).logits.float()
+            merged = model(input_ids, use_cache=False).logits.float()
         finally:
             model.unmerge_adapter()
     model.train(was_training)
@@ -195,7 +195,7 @@ def _max_abs_diff(a, b) -> float:
 
 def _train_step(model, optimizer, input_ids) -> None:
     model.train()
-    loss = model(input_ids, labels=input_ids).loss
+    loss = model(input_ids, labels=input_ids, use_cache=False).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
