@@ -348,7 +348,7 @@ class Case:
             exact = self.work / "export-fp32"
             shutil.rmtree(exact, ignore_errors=True)
             shims.save_merged(self.model, exact, dtype=torch.float32)
-            reloaded = self._load_exported(exact)
+            reloaded = self._load_checkpoint(exact)
             self.metrics["kl_export_fp32"] = measure.kl(self.reference, measure.logits(reloaded, self.batch),
                                                         self.batch["attention_mask"])
             samples = measure.greedy(reloaded, self.tokenizer, tiny.prompts(self.spec.run["prompts"]),
@@ -381,7 +381,7 @@ class Case:
         self._compare(merged, "merged")
 
     def export_reload(self) -> None:
-        reloaded = self._load_exported(self.work / "export")
+        reloaded = self._load_checkpoint(self.work / "export")
         self.metrics.update({f"export_{k}": v for k, v in measure.expert_storage(reloaded).items()
                              if k in ("expert_tensors", "quantized")})
         if self.rounded_export_logits is not None:
@@ -389,14 +389,16 @@ class Case:
             self.metrics["export_rounding_max_abs"] = float((out - self.rounded_export_logits).abs().max())
         if self.spec.recipe is not None:
             # the recipe's reference computes in bf16: compare the export as a user reloads it for inference
-            reloaded = self._load_exported(self.work / "export", self._dtype())
+            reloaded = self._load_checkpoint(self.work / "export", self._dtype())
         self._compare(reloaded, "export")
 
-    def _load_exported(self, path: Path, dtype=torch.float32):
+    def _load_checkpoint(self, path: Path, dtype=torch.float32):
+        """A saved checkpoint (an export, or a 4-bit one whose quantization config travels with it), loaded as users
+        do, with bitsandbytes kept in its compute dtype."""
         from transformers import AutoModelForCausalLM
 
         model = self._from_pretrained(AutoModelForCausalLM, path, dtype, **_placement(self.spec.run))
-        measure.keep_bnb_compute_dtype(model)  # a native export of a 4-bit merge is itself 4-bit
+        measure.keep_bnb_compute_dtype(model)  # a native export of a 4-bit merge is itself 4-bit, as is a 4-bit save
         return model
 
     def adapter_reload(self) -> None:
@@ -451,16 +453,13 @@ class Case:
         """Save the 4-bit model itself and load it back: same logits, experts still 4-bit."""
         if not self.spec.four_bit:
             raise portable.NothingToDo("pre-quantized checkpoints are checked on 4-bit cases only")
-        from transformers import AutoModelForCausalLM
-
         model = self._load_base(self.model_dir)
         before = measure.logits(model, self.batch)
         dest = self.work / "prequantized"
         shutil.rmtree(dest, ignore_errors=True)
         model.save_pretrained(dest)
         # the quantization config travels in the checkpoint; the dtype of the rest is the user's choice, as at load
-        reloaded = self._from_pretrained(AutoModelForCausalLM, dest, dtype=self._dtype(), **_placement(self.spec.run))
-        measure.keep_bnb_compute_dtype(reloaded)
+        reloaded = self._load_checkpoint(dest, self._dtype())
         storage = self._expert_storage(reloaded)
         self.metrics["prequantized_experts_quantized"] = storage["quantized"]
         self.metrics["prequantized_expert_tensors"] = storage["expert_tensors"]
@@ -490,14 +489,10 @@ class Case:
         if not entries:
             raise portable.NothingToDo("no transformers 4.x pre-quantized checkpoint published for this case "
                                        "(4.x cells publish them; this cell is 4.x, or none ran before it)")
-        from transformers import AutoModelForCausalLM
-
         outcomes = []
         for entry in entries:
             ref = torch.load(entry / "reference.pt")
-            model = self._from_pretrained(AutoModelForCausalLM, entry / "checkpoint", self._dtype(),
-                                          **_placement(self.spec.run))
-            measure.keep_bnb_compute_dtype(model)
+            model = self._load_checkpoint(entry / "checkpoint", self._dtype())
             storage = self._expert_storage(model)
             out = measure.logits(model, {"input_ids": ref["input_ids"], "attention_mask": ref["attention_mask"]})
             outcomes.append({"from": entry.name, "max_abs": float((out - ref["logits"]).abs().max()),

@@ -34,19 +34,26 @@ def _entry_name(versions: dict) -> str:
     return f"tf{versions['transformers']}-peft{versions['peft']}"
 
 
-def publish(store: Path, arch: str, quant: str, adapter_dir: Path, base_dir: Path, reference, batch) -> Path:
+def _publish_entry(folder: Path, name: str, source: Path, logits, batch, meta: dict) -> Path:
+    """Write ``folder/<this cell's versions>/`` atomically: ``source`` copied as ``name``, the reference logits with
+    their batch, and meta.json; readers see the old entry or the whole new one."""
     versions = _versions()
-    target = store / f"{arch}-{quant}" / _entry_name(versions)
+    target = folder / _entry_name(versions)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    shutil.copytree(adapter_dir, tmp / "adapter")
-    torch.save({"logits": reference.cpu(), "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
+    shutil.copytree(source, tmp / name)
+    torch.save({"logits": logits.cpu(), "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
                tmp / "reference.pt")
-    (tmp / "meta.json").write_text(json.dumps({**versions, "base_dir": str(base_dir), "arch": arch, "quant": quant}))
+    (tmp / "meta.json").write_text(json.dumps({**versions, **meta}))
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)
     return target
+
+
+def publish(store: Path, arch: str, quant: str, adapter_dir: Path, base_dir: Path, reference, batch) -> Path:
+    return _publish_entry(store / f"{arch}-{quant}", "adapter", adapter_dir, reference, batch,
+                          {"base_dir": str(base_dir), "arch": arch, "quant": quant})
 
 
 PREQUANTIZED = "prequantized"  # store subfolder: 4-bit checkpoints that transformers 4.x wrote
@@ -54,18 +61,8 @@ PREQUANTIZED = "prequantized"  # store subfolder: 4-bit checkpoints that transfo
 
 def publish_prequantized(store: Path, arch: str, quant: str, checkpoint: Path, logits, batch) -> Path:
     """A transformers 4.x pre-quantized checkpoint and its logits, for 5.x cells to load (atomic, like adapters)."""
-    versions = _versions()
-    target = store / PREQUANTIZED / f"{arch}-{quant}" / _entry_name(versions)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    shutil.copytree(checkpoint, tmp / "checkpoint")
-    torch.save({"logits": logits.cpu(), "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]},
-               tmp / "reference.pt")
-    (tmp / "meta.json").write_text(json.dumps({**versions, "arch": arch, "quant": quant}))
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
-    return target
+    return _publish_entry(store / PREQUANTIZED / f"{arch}-{quant}", "checkpoint", checkpoint, logits, batch,
+                          {"arch": arch, "quant": quant})
 
 
 def prequantized_entries(store: Path, arch: str, quant: str) -> list[Path]:

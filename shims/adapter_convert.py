@@ -62,7 +62,7 @@ def detect_adapter_layout(adapter_dir, base_config=None) -> dict[str, ExpertLora
     """
     adapter_dir = Path(adapter_dir)
     config = read_json(adapter_dir / _ADAPTER_CONFIG)
-    tensors = _read_tensors(adapter_dir)
+    tensors = read_tensors(adapter_dir)
     dims = _expert_dims(base_config, config)
     recorded = _read_layout_record(adapter_dir)
     out = {}
@@ -167,7 +167,7 @@ def convert_adapter(src_dir, dst_dir, to: str, base_config=None, layout: str = S
     config = read_json(src_dir / _ADAPTER_CONFIG)
     if config.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"only LoRA adapters are supported, not {config.get('peft_type')}")
-    tensors = _read_tensors(src_dir)
+    tensors = read_tensors(src_dir)
     if to == PER_EXPERT:
         return _convert_to_per_expert(src_dir, dst_dir, tensors, config, base_config, overwrite)
     if to == FUSED:
@@ -226,18 +226,18 @@ def _relayout(src_dir, tensors, config, to, base_config):
 
 
 def _num_experts_of(prefix, info, config) -> int:
-    rank = _rank_for(prefix, info.param, config)
+    rank = rank_for(prefix, info.param, config)
     if info.a_shape[0] % rank:
         raise ValueError(f"{prefix}: lora_A rows {info.a_shape[0]} not a multiple of r={rank}")
     return info.a_shape[0] // rank
 
 
-def _rank_for(prefix, param, config) -> int:
-    from_pattern = _pattern_value(config.get("rank_pattern") or {}, f"{_module_path(prefix)}.{param}")
+def rank_for(prefix, param, config) -> int:
+    from_pattern = pattern_value(config.get("rank_pattern") or {}, f"{module_path(prefix)}.{param}")
     return int(from_pattern if from_pattern is not None else config["r"])
 
 
-def _pattern_value(patterns: dict, key: str):
+def pattern_value(patterns: dict, key: str):
     # the same rule as peft.utils.other.get_pattern_key
     for pattern, value in patterns.items():
         if re.match(rf"(.*\.)?({pattern})$", key):
@@ -245,12 +245,12 @@ def _pattern_value(patterns: dict, key: str):
     return None
 
 
-def _module_path(prefix: str) -> str:
+def module_path(prefix: str) -> str:
     path = re.sub(r"(\.base_layer)+$", "", prefix)
     return path.removeprefix("base_model.model.")
 
 
-_PER_EXPERT_KEY = re.compile(
+PER_EXPERT_KEY = re.compile(
     r"^(?P<moe>.+)\.experts\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w3|w2)\.lora_(?P<ab>[AB])\.weight$")
 _GATE, _UP, _DOWN = "gate", "up", "down"
 _PROJ_ROLE = {"gate_proj": _GATE, "w1": _GATE, "up_proj": _UP, "w3": _UP, "down_proj": _DOWN, "w2": _DOWN}
@@ -268,7 +268,7 @@ def _fuse_per_expert(tensors, config, layout):
     groups: dict[str, dict[str, dict[int, dict[str, torch.Tensor]]]] = {}
     rest = {}
     for key, value in tensors.items():
-        m = _PER_EXPERT_KEY.match(key)
+        m = PER_EXPERT_KEY.match(key)
         if m is None:
             rest[key] = value
             continue
@@ -361,7 +361,7 @@ def _read_layout_record(adapter_dir: Path) -> str | None:
     return read_json(path).get("expert_layout") if path.is_file() else None
 
 
-def _read_tensors(adapter_dir: Path) -> dict:
+def read_tensors(adapter_dir: Path) -> dict:
     from safetensors.torch import load_file
 
     path = adapter_dir / _ADAPTER_WEIGHTS

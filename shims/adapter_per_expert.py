@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 
-from .adapter_convert import _module_path, _pattern_value, _rank_for  # one rule for patterns, shared
+from .adapter_convert import module_path, pattern_value, rank_for  # one rule for patterns, shared
 from .lora_layout import SWAPPED, ExpertDims, expert_factors, swap_expert_factors
 
 # transformers 4.57's per-expert names: (moe module, gate, up, down); every other arch uses _DEFAULT_NAMES
@@ -64,7 +64,7 @@ def split_fused_experts(tensors: dict, config: dict, found: dict, base: dict) ->
         moe = _moe_module(prefix, moe_name)
         moe_modules.add(moe)
         names = (gate, up) if info.param == "gate_up_proj" else (down,)
-        rank_alpha = (_rank_for(prefix, info.param, config), _alpha(prefix, info.param, config))
+        rank_alpha = (rank_for(prefix, info.param, config), _alpha(prefix, info.param, config))
         if lora_A.shape[0] != rank_alpha[0] * dims.num_experts:
             raise ValueError(f"{prefix}: lora_A has {lora_A.shape[0]} rows, not r={rank_alpha[0]} x "
                              f"{dims.num_experts} experts of the base config")
@@ -107,7 +107,7 @@ def _expert_pairs(lora_A, lora_B, dims: ExpertDims, expert: int, param: str):
 
 
 def _alpha(prefix: str, param: str, config: dict):
-    value = _pattern_value(config.get("alpha_pattern") or {}, f"{_module_path(prefix)}.{param}")
+    value = pattern_value(config.get("alpha_pattern") or {}, f"{module_path(prefix)}.{param}")
     return value if value is not None else config["lora_alpha"]
 
 
@@ -142,8 +142,8 @@ def _check_scaling(config: dict, suffixes: list[str], scaling: dict) -> None:
     for suffix in suffixes:
         name = suffix.rsplit(".", 1)[-1]
         key = f"model.layers.0.{suffix}"
-        rank = _pattern_value(dict(sorted(config["rank_pattern"].items())), key)
-        alpha = _pattern_value(dict(sorted(config["alpha_pattern"].items())), key)
+        rank = pattern_value(dict(sorted(config["rank_pattern"].items())), key)
+        alpha = pattern_value(dict(sorted(config["alpha_pattern"].items())), key)
         got = (config["r"] if rank is None else rank, config["lora_alpha"] if alpha is None else alpha)
         if got != scaling[name]:
             raise ValueError(f"rank_pattern/alpha_pattern give {suffix} (rank, alpha) = {got}, but its fused LoRA "

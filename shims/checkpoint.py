@@ -26,6 +26,7 @@ would otherwise split the packed bytes per expert as if they were a float (E, 2I
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import re
@@ -49,10 +50,10 @@ from .storage import (
 log = logging.getLogger("shims")
 
 # QuantState.as_dict(packed=True) keys (bitsandbytes >= 0.41); the quant_state one carries the non-tensor fields.
-_STAT_NAMES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
+STAT_NAMES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map",
                "quant_state.bitsandbytes__nf4", "quant_state.bitsandbytes__fp4")
-_STATE_ATTR = "_shims_quant_state"
-_ERROR_ATTR = "_shims_state_error"
+STATE_ATTR = "_shims_quant_state"
+ERROR_ATTR = "_shims_state_error"
 
 
 def _quantized_tensors(model):
@@ -78,7 +79,7 @@ def quantized_expert_state_dict(model, state_dict: dict) -> dict:
 
 def split_stat_key(key: str) -> tuple[str, str]:
     """("...experts.gate_up_proj", "absmax") for a saved QuantState key; (key, "") for the tensor itself."""
-    for stat in _STAT_NAMES:
+    for stat in STAT_NAMES:
         if key.endswith("." + stat):
             return key[: -len(stat) - 1], stat
     return key, ""
@@ -122,7 +123,7 @@ def _source_patterns(name: str) -> dict[str, str]:
     ``down_proj`` must not match ``mlp.down_proj.weight`` of a dense layer, nor ``gate_up_proj`` its ``_bias``.
     """
     patterns = {rf"\b{name}$": ""}
-    for stat in _STAT_NAMES:
+    for stat in STAT_NAMES:
         patterns[rf"\b{name}\.{re.escape(stat)}$"] = stat
     return patterns
 
@@ -173,7 +174,7 @@ def _make_ops():
             state, problem = saved_quant_state(packed, values, self.hf_quantizer)
             out = (torch.empty(0, device="meta") if packed is None
                    else torch.nn.Parameter(packed, requires_grad=False))
-            setattr(out, _STATE_ATTR if problem is None else _ERROR_ATTR, state if problem is None else problem)
+            setattr(out, STATE_ATTR if problem is None else ERROR_ATTR, state if problem is None else problem)
             return {self.name: out}
 
         @property
@@ -183,14 +184,9 @@ def _make_ops():
     return ExpertQuantStateDeserialize
 
 
-_OP_CLASS = None
-
-
+@functools.cache
 def _op_class():
-    global _OP_CLASS
-    if _OP_CLASS is None:
-        _OP_CLASS = _make_ops()
-    return _OP_CLASS
+    return _make_ops()  # built once, on first use: importing this module must not import transformers
 
 
 def expert_weight_converters(hf_quantizer) -> list:
@@ -210,10 +206,10 @@ def _store_loaded(model, target_name: str, value) -> bool:
     module_path, _, name = target_name.rpartition(".")
     if name not in EXPERT_WEIGHT_NAMES:
         return False
-    error = getattr(value, _ERROR_ATTR, None)
+    error = getattr(value, ERROR_ATTR, None)
     if error is not None:
         raise ExpertQuantError(f"{target_name}: {error}; refusing to load it")
-    state = getattr(value, _STATE_ATTR, None)
+    state = getattr(value, STATE_ATTR, None)
     if state is None:
         if value.is_floating_point():
             return False

@@ -29,6 +29,7 @@ not whole blocks are refused (re-quantizing would change the weights); no real M
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ import os
 import re
 from functools import wraps
 
-from .checkpoint import _ERROR_ATTR, _STAT_NAMES, _STATE_ATTR, saved_quant_state, split_stat_key
+from .checkpoint import ERROR_ATTR, STAT_NAMES, STATE_ATTR, saved_quant_state, split_stat_key
 from .bnb_config import is_bnb_4bit
 from .loader_generation import V5, targets_for
 from .loader_v5 import v5_loader_needed
@@ -46,7 +47,7 @@ from .storage import EXPERT_WEIGHT_NAMES
 log = logging.getLogger("shims")
 
 # Longest first: transformers 5.5/5.6 take the first alternative that matches, and `weight` is a prefix of them all.
-_STATS_LONGEST_FIRST = tuple(sorted(_STAT_NAMES, key=len, reverse=True))
+_STATS_LONGEST_FIRST = tuple(sorted(STAT_NAMES, key=len, reverse=True))
 
 
 class PerExpertCheckpointError(ValueError):
@@ -172,7 +173,7 @@ def _make_op_class():
                     problem = str(exc)
                 else:
                     out = torch.nn.Parameter(packed, requires_grad=False)
-            setattr(out, _STATE_ATTR if problem is None else _ERROR_ATTR, state if problem is None else problem)
+            setattr(out, STATE_ATTR if problem is None else ERROR_ATTR, state if problem is None else problem)
             return {target: out}
 
     return PerExpertQuantStateFuse
@@ -198,14 +199,9 @@ def _per_expert_states(grouped, hf_quantizer):
     return parts, None
 
 
-_OP_CLASS = None
-
-
+@functools.cache
 def _op_class():
-    global _OP_CLASS
-    if _OP_CLASS is None:
-        _OP_CLASS = _make_op_class()
-    return _OP_CLASS
+    return _make_op_class()  # built once, on first use: importing this module must not import transformers
 
 
 def _fusable(converter) -> bool:

@@ -18,7 +18,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .adapter_convert import PER_EXPERT, _PER_EXPERT_KEY, _read_tensors, detect_adapter_layout
+from .adapter_convert import PER_EXPERT, PER_EXPERT_KEY, read_tensors, detect_adapter_layout
 from .adapter_per_expert import FUSED_ON_V4
 from .base_config import load_base_config
 from .files import read_json
@@ -70,7 +70,7 @@ def check_adapter(adapter_dir, engine: str, base_config=None, transformers_versi
         raise ValueError(f"engine must be one of {', '.join(ENGINES)}, not {engine!r}")
     adapter_dir = Path(adapter_dir)
     adapter_config = read_json(_config_path(adapter_dir))
-    per_expert = any(_PER_EXPERT_KEY.match(k) for k in _read_tensors(adapter_dir))
+    per_expert = any(PER_EXPERT_KEY.match(k) for k in read_tensors(adapter_dir))
     fused = bool(adapter_config.get("target_parameters"))
     if not (per_expert or fused):
         return AdapterCheck(engine, None, NO_EXPERT_LORA, NO_EXPERT_LORA, True, None,

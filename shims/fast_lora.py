@@ -33,6 +33,7 @@ an unknown tensor name or call signature, missing experts flags, or ``ENABLED = 
 from __future__ import annotations
 
 import contextvars
+import functools
 import logging
 from dataclasses import dataclass, field
 
@@ -376,14 +377,9 @@ def _grouped_classes():
     return GroupedMatmul, GroupedDequantMatmul
 
 
-_GROUPED = None
-
-
+@functools.cache
 def _grouped():
-    global _GROUPED
-    if _GROUPED is None:
-        _GROUPED = _grouped_classes()
-    return _GROUPED
+    return _grouped_classes()  # built once, on first use (torch is imported lazily)
 
 
 def _factor_stacks(wrapper, adapter: str, dtype):
