@@ -43,21 +43,52 @@ class _Packed4bitMarker:
     """Marker so that isinstance checks work without importing torch at module import."""
 
 
+# bitsandbytes' 4-bit kernels take the element count as a signed 32-bit int; larger stacks (DeepSeek-V3's gate_up:
+# 256 x 4096 x 7168 = 7.5e9 elements) are decoded in parts below this.
+KERNEL_MAX_ELEMENTS = 2**31 - 1
+
+
 def dequantize_flat(packed, quant_state):
     """bitsandbytes' ``dequantize_4bit`` over the flat tensor, reshaped to the logical shape.
 
     bitsandbytes 0.50.2 on CPU decodes a 3D tensor wrongly when its last dimension is not a multiple of the 64-element
     block (measured: (4, 64, 48) off by up to 1.07 x absmax, against nf4's 0.152 bound), while the flat decode of the
     same bytes and absmax is right. The blocks run over the flattened tensor either way, so the flat call is the
-    tensor's true value on every device.
+    tensor's true value on every device. Tensors over ``KERNEL_MAX_ELEMENTS`` are decoded in whole-block parts.
     """
     import copy
 
     import bitsandbytes.functional as F
 
+    numel = math.prod(quant_state.shape)
+    if numel > KERNEL_MAX_ELEMENTS:
+        return _dequantize_in_parts(packed, quant_state, numel).reshape(quant_state.shape)
     flat = copy.copy(quant_state)  # shares absmax and the nested statistics; only the shape differs
-    flat.shape = type(quant_state.shape)([math.prod(quant_state.shape)])
+    flat.shape = type(quant_state.shape)([numel])
     return F.dequantize_4bit(packed, flat).reshape(quant_state.shape)
+
+
+def _dequantize_in_parts(packed, quant_state, numel: int):
+    """The flat decode, ``KERNEL_MAX_ELEMENTS`` at a time: each part is whole blocks with their absmax (nested
+    statistics decoded first, as bitsandbytes does inside ``dequantize_4bit``), so every value is the same."""
+    import bitsandbytes.functional as F
+    import torch
+
+    qs, block = quant_state, quant_state.blocksize
+    absmax = qs.absmax
+    if qs.nested:
+        absmax = F.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    absmax = absmax.float()
+    values_per_item = 2 * packed.element_size()  # two 4-bit values per byte of the storage dtype
+    part = (KERNEL_MAX_ELEMENTS // math.lcm(block, values_per_item)) * math.lcm(block, values_per_item)
+    flat_packed, out = packed.reshape(-1), torch.empty(numel, dtype=qs.dtype, device=packed.device)
+    for start in range(0, numel, part):
+        stop = min(numel, start + part)
+        state = F.QuantState(absmax=absmax[start // block: -(-stop // block)], shape=torch.Size([stop - start]),
+                             dtype=qs.dtype, blocksize=block, code=qs.code, quant_type=qs.quant_type)
+        chunk = flat_packed[start // values_per_item: -(-stop // values_per_item)]
+        out[start:stop] = F.dequantize_4bit(chunk.reshape(-1, 1), state)
+    return out
 
 
 def _make_parametrization_class():
@@ -160,48 +191,120 @@ def raw_tensor(module, name: str):
     return t
 
 
-def expert_weight_names(module) -> tuple[str, ...]:
-    """Names of the fused expert weights of ``module`` ((), if it is not an experts module).
+# Set on a module before the shims move the first of its tensors under ``parametrizations``: the order in which the
+# module registered its tensors. peft nests its ParamWrappers in that order (gate_up inner, down outer), so adapter
+# keys of a 4-bit model equal those of the float model only if the shims keep it.
+_ORDER_ATTR = "_shims_tensor_order"
 
-    An experts module, by structure: it holds a tensor ``down_proj`` and a tensor ``gate_up_proj`` or ``up_proj``
-    (tensors, not submodules: per-expert nn.Linear experts of transformers 4.x do not qualify). Raises
-    ExpertQuantError when such tensors exist but do not have the expected 3D layout, or look packed without state.
+
+def _registration_order(module) -> list[str]:
+    recorded = module.__dict__.get(_ORDER_ATTR)
+    present = [n for n, p in module._parameters.items() if p is not None]
+    present += list(getattr(module, "parametrizations", None) or {})
+    if recorded is None:
+        return present
+    return [n for n in recorded if n in present] + [n for n in present if n not in recorded]
+
+
+def _stack_shape(module, name: str):
+    """The logical shape of ``module.<name>`` when it is a float (or meta, or shim 4-bit) tensor, else None."""
+    param = quantized_parametrization(module, name)
+    if param is not None:
+        return param.logical_shape
+    raw = raw_tensor(module, name)
+    if raw is None:
+        return None
+    if not (raw.is_floating_point() or raw.device.type == "meta"):
+        if name in EXPERT_WEIGHT_NAMES:
+            raise ExpertQuantError(
+                f"{type(module).__name__}.{name}: holds {raw.dtype} data of shape {tuple(raw.shape)} but no "
+                "4-bit quantization state; expected a float 3D tensor or a shim-quantized one"
+            )
+        return None
+    return tuple(raw.shape)
+
+
+def candidate_stacks(module) -> tuple[str, ...]:
+    """Direct 3D tensors of ``module`` in registration order: (experts, out, in)-shaped stacks, whatever their name.
+    Convolution kernels (also 3D) are not stacks."""
+    torch, _ = _torch_nn()
+    if isinstance(module, torch.nn.modules.conv._ConvNd):
+        return ()
+    return tuple(n for n in _registration_order(module) if len(_stack_shape(module, n) or ()) == 3)
+
+
+def _single_stack_experts(module, siblings) -> bool:
+    """One 3D stack in a module is an expert group's projection when the shims already stored it so, or when a
+    sibling module holds a single stack with as many experts (jetmoe: ``input_linear.weight`` (E, 2I, H) next to
+    ``output_linear.weight`` (E, H, I)). A lone 3D tensor (e.g. a (heads, slots, dim) query bank) is not."""
+    (name,) = candidate_stacks(module)
+    if quantized_parametrization(module, name) is not None:
+        return True
+    experts = _stack_shape(module, name)[0]
+    for sibling in siblings or ():
+        sibling = _unwrap(sibling)
+        if sibling is module:
+            continue
+        stacks = candidate_stacks(sibling)
+        if len(stacks) == 1 and _stack_shape(sibling, stacks[0])[0] == experts:
+            return True
+    return False
+
+
+def expert_weight_names(module, siblings=None) -> tuple[str, ...]:
+    """Names of the expert weight stacks of ``module`` ((), if it is not an experts module), in registration order.
+
+    By STRUCTURE, whatever the names: every direct 3D tensor of a module holding two or more of them with the same
+    leading (expert) dimension (transformers' fused ``gate_up_proj``/``down_proj``, nemotron_h ``up_proj``, inkling's
+    shared ``gate_proj``/``up_proj``/``down_proj``), or a module's single 3D stack next to a sibling module holding one
+    with as many experts (jetmoe; ``siblings``: the other children of the module's parent). All of a module's stacks
+    or none: a module is never partly an experts module. Per-expert nn.Linear experts (transformers 4.x) hold no 3D
+    tensor and do not qualify. Raises ExpertQuantError when fused tensors named ``down_proj`` and ``gate_up_proj`` /
+    ``up_proj`` exist but are not 3D, or look packed without a quantization state.
     """
     torch, _ = _torch_nn()
-    present = [n for n in EXPERT_WEIGHT_NAMES if isinstance(raw_tensor(module, n), torch.Tensor)]
-    if "down_proj" not in present or len(present) < 2:
-        return ()
-    for name in present:
-        param = quantized_parametrization(module, name)
-        if param is not None:
-            shape = param.logical_shape
-        else:
-            raw = raw_tensor(module, name)
-            if not (raw.is_floating_point() or raw.device.type == "meta"):
+    known = [n for n in EXPERT_WEIGHT_NAMES if isinstance(raw_tensor(module, n), torch.Tensor)]
+    if "down_proj" in known and len(known) >= 2:
+        for name in known:
+            shape = _stack_shape(module, name)
+            if shape is not None and len(shape) != 3:
                 raise ExpertQuantError(
-                    f"{type(module).__name__}.{name}: holds {raw.dtype} data of shape {tuple(raw.shape)} but no "
-                    "4-bit quantization state; expected a float 3D tensor or a shim-quantized one"
+                    f"{type(module).__name__}.{name}: shape {shape} is not a fused expert layout; expected 3D "
+                    "(num_experts, out, in) or, transposed, (num_experts, in, out)"
                 )
-            shape = tuple(raw.shape)
-        if len(shape) != 3:
-            raise ExpertQuantError(
-                f"{type(module).__name__}.{name}: shape {shape} is not a fused expert layout; expected 3D "
-                "(num_experts, out, in) or, transposed, (num_experts, in, out)"
-            )
-    return tuple(present)
+    stacks = candidate_stacks(module)
+    if not stacks:
+        return ()
+    if len({_stack_shape(module, n)[0] for n in stacks}) != 1:
+        return ()  # 3D tensors of different leading sizes: not one expert group
+    if len(stacks) == 1 and not _single_stack_experts(module, siblings):
+        return ()
+    return stacks
+
+
+def _parent_children(model, path: str) -> list:
+    """The modules next to ``path`` (the children of its parent), seen through peft wrappers."""
+    parent_path = ".".join(p for p in path.split(".") if p != "base_layer").rpartition(".")[0]
+    try:
+        parent = model.get_submodule(parent_path) if parent_path else model
+    except AttributeError:
+        return []
+    return [_unwrap(child) for _, child in parent.named_children()]
 
 
 def iter_expert_modules(model) -> Iterator[tuple[str, object]]:
-    """(name, module) for every fused-experts module of ``model`` (peft wrappers see through to the base)."""
+    """(name, module) for every experts module of ``model`` (peft wrappers see through to the base)."""
     for name, module in model.named_modules():
-        if expert_weight_names(module):
+        if not candidate_stacks(module):
+            continue
+        if expert_weight_names(module, _parent_children(model, name)):
             yield name, module
 
 
 def is_quantized_experts(module) -> bool:
     """True when ``module`` (or the experts module a peft wrapper holds) has shim-quantized 4-bit expert weights."""
     base = _unwrap(module)
-    return any(quantized_parametrization(base, n) is not None for n in EXPERT_WEIGHT_NAMES)
+    return any(quantized_parametrization(base, n) is not None for n in candidate_stacks(base))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -355,12 +458,16 @@ def install_packed_param(module, name: str, packed, quant_state, owner: str = ""
         raise ExpertQuantError(f"{label}: packed 4-bit data without quantization state (QuantState)")
     if P.is_parametrized(module, name):
         raise ExpertQuantError(f"{label}: already parametrized; expected the float placeholder of a fresh model")
-    dims = 3 if name in EXPERT_WEIGHT_NAMES else 2  # fused experts, or a router's (num_experts, hidden) weight
-    if len(quant_state.shape) != dims:
-        raise ExpertQuantError(f"{label}: quantization state has shape {tuple(quant_state.shape)}; expected a "
-                               f"{dims}D {'experts' if dims == 3 else 'router'} tensor")
+    placeholder = module._parameters.get(name)
+    if placeholder is not None and tuple(placeholder.shape) != tuple(quant_state.shape):
+        raise ExpertQuantError(f"{label}: quantization state has shape {tuple(quant_state.shape)}; the model's "
+                               f"tensor has shape {tuple(placeholder.shape)}")
+    if len(quant_state.shape) not in (2, 3):  # expert stacks (3D), routers and flattened stacks (2D)
+        raise ExpertQuantError(f"{label}: quantization state has shape {tuple(quant_state.shape)}; expected a 2D "
+                               "or 3D tensor")
     settings = QuantSettings(quant_state.quant_type, bool(quant_state.nested), quant_state.dtype, packed.dtype,
                              quant_state.blocksize)
+    module.__dict__.setdefault(_ORDER_ATTR, tuple(_registration_order(module)))
     module._parameters.pop(name, None)
     packed_param = torch.nn.Parameter(packed.detach(), requires_grad=False)
     packed_param._is_hf_initialized = True  # transformers must never re-initialise packed bytes
