@@ -5,9 +5,11 @@ module defines an experts class (``class ...Experts...(``), read from the librar
 list. Each one with a causal-LM head gets a tiny config derived from its config class's defaults: small dims, two
 layers, four experts, two per token, ``initializer_range=0.2`` so a wrong expert shows, and an expert width of 24
 against a hidden size of 64 (2 x 24 != 64, so a layout mistake cannot hide). Only attributes the defaults already
-carry are changed. The model is then sized on the meta device, built on the CPU and run forward once, and its
-attention projections are read from its structure; where that fails, other variants of the tiny sizes are tried,
-and whatever still fails says why in its row.
+carry are changed (in nested sub-configs too), sizes that other sizes determine are recomputed, and what a config
+validator refuses is repaired from its message ("x must match y"). The model is then sized on the meta device,
+built on the CPU and run forward once, and its attention projections are read from its structure; where that fails,
+other variants of the tiny sizes are tried, and whatever still fails says why in its row. A short table
+(``OVERRIDES``) supplies sizes for the few archs whose default config does not build at all, each with its reason.
 
 The output is the list of generated arch entries (the shape of ``[arch.*]`` in harness/matrix.toml, plus
 ``skip`` with a reason where no tiny model could be built).
@@ -16,6 +18,7 @@ The output is the list of generated arch entries (the shape of ``[arch.*]`` in h
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
 import sys
@@ -25,25 +28,34 @@ EXPERTS_CLASS = re.compile(r"^class \w*Experts\w*\(", re.M)
 MAX_PARAMS = 3_000_000  # a tiny config still larger than this kept a big dimension the rules below missed
 
 HIDDEN, EXPERT_WIDTH, EXPERTS, TOP_K = 64, 24, 4, 2
-# attribute -> tiny value, applied where the config class's defaults carry the attribute
+# attribute -> tiny value, applied where the config class's defaults carry the attribute. The names are the ones
+# transformers' config classes use (several spellings of one idea), not model types.
 TINY = {
     "vocab_size": 128, "hidden_size": HIDDEN, "d_model": HIDDEN, "num_hidden_layers": 2, "num_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 128,
-    "initializer_range": 0.2, "tie_word_embeddings": False,
+    "n_layers": 2, "num_attention_heads": 4, "n_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+    "max_position_embeddings": 128, "max_seq_len": 128, "initializer_range": 0.2, "tie_word_embeddings": False,
     # expert width (and the dense MLP width where the arch has one beside its experts)
     "moe_intermediate_size": EXPERT_WIDTH, "expert_intermediate_size": EXPERT_WIDTH, "ffn_hidden_size": EXPERT_WIDTH,
+    "expert_ffn_hidden_size": EXPERT_WIDTH,
     "shared_expert_intermediate_size": 32, "moe_shared_expert_intermediate_size": 32,
+    "shared_experts_intermediate_size": 32, "shared_intermediate_size": 32,
     # expert count and routing
     "num_experts": EXPERTS, "num_local_experts": EXPERTS, "n_routed_experts": EXPERTS, "moe_num_experts": EXPERTS,
-    "num_routed_experts": EXPERTS, "n_experts": EXPERTS, "num_experts_per_tok": TOP_K, "moe_topk": TOP_K,
-    "moe_k": TOP_K, "top_k": TOP_K, "n_group": 1, "topk_group": 1, "first_k_dense_replace": 0,
-    "n_shared_experts": 1, "num_shared_experts": 1, "decoder_sparse_step": 1, "moe_layer_freq": 1,
-    "mlp_only_layers": [], "sliding_window": 16, "attention_chunk_size": 16,
-    # latent / linear / state-space attention dims
+    "num_routed_experts": EXPERTS, "n_experts": EXPERTS, "num_experts_per_tok": TOP_K,
+    "num_experts_per_token": TOP_K, "moe_topk": TOP_K, "moe_top_k": TOP_K, "moe_k": TOP_K, "top_k": TOP_K,
+    "n_group": 1, "num_expert_group": 1, "topk_group": 1, "n_shared_experts": 1, "num_shared_experts": 1,
+    "decoder_sparse_step": 1, "moe_layer_freq": 1, "mlp_only_layers": [], "sliding_window": 16,
+    "attention_chunk_size": 16,
+    # composite archs: the adapters between a vision / audio encoder and the text model carry the hidden size
+    "adapter_in_dim": HIDDEN, "adapter_input_size": HIDDEN, "adapter_out_dim": HIDDEN,
+    # dense layers before the first MoE layer: none, so that both tiny layers route
+    "first_k_dense_replace": 0, "num_dense_layers": 0,
+    # latent / linear / state-space / indexer attention dims
     "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16,
     "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+    "linear_head_dim": 16, "linear_num_heads": 4,
     "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8, "mamba_n_groups": 1, "ssm_state_size": 8,
-    "mamba_expand": 2, "n_groups": 1, "kv_channels": 16, "index_head_dim": 16, "index_n_heads": 2,
+    "mamba_expand": 2, "n_groups": 1, "kv_channels": 16, "index_head_dim": 16, "index_n_heads": 2, "index_topk": 4,
 }
 # without a separate moe width, the experts use intermediate_size; with one, intermediate_size is a dense MLP
 DENSE_WIDTH = 48
@@ -76,17 +88,29 @@ def _layer_types(value: list) -> list:
     return (distinct + distinct)[:2] if distinct else value[:2]
 
 
-EXPERT_COUNT = re.compile(r"^(n|num|moe_num)_(local_|routed_)?experts?$")
-SUB_CONFIGS = ("text_config", "language_config", "llm_config")
+# expert counts under other spellings (moe_num_experts, longcat's zero_expert_num: extra identity experts that
+# share the routed experts' stack), never the shared experts
+EXPERT_COUNT = re.compile(r"^(n|num|moe_num)_(local_|routed_)?experts?$|^\w+_expert_num$")
+# per-layer lists of layer kinds (attention kinds, mlp kinds such as "dense" / "sparse") and their string forms
+LAYER_KINDS = re.compile(r"^(\w+_)?layer_types$|^layers_block_type$|^hybrid_override_pattern$")
+
+
+def _is_sub_config(key: str, value) -> bool:
+    """A nested config (text_config of a composite arch, dbrx's attn_config / ffn_config): shrunk by the same rules."""
+    return key.endswith("_config") and isinstance(value, dict) and key != "quantization_config"
 
 
 def tiny_overrides(defaults: dict) -> dict:
-    """The tiny values for the attributes this config carries (and its text sub-config, for composite archs)."""
+    """The tiny values for the attributes this config carries (and its nested sub-configs, for composite archs)."""
     out = {k: v for k, v in TINY.items() if k in defaults}
     for key, value in defaults.items():
-        if isinstance(value, bool) or not isinstance(value, int):
+        if _is_sub_config(key, value):
+            out[key] = {**value, **tiny_overrides(value)}
+        elif LAYER_KINDS.match(key) and isinstance(value, (list, str)) and value:
+            out[key] = _layer_types(value) if isinstance(value, list) else value[:2]
+        elif isinstance(value, bool) or not isinstance(value, int):
             continue
-        if "vocab" in key and value > TINY["vocab_size"]:
+        elif "vocab" in key and value > TINY["vocab_size"]:
             out[key] = TINY["vocab_size"]  # per-layer / padded vocabularies too
         elif key in ("pad_token_id", "bos_token_id", "eos_token_id") and value >= TINY["vocab_size"]:
             out[key] = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[key]
@@ -94,22 +118,28 @@ def tiny_overrides(defaults: dict) -> dict:
             out[key] = EXPERTS
     if isinstance(defaults.get("per_layer_config"), dict):
         out["per_layer_config"] = {}  # keyed by layer index of the full-depth model
-    for key in SUB_CONFIGS:
-        if isinstance(defaults.get(key), dict):
-            out[key] = {**defaults[key], **tiny_overrides(defaults[key])}
     if "intermediate_size" in defaults:
         has_moe_width = any(k in defaults for k in ("moe_intermediate_size", "expert_intermediate_size",
-                                                     "ffn_hidden_size"))
+                                                     "ffn_hidden_size", "expert_ffn_hidden_size"))
         out["intermediate_size"] = DENSE_WIDTH if has_moe_width else EXPERT_WIDTH
-    for key in ("layer_types", "layers_block_type", "hybrid_override_pattern"):
-        value = defaults.get(key)
-        if isinstance(value, list) and value:
-            out[key] = _layer_types(value)
-        elif isinstance(value, str) and value:
-            out[key] = value[:2]
-    if isinstance(defaults.get("rope_scaling"), dict) or isinstance(defaults.get("rope_parameters"), dict):
-        pass  # rope settings do not depend on the sizes above
+    out.update(_derived(defaults, out))
     return out
+
+
+def _derived(defaults: dict, out: dict) -> dict:
+    """Sizes that other sizes determine, recomputed from the tiny values (a default derived from the full-size
+    dims would contradict them)."""
+    def value(key):
+        return out.get(key, defaults.get(key))
+
+    derived = {}
+    if "qk_head_dim" in defaults and isinstance(value("qk_nope_head_dim"), int) \
+            and isinstance(value("qk_rope_head_dim"), int):
+        derived["qk_head_dim"] = value("qk_nope_head_dim") + value("qk_rope_head_dim")
+    # Mamba-2 mixers: heads x head dim is the expanded inner width (config validators check it)
+    if all(isinstance(value(k), int) for k in ("mamba_n_heads", "mamba_d_head", "mamba_expand", "hidden_size")):
+        derived["mamba_n_heads"] = value("mamba_expand") * value("hidden_size") // value("mamba_d_head")
+    return derived
 
 
 def attention_projections(model) -> list[str]:
@@ -136,17 +166,76 @@ def _config_errors() -> tuple:
     return tuple(errors)
 
 
-# Constraints some archs impose on the tiny sizes (config validators, or shapes that only clash in the forward),
-# tried in turn when a variant is refused.
+# Constraints some archs impose on the tiny sizes (shapes that only clash in the forward), tried in turn when a
+# variant is refused.
 RETRIES = ({"num_key_value_heads": 4}, {"num_key_value_heads": 4, "head_dim": 16, "qk_rope_head_dim": 16,
                                         "qk_nope_head_dim": 16})
+# What config validators demand, read from their messages: (message pattern, the sizes that satisfy it, computed
+# from the (sub-)config being repaired). Applied wherever the config or a sub-config carries the attribute; then
+# the build is tried again.
+REPAIRS = (
+    # "<attribute> must match <attribute>" (kv heads vs attention heads, an adapter's input width vs hidden_size)
+    (re.compile(r"\b(?P<a>[a-z_]+) must (?:match|equal) (?P<b>[a-z_]+)\s*$", re.M),
+     lambda c, m: {m["a"]: c[m["b"]]}),
+    (re.compile(r"num_experts_per_tok=1\b"), lambda c, m: {"num_experts_per_tok": 1}),
+    (re.compile(r"head_dim must equal qk_nope_head_dim \+ qk_rope_head_dim"),
+     lambda c, m: {"head_dim": c["qk_nope_head_dim"] + c["qk_rope_head_dim"]}),
+)
+# Sizes no generic rule can supply: the config class's defaults do not build a model at all (no tiny size fixes
+# that). Deep-merged into the derived overrides; the reason is recorded in the arch's entry. Keep this table short.
+OVERRIDES = {
+    "dbrx": ({"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},
+             "its default config does not build: DbrxAttention reads attn_config.rope_theta, which "
+             "DbrxAttentionConfig no longer declares, and clamps with clip_qkv=None (torch refuses); released "
+             "checkpoints carry both in attn_config (rope_theta 500000, clip_qkv 8)"),
+    "lfm2_moe": ({"layer_types": ["conv", "full_attention"]},
+                 "layer_types defaults to None and the config derives none (the kinds 'conv' / 'full_attention' "
+                 "appear only in the modeling code; released checkpoints list them)"),
+    "qwen4_exp": ({"text_config": {"indexer_n_heads": 2, "indexer_kv_heads": 1, "indexer_head_dim": 16,
+                                   "indexer_budget": 8, "indexer_compress_ratio": 4}},
+                  "its default layer_types include indexed_attention, whose QSA indexer sizes default to None (the "
+                  "default config does not build); values chosen by the validator's rules (kv heads 1, budget "
+                  "divisible by the compress ratio, rotary dims within the index head)"),
+}
+OVERRIDES["qwen4_exp_text"] = (OVERRIDES["qwen4_exp"][0]["text_config"], OVERRIDES["qwen4_exp"][1])
 # leaf names peft's transformers-5 MoE remap reads as expert projections: not LoRA targets among attention layers
 EXPERT_PROJECTION_NAMES = {"gate_proj", "up_proj", "down_proj", "w1", "w2", "w3"}
 
 
-def variants(defaults: dict) -> list[dict]:
-    overrides = tiny_overrides(defaults)
-    return [overrides] + [{**overrides, **{k: v for k, v in fix.items() if k in defaults}} for fix in RETRIES]
+def with_fix(overrides: dict, fix) -> dict:
+    """``overrides`` with ``fix`` (a dict, or a function of the (sub-)config giving one) set on the config and every
+    nested sub-config, each only for the attributes it carries."""
+    out = {k: with_fix(v, fix) if _is_sub_config(k, v) else v for k, v in overrides.items()}
+    try:
+        values = fix(out) if callable(fix) else fix
+    except KeyError:  # this (sub-)config lacks a size the fix is computed from
+        return out
+    out.update({k: v for k, v in values.items() if k in out})
+    return out
+
+
+def repaired(overrides: dict, error: Exception) -> dict | None:
+    """``overrides`` changed to satisfy the validator message in ``error``, or None when no repair applies (or it
+    changes nothing)."""
+    for pattern, fix in REPAIRS:
+        match = pattern.search(str(error))
+        if match:
+            fixed = with_fix(overrides, functools.partial(fix, m=match))
+            if fixed != overrides:
+                return fixed
+    return None
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = deep_merge(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
+def variants(defaults: dict, model_type: str = "") -> list[dict]:
+    overrides = deep_merge(tiny_overrides(defaults), OVERRIDES.get(model_type, ({}, ""))[0])
+    return [overrides] + [with_fix(overrides, fix) for fix in RETRIES]
 
 
 def try_variant(model_type: str, overrides: dict):
@@ -168,6 +257,23 @@ def try_variant(model_type: str, overrides: dict):
     return model, params
 
 
+def _build_repairing(model_type: str, overrides: dict):
+    """(model, params, None, overrides) once a build succeeds, repairing what validators refuse;
+    (None, None, error, overrides) when a refusal has no repair."""
+    error = None
+    for _ in range(len(REPAIRS) + 1):
+        try:
+            model, params = try_variant(model_type, overrides)
+        except _config_errors() as exc:
+            error, fixed = exc, repaired(overrides, exc)
+            if fixed is None:
+                break
+            overrides = fixed
+            continue
+        return model, params, None, overrides
+    return None, None, error, overrides
+
+
 def derive(model_type: str) -> dict:
     """A generated arch entry for ``model_type``: its tiny config and attention names, or ``skip`` with why."""
     from transformers import AutoConfig
@@ -179,13 +285,13 @@ def derive(model_type: str) -> dict:
         defaults = AutoConfig.for_model(model_type).to_dict()
     except _config_errors() as exc:
         return {**entry, "skip": f"default config does not build: {type(exc).__name__}: {str(exc)[:200]}"}
+    if model_type in OVERRIDES:
+        entry["override"] = OVERRIDES[model_type][1]
     error, overrides = None, {}
-    for overrides in variants(defaults):
-        try:
-            model, params = try_variant(model_type, overrides)
-        except _config_errors() as exc:
-            error = exc  # an arch whose tiny config this generic derivation cannot satisfy: the row says why
-            continue
+    for overrides in variants(defaults, model_type):
+        model, params, error, overrides = _build_repairing(model_type, overrides)
+        if error is not None:
+            continue  # an arch whose tiny config this generic derivation cannot satisfy: the row says why
         if model is None:
             return {**entry, "skip": params, "config": overrides}
         attention = [n for n in attention_projections(model) if n not in EXPERT_PROJECTION_NAMES]

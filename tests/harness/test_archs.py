@@ -2,7 +2,7 @@
 
 import json
 
-from cases.discover import EXPERTS, TINY, tiny_overrides
+from cases.discover import EXPERTS, OVERRIDES, TINY, repaired, tiny_overrides
 from harness import archs
 from harness.matrix import Cell
 from tests.harness.conftest import passing_case, results_doc
@@ -48,3 +48,52 @@ def test_every_discovered_arch_is_a_row_with_its_reason(tmp_path):
     assert "experts_4bit" in rows["olmoe/nf4"] and "missing" in rows["olmoe/nf4"]  # no native result: said so
     assert "AttributeError" in rows["dbrx"]
     assert "aria" not in rows and "aria" in text.split("no causal-LM head")[-1]
+
+
+def test_every_sub_config_and_every_layer_kind_list_is_shrunk():
+    defaults = {"d_model": 6144, "n_layers": 28, "zero_expert_num": 256, "num_shared_experts": 2,
+                "mlp_layer_types": ["dense"] + ["sparse"] * 27,
+                "attn_config": {"kv_n_heads": 8, "hidden_size": 6144},
+                "ffn_config": {"hidden_size": 6144, "moe_num_experts": 16, "moe_top_k": 4}}
+    out = tiny_overrides(defaults)
+    assert out["mlp_layer_types"] == ["dense", "sparse"] and out["n_layers"] == 2
+    assert out["zero_expert_num"] == EXPERTS  # extra experts in the routed stack count too, shared ones do not
+    assert out["num_shared_experts"] == TINY["num_shared_experts"]
+    assert out["ffn_config"]["moe_num_experts"] == EXPERTS and out["ffn_config"]["moe_top_k"] == TINY["top_k"]
+    assert out["attn_config"]["hidden_size"] == TINY["hidden_size"]
+
+
+def test_sizes_other_sizes_determine_are_recomputed():
+    out = tiny_overrides({"hidden_size": 4096, "mamba_n_heads": 128, "mamba_d_head": 64, "mamba_expand": 2,
+                          "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "qk_head_dim": 192})
+    assert out["mamba_n_heads"] * out["mamba_d_head"] == out["mamba_expand"] * out["hidden_size"]
+    assert out["qk_head_dim"] == out["qk_nope_head_dim"] + out["qk_rope_head_dim"]
+
+
+def _validator_error(message: str) -> Exception:
+    # the shape of huggingface_hub's StrictDataclassClassValidationError text: the cause on its own line
+    return ValueError(f"Class validation error for validator 'validate_architecture':\n    ValueError: {message}")
+
+
+def test_validator_messages_are_repaired_where_the_config_carries_the_sizes():
+    overrides = {"hidden_size": 64, "text_config": {"num_attention_heads": 4, "num_key_value_heads": 2},
+                 "vision_config": {"hidden_size": 32, "adapter_in_dim": 1536}}
+    fixed = repaired(overrides, _validator_error("num_key_value_heads must match num_attention_heads"))
+    assert fixed["text_config"]["num_key_value_heads"] == 4 and "num_key_value_heads" not in fixed
+    fixed = repaired(overrides, _validator_error("adapter_in_dim must match hidden_size"))
+    assert fixed["vision_config"]["adapter_in_dim"] == 32  # the width of the config that carries both
+    topk = repaired({"num_experts_per_tok": 2}, _validator_error("ZAYA currently supports `num_experts_per_tok=1` only."))
+    assert topk == {"num_experts_per_tok": 1}
+    swa = repaired({"head_dim": 16, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8},
+                   _validator_error("SWA head_dim must equal qk_nope_head_dim + qk_rope_head_dim"))
+    assert swa["head_dim"] == 24
+
+
+def test_an_unknown_refusal_or_a_repair_that_changes_nothing_is_not_retried():
+    assert repaired({"hidden_size": 64}, _validator_error("hidden_size must be divisible by 7")) is None
+    assert repaired({"num_experts_per_tok": 1}, _validator_error("supports `num_experts_per_tok=1` only")) is None
+
+
+def test_every_per_model_override_says_why_no_generic_rule_works():
+    for model_type, (values, reason) in OVERRIDES.items():
+        assert values and len(reason) > 40, model_type
