@@ -12,6 +12,7 @@
     nox -s baseline                 accept reports/results as the new baseline (explicit, never a side effect)
     nox -s release                  the gate, then sdist + wheel with `python -m build` into dist/
     nox -s tests                    unit and fault-injection tests, in each test lane's venv
+    nox -s second_pass              re-run the stages that found nothing published yet (queued by e2e)
 """
 
 from __future__ import annotations
@@ -66,6 +67,23 @@ def _install_or_stop(session: nox.Session, cell: Cell, what: str) -> str:
     return python
 
 
+def _sibling_venv(session: nox.Session, cell: Cell, what: str) -> str:
+    """A venv next to this session's for a second cell (the session's own holds its first), installed with the
+    cell's pins; returns its interpreter."""
+    import subprocess
+
+    location = Path(session.virtualenv.location)
+    other = location.with_name(f"{location.name}-{cell.name.replace('.', '-')}")
+    if not (other / "bin" / "python").exists():
+        subprocess.run([install.uv_executable(), "venv", "-q", "-p", PYTHON, str(other)], check=True)
+    python = str(other / "bin" / "python")
+    try:
+        install.install(python, cell, MATRIX.environment, float(MATRIX.run["install_timeout_s"]))
+    except install.InstallError as exc:
+        session.error(f"cannot install {what} {cell.name}: {exc.message}")
+    return python
+
+
 def _options(session: nox.Session):
     try:
         return cli.parse_cell_options(session.posargs, MATRIX)
@@ -107,6 +125,7 @@ def _run_cell(session: nox.Session, cell: Cell, results_dir: Path, opts) -> None
 def e2e(session: nox.Session, cell: str) -> None:
     """One release lane: install its pins, run every case with shims off and on."""
     _run_cell(session, LANES[cell], RESULTS, _options(session))
+    _notify(session, "second_pass")  # queued once, before the report: after every lane of this run
     _notify(session, "report")
 
 
@@ -115,12 +134,15 @@ def e2e(session: nox.Session, cell: str) -> None:
 def e2e_full(session: nox.Session, cell: str) -> None:
     """One cell of the full transformers x peft x trl cross product."""
     _run_cell(session, FULL[cell], FULL_RESULTS, _options(session))
+    _notify(session, "second_pass")
     _notify(session, "report_full")
 
 
 @nox.session(python=PYTHON, default=False, requires=["e2e"])
 def lanes(session: nox.Session) -> None:
-    """Every release lane (in parallel under `nox -j N`), then the report, once, after all of them."""
+    """Every release lane (in parallel under `nox -j N`), then the second pass and the report, once, after all
+    of them."""
+    _second_pass(session)
     session.install(*REPORT_DEPS)
     session.run("python", "-m", "harness", "report", "--results", str(RESULTS),
                 "--out", str(REPO / "reports" / "COMPAT.md"))
@@ -135,7 +157,22 @@ def cell(session: nox.Session) -> None:
     except MatrixError as exc:
         session.error(str(exc))
     _run_cell(session, adhoc, RESULTS, opts)
+    session.notify("second_pass", [])
     session.notify("report", [])
+
+
+def _second_pass(session: nox.Session) -> None:
+    for summary in runner.run_second_pass(WORK):
+        session.log(f"second pass: {Path(summary['results']).name}: {len(summary['cases'])} case(s) re-ran "
+                    f"{', '.join(summary['stages']) or 'nothing'} ({summary['seconds']} s)")
+
+
+# python=False: the harness is standard library only; each registered pass runs in its cell's own venv
+@nox.session(python=False, default=False)
+def second_pass(session: nox.Session) -> None:
+    """After the lanes: re-run the stages that found nothing published yet when their lane ran (a fresh run's 4.57
+    lanes go first, so their per_expert_adapters stage has no 5.x adapter to load), into the lanes' results files."""
+    _second_pass(session)
 
 
 @nox.session(python=PYTHON, default=False)
@@ -144,7 +181,11 @@ def mutations(session: nox.Session) -> None:
     from harness import mutations as mut
 
     python = _install_or_stop(session, MATRIX.mutation_cell(), "the mutation cell")
-    score = mut.run_mutations(MATRIX, python, WORK / "mutations", WORK, session.posargs or None)
+    others = {}  # cells of [mutations.elsewhere]: a venv beside this session's each
+    for group in MATRIX.mutation_groups(session.posargs or None):
+        if group["cell"].name != MATRIX.mutation_cell().name:
+            others[group["cell"].name] = _sibling_venv(session, group["cell"], "a mutation cell")
+    score = mut.run_mutations(MATRIX, python, WORK / "mutations", WORK, session.posargs or None, others)
     mut.write_score(score, REPO / "reports" / "mutations.json")
     session.log(f"mutations caught: {score['caught']} / {score['planted']}")
     session.notify("report", [])

@@ -73,6 +73,20 @@ def _fuse_swapped_experts() -> None:
     checkpoint_v4.fuse_per_expert_quant_states = swapped
 
 
+def _per_expert_gate_up_swapped() -> None:
+    """Splitting a fused gate_up LoRA into per-expert modules hands gate's half of each expert's B to up_proj and
+    up's half to gate_proj: every tensor keeps its shape and the adapter loads, only the wrong projection moves."""
+    from shims import adapter_per_expert  # split_fused_experts looks the function up here on every call
+
+    original = adapter_per_expert._expert_pairs
+
+    def swapped(*args, **kwargs):
+        pairs = original(*args, **kwargs)
+        return pairs[::-1] if len(pairs) == 2 else pairs
+
+    adapter_per_expert._expert_pairs = swapped
+
+
 def _skip(patch_name: str):
     def mutate() -> None:
         import shims
@@ -90,6 +104,7 @@ MUTATIONS = {
     "expert_family_skipped": _expert_family_skipped,
     "recipe_dtype_uncast": _recipe_dtype_uncast,
     "fuse_swapped_experts": _fuse_swapped_experts,
+    "per_expert_gate_up_swapped": _per_expert_gate_up_swapped,
 }
 
 

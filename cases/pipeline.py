@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from harness.results import case_id  # the results schema (standard library only)
+from harness.results import AWAITS_PUBLISHERS, case_id  # the results schema (standard library only)
 
 from . import measure, portable, tiny
 
@@ -33,6 +33,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "prequantized": ("build",),
     "prequantized_v4": ("build",),
     "rl_cycles": ("build",),
+    "per_expert_adapters": ("build",),
 }
 
 
@@ -43,7 +44,7 @@ def stage_order(shims_on: bool) -> list[str]:
     else:
         middle = ["merge", "export"]
     return ["build", "load", "lora", "gc_grads", "train", "save_adapter", *middle, "export_reload", "adapter_reload",
-            "foreign_adapters", "all_linear", "prequantized", "prequantized_v4", "rl_cycles"]
+            "foreign_adapters", "all_linear", "prequantized", "prequantized_v4", "rl_cycles", "per_expert_adapters"]
 
 
 def needs(stage: str, shims_on: bool) -> tuple[str, ...]:
@@ -119,10 +120,10 @@ class Case:
             kw["bnb_4bit_compute_dtype"] = getattr(torch, kw["bnb_4bit_compute_dtype"])
         return BitsAndBytesConfig(**kw)
 
-    def _load_base(self, path: Path):
+    def _load_base(self, path: Path, config=None):
         from transformers import AutoModelForCausalLM
 
-        kwargs = dict(_placement(self.spec.run))
+        kwargs = dict(_placement(self.spec.run), **({"config": config} if config is not None else {}))
         qc = self._quantization_config()
         if qc is not None:
             kwargs["quantization_config"] = qc
@@ -502,6 +503,39 @@ class Case:
             prequantized_v4_max_abs=max(o["max_abs"] for o in outcomes),
             prequantized_v4_experts_4bit=all(o["expert_tensors"] > 0 and o["experts_quantized"] == o["expert_tensors"]
                                              for o in outcomes))
+
+    def per_expert_adapters(self) -> None:
+        """Fused expert adapters that transformers 5.x cells trained, on a transformers whose experts are per-expert
+        modules (4.57): natively loaded as they are, with shims after shims.convert_adapter(to="per_expert"); each
+        must put LoRA on every per-expert module and reproduce its publisher's logits (rule per_expert_adapter)."""
+        if not self.spec.store_dir:
+            raise portable.NothingToDo("no adapter store configured for this run")
+        if self.spec.quant != "bf16":
+            # the publishers are native runs: on 5.x their nf4 experts stay bf16, which a 4-bit load here is not
+            raise portable.NothingToDo("checked on bf16 cases (native 5.x publishers leave nf4 experts bf16)")
+        if portable.has_fused_experts(self._load_base(self.model_dir)):
+            raise portable.NothingToDo("experts are fused 3D tensors in this transformers: it reads fused expert "
+                                       "LoRA as published (stage foreign_adapters); no per-expert modules")
+        entries = portable.fused_entries(Path(self.spec.store_dir), self.spec.arch, self.spec.quant)
+        if not entries:
+            # a fresh run's 4.57 lanes run before the 5.x lanes: the e2e session's second pass
+            # (harness.runner.run_second_pass) re-runs this stage once they have published
+            self.metrics.setdefault(AWAITS_PUBLISHERS, []).append("per_expert_adapters")
+            raise portable.NothingToDo("no fused-expert adapter published by another cell yet (the second pass "
+                                       "re-runs this stage after the transformers 5.x lanes)")
+        outcomes = [portable.try_per_expert(entry, self._load_base, self.spec.shims_on, self.work / "per_expert")
+                    for entry in entries]
+        self.metrics.update(
+            per_expert=outcomes, per_expert_total=len(outcomes),
+            per_expert_ok=sum(1 for o in outcomes if o.get("ok")),
+            per_expert_max_abs=max((o["max_abs"] for o in outcomes if o.get("max_abs") is not None), default=None),
+            per_expert_kl_max=max((o["kl"] for o in outcomes if o.get("kl") is not None), default=None),
+            per_expert_lora_modules=min((o.get("expert_loras", 0) for o in outcomes), default=0),
+            per_expert_linear_modules=max((o.get("expert_linears", 0) for o in outcomes), default=0),
+        )
+        bad = [o for o in outcomes if not o.get("ok")]
+        if bad:  # an adapter that did not load; what the loaded ones compute is judged by rule per_expert_adapter
+            raise AssertionError("; ".join(f"{o['from']}: {o.get('error')}" for o in bad))
 
     def rl_cycles(self) -> None:
         """RL-style merge_adapter -> forward -> unmerge_adapter cycles with a LoRA step between (trl's online

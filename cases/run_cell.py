@@ -103,7 +103,22 @@ def native_shims_status() -> dict:
         return {"shims_status_native": None, "shims_status_native_error": describe_error(exc)}
 
 
-def run_case(spec_dict: dict, log: EventLog) -> None:
+def _with_needs(wanted: list[str], shims_on: bool) -> set[str]:
+    """``wanted`` and every stage they need, transitively."""
+    from cases.pipeline import needs
+
+    out, todo = set(), list(wanted)
+    while todo:
+        name = todo.pop()
+        if name not in out:
+            out.add(name)
+            todo.extend(needs(name, shims_on))
+    return out
+
+
+def run_case(spec_dict: dict, log: EventLog, only: list[str] | None = None) -> None:
+    """Run one case's stages; ``only``: just these stages and the ones they need (the runner's second pass), with
+    the metrics those stages recorded listed under ``rerun`` in the record."""
     from cases.pipeline import Case, CaseSpec, needs, stage_order
     from cases.portable import NothingToDo
     from cases.tiny import ArchUnavailable
@@ -111,8 +126,13 @@ def run_case(spec_dict: dict, log: EventLog) -> None:
     spec = CaseSpec(**spec_dict)
     case = Case(spec)
     stages: dict[str, dict] = {}
+    rerun_metrics: dict = {}
+    selected = _with_needs(only, spec.shims_on) if only else None
     log.emit("case_start", case=spec.case_id)
     for name in stage_order(spec.shims_on):
+        if selected is not None and name not in selected:
+            continue
+        before = dict(case.metrics) if only and name in only else None
         missing = [d for d in needs(name, spec.shims_on) if stages.get(d, {}).get("status") != "ok"]
         if missing:
             stages[name] = {"status": "skipped", "reason": f"needs {', '.join(missing)}"}
@@ -131,13 +151,16 @@ def run_case(spec_dict: dict, log: EventLog) -> None:
         else:
             stages[name] = {"status": "ok"}
         stages[name]["seconds"] = round(time.perf_counter() - start, 3)
+        if before is not None:
+            rerun_metrics.update({k: v for k, v in case.metrics.items() if k not in before or before[k] != v})
     from cases.measure import peak_rss_mib
 
     case.metrics["peak_rss_mib"] = round(peak_rss_mib(), 1)
-    log.emit("case_end", case=spec.case_id, record={
-        "case": spec.case_id, "arch": spec.arch, "quant": spec.quant, "four_bit": spec.four_bit,
-        "recipe": spec.recipe is not None, "stages": stages, "metrics": case.metrics,
-    })
+    record = {"case": spec.case_id, "arch": spec.arch, "quant": spec.quant, "four_bit": spec.four_bit,
+              "recipe": spec.recipe is not None, "stages": stages, "metrics": case.metrics}
+    if only:
+        record["rerun"] = {"stages": list(only), "metrics": rerun_metrics}
+    log.emit("case_end", case=spec.case_id, record=record)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     native = {} if spec["shims_on"] else native_shims_status()
     log.emit("environment", **device_label(), shims_status=shims_status, **native, mutation=mutation)
     for case_spec in spec["cases"]:
-        run_case(case_spec, log)
+        run_case(case_spec, log, spec.get("only_stages"))
     log.emit("process_end")
     return 0
 

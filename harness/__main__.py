@@ -5,6 +5,8 @@
     gate      --results DIR [...] --baseline reports/baseline.json   exit 0 pass, 1 fail, 2 bad input
               (see harness/gate.py)
     baseline  --results DIR [...] --out reports/baseline.json        accept these results as the baseline
+    second-pass [--work DIR]  re-run the stages that awaited other cells' publications (after every lane ran)
+    mutations --python PY [--cell-python CELL=PY] [NAME ...]   the mutation check with existing interpreters
 """
 
 from __future__ import annotations
@@ -54,6 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     rc.add_argument("--results", type=Path, required=True)
     rc.add_argument("--work", type=Path, default=REPO / ".cache" / "e2e")
     rc.add_argument("options", nargs=argparse.REMAINDER, help="--arch/--quant/--mode/--device as for nox -s e2e")
+    sp = sub.add_parser("second-pass", help="after every lane ran: re-run the stages that found nothing published "
+                                            "yet (per_expert_adapters on 4.57 before the 5.x lanes) in the cells' "
+                                            "own interpreters, into their results files")
+    sp.add_argument("--work", type=Path, default=REPO / ".cache" / "e2e", help="the --work of the runs")
+    mu = sub.add_parser("mutations", help="the mutation check with existing interpreters (nox -s mutations installs "
+                                          "them): plant each bug, count how many the verdict rules catch")
+    mu.add_argument("names", nargs="*", help="mutations to plant (default: [mutations] planted in matrix.toml)")
+    mu.add_argument("--python", required=True, help="interpreter of the [mutations] cell")
+    mu.add_argument("--cell-python", action="append", default=[], metavar="CELL=PYTHON",
+                    help="interpreter of a [mutations.elsewhere] cell, by cell name (repeat)")
+    mu.add_argument("--work", type=Path, default=REPO / ".cache" / "e2e")
+    mu.add_argument("--out", type=Path, default=REPO / "reports" / "mutations.json")
     ar = sub.add_parser("archs", help="discover every MoE arch of an interpreter's transformers, run it shims off "
                                       "and on, write reports/ARCHS.md")
     ar.add_argument("--python", required=True, help="interpreter of the archs cell (torch/transformers/peft/trl)")
@@ -96,6 +110,26 @@ def main(argv: list[str] | None = None) -> int:
             for path in run_modes(cell, opts.mode, args.python, matrix.on_device(opts.device), args.results,
                                   args.work, opts.arch, opts.quant):
                 print(f"wrote {path}")
+        elif args.command == "second-pass":
+            from .runner import run_second_pass
+
+            for summary in run_second_pass(args.work):
+                print(f"second pass: {summary['results']}: {len(summary['cases'])} case(s) re-ran "
+                      f"{', '.join(summary['stages']) or 'nothing'} ({summary['seconds']} s)")
+        elif args.command == "mutations":
+            from . import mutations as mut
+
+            pythons = dict(item.split("=", 1) for item in args.cell_python)
+            matrix = load_matrix()
+            missing = [g["cell"].name for g in matrix.mutation_groups(args.names or None)
+                       if g["cell"].name != matrix.mutation_cell().name and g["cell"].name not in pythons]
+            if missing:
+                raise MatrixError(f"no interpreter for mutation cell(s) {', '.join(missing)}: pass --cell-python "
+                                  f"{missing[0]}=/path/to/python")
+            score = mut.run_mutations(matrix, args.python, args.work / "mutations", args.work, args.names or None,
+                                      pythons)
+            mut.write_score(score, args.out)
+            print(f"mutations caught: {score['caught']} / {score['planted']} -> {args.out}")
         elif args.command == "archs":
             from . import archs as archs_mod
 

@@ -88,6 +88,23 @@ class Matrix:
     def mutation_cell(self) -> Cell:
         return Cell(**self.mutations["cell"])
 
+    def mutation_groups(self, names=None) -> list[dict]:
+        """The mutation check's runs: {cell, archs, quants, names} per cell, the default cell first. A mutation
+        listed under [mutations.elsewhere] runs in its own cell and cases (its symptom shows only there)."""
+        names = list(names or self.mutations["planted"])
+        elsewhere = self.mutations.get("elsewhere", {})
+        default = {"cell": self.mutation_cell(), "archs": self.mutations.get("archs"), "quants": None,
+                   "names": [n for n in names if n not in elsewhere]}
+        groups = {default["cell"].name: default}
+        for name in names:
+            if name in elsewhere:
+                spec = elsewhere[name]
+                cell = Cell(**spec["cell"])
+                group = groups.setdefault(cell.name, {"cell": cell, "archs": spec.get("archs"),
+                                                      "quants": spec.get("quants"), "names": []})
+                group["names"].append(name)
+        return [g for g in groups.values() if g["names"]]
+
     def bench_cells(self) -> dict[str, Cell]:
         """Interpreter label -> the cell installed for it by ``nox -s bench``."""
         return {label: Cell(**pins) for label, pins in self.bench.items()}

@@ -37,22 +37,35 @@ def judge_against(control: dict[str, list[str]], mutant: dict[str, list[str]]) -
     return {"caught": bool(caught), "red_cases": [{"case": c, "reasons": r[:3]} for c, r in caught.items()]}
 
 
-def run_mutations(matrix: Matrix, python: str, out_dir: Path, work_root: Path, names=None) -> dict:
-    names = list(names or matrix.mutations["planted"])
-    cell = matrix.mutation_cell()
-    archs = matrix.mutations.get("archs")
-    control = red_cases(run_cell(cell, "on", python, matrix, out_dir / "control", work_root, archs=archs))
-    outcomes = {}
-    for name in names:
-        os.environ[MUTATION_ENV] = name
-        try:
-            path = run_cell(cell, "on", python, matrix, out_dir / name.replace(":", "_"), work_root, archs=archs)
-        finally:
-            del os.environ[MUTATION_ENV]
-        outcomes[name] = judge_against(control, red_cases(path))
-    return {"shims_version": shims_version(), "cell": cell.name, "when": time.time(),
+def run_mutations(matrix: Matrix, python: str, out_dir: Path, work_root: Path, names=None,
+                  pythons: dict[str, str] | None = None) -> dict:
+    """Plant each mutation in its cell (matrix.mutation_groups) after an unmutated control run of that cell and its
+    cases. ``python`` runs the default cell; ``pythons`` maps other cells' names to their interpreters."""
+    groups = matrix.mutation_groups(names)
+    default = matrix.mutation_cell().name
+    control_red, outcomes = {}, {}
+    for group in groups:
+        cell = group["cell"]
+        interp = python if cell.name == default else (pythons or {})[cell.name]
+        where = out_dir if cell.name == default else out_dir / cell.name
+
+        def run(folder: Path) -> dict[str, list[str]]:
+            return red_cases(run_cell(cell, "on", interp, matrix, folder, work_root, archs=group["archs"],
+                                      quants=group["quants"]))
+
+        control = run(where / "control")
+        prefix = "" if cell.name == default else f"{cell.name}: "
+        control_red.update({f"{prefix}{c}": r[:2] for c, r in control.items()})
+        for name in group["names"]:
+            os.environ[MUTATION_ENV] = name
+            try:
+                mutant = run(where / name.replace(":", "_"))
+            finally:
+                del os.environ[MUTATION_ENV]
+            outcomes[name] = {**judge_against(control, mutant), "cell": cell.name}
+    return {"shims_version": shims_version(), "cell": default, "when": time.time(),
             "planted": len(outcomes), "caught": sum(o["caught"] for o in outcomes.values()),
-            "control_red": {c: r[:2] for c, r in control.items()}, "mutations": outcomes}
+            "control_red": control_red, "mutations": outcomes}
 
 
 def write_score(score: dict, path: Path) -> None:
@@ -72,5 +85,7 @@ def render_section(path: Path) -> str:
              "| mutation | caught | red cases (first reason) |", "| --- | --- | --- |"]
     for name, o in score["mutations"].items():
         first = "; ".join(f"{r['case']}: {r['reasons'][0]}"[:160] for r in o["red_cases"][:2])
-        lines.append(f"| `{name}` | {'yes' if o['caught'] else '**no**'} | {first or 'all cases stayed green'} |")
+        where = f" (cell {o['cell']})" if o.get("cell", score["cell"]) != score["cell"] else ""
+        lines.append(f"| `{name}`{where} | {'yes' if o['caught'] else '**no**'} | "
+                     f"{first or 'all cases stayed green'} |")
     return "\n".join(lines)

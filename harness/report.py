@@ -18,7 +18,7 @@ from . import history, necessity, verdict
 from .matrix import Matrix, load_matrix
 from .merge import MergedResults, load_many
 from .mutations import render_section as render_mutations
-from .results import Problem, case_id
+from .results import AWAITS_PUBLISHERS, Problem, case_id
 
 MUTATIONS_FILE = Path(__file__).resolve().parent.parent / "reports" / "mutations.json"
 
@@ -88,6 +88,7 @@ def case_rows(docs: list[dict]) -> pd.DataFrame:
                 "kl_merged": _fmt(m.get("kl_merged")), "kl_export": _fmt(m.get("kl_export")),
                 "kl_export_fp32": _fmt(m.get("kl_export_fp32")),
                 "foreign": (f"{m['foreign_ok']}/{m['foreign_total']}" if "foreign_total" in m else ""),
+                "per_expert": _per_expert_cell(case),
                 "kl_adapter": _fmt(m.get("kl_adapter")),
                 "prequant_4x": (f"{_fmt(m.get('prequantized_v4_max_abs'))}"
                                 + (" 4-bit" if m.get("prequantized_v4_experts_4bit") else " float")
@@ -104,6 +105,18 @@ def case_rows(docs: list[dict]) -> pd.DataFrame:
                 "seconds": sum(s.get("seconds", 0) for s in case.get("stages", {}).values()),
             })
     return pd.DataFrame(rows)
+
+
+def _per_expert_cell(case: dict) -> str:
+    """Stage per_expert_adapters: adapters loaded / published, expert LoRA modules / per-expert modules, max |d
+    logits|; or why it did not run where that is worth a look (waiting for publishers, fused experts here)."""
+    m = case.get("metrics", {})
+    if "per_expert_total" in m:
+        return (f"{m['per_expert_ok']}/{m['per_expert_total']}, LoRA {m.get('per_expert_lora_modules')}/"
+                f"{m.get('per_expert_linear_modules')}, |d|<={_fmt(m.get('per_expert_max_abs'))}")
+    if "per_expert_adapters" in m.get(AWAITS_PUBLISHERS, []):
+        return "awaiting 5.x adapters"
+    return ""
 
 
 def missing_lane_rows(matrix: Matrix, docs: list[dict]) -> list[dict]:
@@ -278,7 +291,7 @@ def _header(docs: list[dict]) -> list[str]:
 def _details(df: pd.DataFrame) -> str:
     cols = ["transformers", "peft", "trl", "arch", "quant", "shims", "machine", "device", "loss", "grad_norm",
             "expert_grad", "experts_4bit", "routers_4bit", "expert_bytes", "merged", "kl_merged", "kl_export_fp32", "kl_export",
-            "kl_adapter", "gc_grads", "optim", "prequant_4x", "rl_cycles", "foreign", "samples", "verdict"]
+            "kl_adapter", "gc_grads", "optim", "prequant_4x", "rl_cycles", "foreign", "per_expert", "samples", "verdict"]
     cols = [c for c in cols if c in df.columns]
     view = df.sort_values(["cell", "arch", "quant", "mode"])[cols].fillna("")
     return view.to_markdown(index=False)
@@ -313,9 +326,15 @@ def _timings(docs: list[dict]) -> str:
         return "No runs."
     rows = [{"cell": d["cell"]["name"], "shims": SHIMS_LABEL.get(d["mode"], d["mode"]), "status": d["status"],
              "install s": (d.get("install") or {}).get("seconds", ""), "run s": d.get("seconds", ""),
-             "processes": d.get("processes", "")} for d in docs]
-    total = sum(float(d.get("seconds") or 0) + float((d.get("install") or {}).get("seconds") or 0) for d in docs)
+             "second pass s": _second_pass_seconds(d) or "", "processes": d.get("processes", "")} for d in docs]
+    total = sum(float(d.get("seconds") or 0) + float((d.get("install") or {}).get("seconds") or 0)
+                + _second_pass_seconds(d) for d in docs)
     return pd.DataFrame(rows).to_markdown(index=False) + f"\n\nTotal (sum over cells): {total / 60:.1f} min."
+
+
+def _second_pass_seconds(doc: dict) -> float:
+    """Time the runner's second pass (harness.runner.run_second_pass) spent re-running stages of this run."""
+    return round(sum(float(p.get("seconds") or 0) for p in doc.get("second_pass") or []), 1)
 
 
 def default_heatmap(out: Path) -> Path:

@@ -12,6 +12,9 @@ SCHEMA_VERSION = 1
 KIND = "moe-shims/cell-results"
 # Cell-level statuses. "ran": the process ran and every case has a record (a case may itself have failed).
 CELL_STATUSES = ("ran", "unresolvable", "install_failed")
+# Case metric: the stages that found nothing published yet by the cells they read from (a fresh run's early lanes);
+# harness.runner.run_second_pass re-runs exactly those stages after every lane has run.
+AWAITS_PUBLISHERS = "awaits_publishers"
 
 
 def case_id(arch: str, quant: str) -> str:

@@ -9,6 +9,7 @@ cases run in a fresh child, so one bad case never costs the rest of the cell.
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import os
 import platform
@@ -19,7 +20,7 @@ import time
 from pathlib import Path
 
 from .matrix import Cell, Matrix
-from .results import KIND, SCHEMA_VERSION, case_id, results_name, write_json_atomic
+from .results import AWAITS_PUBLISHERS, KIND, SCHEMA_VERSION, case_id, case_key, results_name, write_json_atomic
 
 REPO = Path(__file__).resolve().parent.parent
 POLL_S = 0.5
@@ -61,8 +62,10 @@ def _read_events(path: Path, offset: int) -> tuple[list[dict], int]:
 class CellRun:
     """Supervises the child processes of one (cell, mode) until every case has a record."""
 
-    def __init__(self, python: str, specs: list[dict], work: Path, case_timeout_s: float, log_path: Path):
+    def __init__(self, python: str, specs: list[dict], work: Path, case_timeout_s: float, log_path: Path,
+                 only_stages: list[str] | None = None):
         self.python = python
+        self.only_stages = only_stages  # the second pass: just these stages (and what they need)
         self.pending = [s for s in specs]
         self.work = work
         self.case_timeout_s = case_timeout_s
@@ -84,7 +87,8 @@ class CellRun:
         self.children += 1
         spec_path = self.work / f"spec-{self.children}.json"
         events_path = self.work / f"events-{self.children}.jsonl"
-        spec_path.write_text(json.dumps({"shims_on": self.pending[0]["shims_on"], "cases": self.pending}))
+        spec_path.write_text(json.dumps({"shims_on": self.pending[0]["shims_on"], "cases": self.pending,
+                                         "only_stages": self.only_stages}))
         events_path.unlink(missing_ok=True)
         env = child_env()
         with open(self.log_path, "a", encoding="utf-8") as log:
@@ -176,8 +180,9 @@ def _log_tail(path: Path, chars: int = 1500) -> str:
 
 
 def run_cell(cell: Cell, mode: str, python: str, matrix: Matrix, results_dir: Path, work_root: Path,
-             archs=None, quants=None, install: dict | None = None) -> Path:
-    """Run every case of ``cell`` in ``mode`` ("off"/"on") with ``python``; write and return its results file."""
+             archs=None, quants=None, install: dict | None = None, second_pass: bool = False) -> Path:
+    """Run every case of ``cell`` in ``mode`` ("off"/"on") with ``python``; write and return its results file.
+    ``second_pass``: register the cases whose stages await other cells' publications for run_second_pass."""
     work = work_root / cell.name / f"shims-{mode}"
     work.mkdir(parents=True, exist_ok=True)
     specs = matrix.case_specs(mode == "on", archs, quants, cache_dir=str(work_root / "models"),
@@ -195,7 +200,107 @@ def run_cell(cell: Cell, mode: str, python: str, matrix: Matrix, results_dir: Pa
     )
     path = results_dir / results_name(cell.name, mode)
     write_json_atomic(path, doc)
+    if second_pass:
+        register_second_pass(work_root, path, python, specs, work, float(matrix.run["case_timeout_s"]))
     return path
+
+
+# -- the second pass --------------------------------------------------------------------------------------------------
+# Some stages read what other cells publish to the store (work_root/adapters): a 4.57 lane's per_expert_adapters
+# loads the fused adapters that 5.x lanes train. In a fresh run the 4.57 lanes go first (the 5.x lanes load the 4.x
+# pre-quantized checkpoints they publish), so those stages find nothing and record so (metric awaits_publishers).
+# Each run registers such cases under work_root/second-pass; run_second_pass, after every lane, re-runs just those
+# stages in the cell's own interpreter and puts their records into the cell's results file.
+SECOND_PASS_DIR = "second-pass"
+
+
+def _registration(work_root: Path, results: Path) -> Path:
+    digest = hashlib.sha1(str(Path(results).resolve()).encode()).hexdigest()[:10]
+    return Path(work_root) / SECOND_PASS_DIR / f"{digest}__{Path(results).name}"
+
+
+def _awaiting(record: dict) -> list[str]:
+    return list(record.get("metrics", {}).get(AWAITS_PUBLISHERS) or [])
+
+
+def register_second_pass(work_root: Path, results: Path, python: str, specs: list[dict], work: Path,
+                         case_timeout_s: float) -> Path | None:
+    """Record the cases of ``results`` whose stages await publications (None, and any older registration of the same
+    results file removed, when there are none)."""
+    doc = json.loads(Path(results).read_text())
+    waiting = {case_key(c) for c in doc.get("cases", []) if _awaiting(c)}
+    target = _registration(work_root, results)
+    if not waiting:
+        target.unlink(missing_ok=True)
+        return None
+    write_json_atomic(target, {"results": str(results), "python": python, "work": str(work),
+                               "case_timeout_s": case_timeout_s,
+                               "specs": [s for s in specs if case_id(s["arch"], s["quant"]) in waiting]})
+    return target
+
+
+def run_second_pass(work_root: Path) -> list[dict]:
+    """Run every registered second pass (results files side by side when there are CPUs for it); each registration is
+    removed once its results file holds the new records. Returns one summary per results file."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    folder = Path(work_root) / SECOND_PASS_DIR
+    registrations = sorted(folder.glob("*.json")) if folder.is_dir() else []
+    if not registrations:
+        return []
+    with ThreadPoolExecutor(max_workers=min(len(registrations), parallel_jobs())) as pool:
+        return [f.result() for f in [pool.submit(_second_pass_one, r) for r in registrations]]
+
+
+def _second_pass_one(registration: Path) -> dict:
+    reg = json.loads(registration.read_text())
+    results = Path(reg["results"])
+    doc = json.loads(results.read_text())
+    records = {case_key(c): c for c in doc["cases"]}
+    # the results file decides what still waits (a newer first pass may have run the stage since)
+    groups: dict[tuple[str, ...], list[dict]] = {}
+    for spec in reg["specs"]:
+        stages = tuple(_awaiting(records.get(case_id(spec["arch"], spec["quant"]), {})))
+        if stages:
+            groups.setdefault(stages, []).append(spec)
+    started = time.time()
+    work = Path(reg["work"]) / SECOND_PASS_DIR
+    work.mkdir(parents=True, exist_ok=True)
+    rerun = []
+    for stages, specs in groups.items():
+        supervisor = CellRun(reg["python"], specs, work, float(reg["case_timeout_s"]), work / "cell.log",
+                             only_stages=list(stages))
+        supervisor.run()
+        for cid, new in supervisor.records.items():
+            records[cid] = merge_rerun(records[cid], new, list(stages))
+            rerun.append(cid)
+    summary = {"results": str(results), "cases": rerun, "stages": sorted({s for g in groups for s in g}),
+               "started": started, "seconds": round(time.time() - started, 1)}
+    if rerun:
+        doc["cases"] = [records[case_key(c)] for c in doc["cases"]]
+        doc.setdefault("second_pass", []).append({k: v for k, v in summary.items() if k != "results"})
+        write_json_atomic(results, doc)
+    registration.unlink(missing_ok=True)
+    return summary
+
+
+def merge_rerun(record: dict, new: dict, stages: list[str]) -> dict:
+    """``record`` with the second pass's records of ``stages`` and the metrics they recorded. A stage the second pass
+    needed that did not succeed (its build, say) is copied too, so a skip in the merged record has its cause."""
+    merged = {**record, "stages": dict(record.get("stages", {})), "metrics": dict(record.get("metrics", {}))}
+    for name, stage in new.get("stages", {}).items():
+        if name in stages or stage.get("status") not in ("ok", "skipped"):
+            merged["stages"][name] = stage
+    rerun = new.get("rerun") or {}
+    still = [s for s in _awaiting(record) if s not in stages]
+    metrics = dict(rerun.get("metrics", {}))
+    still += [s for s in metrics.pop(AWAITS_PUBLISHERS, []) if s not in still]
+    merged["metrics"].update(metrics)
+    if still:
+        merged["metrics"][AWAITS_PUBLISHERS] = still
+    else:
+        merged["metrics"].pop(AWAITS_PUBLISHERS, None)
+    return merged
 
 
 def interpreter_cell(python: str) -> Cell:
@@ -214,12 +319,13 @@ def parallel_jobs() -> int:
 
 def run_modes(cell: Cell, modes, python: str, matrix: Matrix, results_dir: Path, work_root: Path,
               archs=None, quants=None, install: dict | None = None) -> list[Path]:
-    """run_cell for each shims mode, side by side when there are CPUs for it."""
+    """run_cell for each shims mode, side by side when there are CPUs for it; cases awaiting other cells'
+    publications are registered for run_second_pass."""
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=min(len(modes), parallel_jobs())) as pool:
-        futures = [pool.submit(run_cell, cell, mode, python, matrix, results_dir, work_root, archs, quants, install)
-                   for mode in modes]
+        futures = [pool.submit(run_cell, cell, mode, python, matrix, results_dir, work_root, archs, quants, install,
+                               True) for mode in modes]
         return [f.result() for f in futures]
 
 
