@@ -422,7 +422,8 @@ class Case:
         if self.spec.quant != "bf16":
             raise portable.NothingToDo("foreign adapters are checked on bf16 cases only")
         entries = portable.foreign_entries(Path(self.spec.store_dir), self.spec.arch, self.spec.quant)
-        if not entries:
+        if not entries:  # the first lane of a fresh run: the second pass re-runs this stage after every lane
+            self.metrics.setdefault(AWAITS_PUBLISHERS, []).append("foreign_adapters")
             raise portable.NothingToDo("no adapter from another cell is available yet")
         outcomes = [portable.try_foreign(entry, self._load_base, self.spec.shims_on, self.work / "foreign")
                     for entry in entries]
