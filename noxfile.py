@@ -226,6 +226,18 @@ def bench(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON, default=False)
+def bench_depth(session: nox.Session) -> None:
+    """Full-depth QLoRA benchmark at small dims on CPU (the code path of the GPU run; figures are not comparable):
+    -> reports/BENCH-depth-cpu.md. The GPU run at full shapes: gpu/run.sh depth."""
+    python = _install_or_stop(session, MATRIX.bench_cells()["tf5"], "the bench cell")
+    session.install(*REPORT_DEPS)
+    session.run("python", "-m", "harness", "bench-depth", "--python", python, "--timeout-s", "900",
+                "--out", str(REPO / "reports" / "BENCH-depth-cpu.md"),
+                "--json", str(REPO / "reports" / "bench-depth-cpu.json"), *session.posargs,
+                env={"PYTHONPATH": str(REPO)})
+
+
+@nox.session(python=PYTHON, default=False)
 def report(session: nox.Session) -> None:
     """Render reports/COMPAT.md from reports/results alone."""
     session.install(*REPORT_DEPS)

@@ -16,5 +16,13 @@ dl .whl/tmp "bitsandbytes==${BNB:-0.50.2}" "peft==${PEFT:-0.21.2}"
 dl .whl/tf457 transformers==4.57.6 tokenizers==0.22.1 huggingface_hub==0.36.0 peft==0.18.1
 # trl and datasets for SFTTrainer (the GPU image has pyarrow, pandas, fsspec, httpx already)
 dl .whl/extra "trl==${TRL:-1.16.0}" datasets==5.0.1 dill multiprocess xxhash
+# peers for the full-depth benchmark (gpu/run.sh depth): experts4bit-qlora (needs torch + bitsandbytes only) and
+# unsloth with the small pure-python packages it imports; unsloth's wheel also carries its web "studio" (86 MB
+# unpacked), which training never imports: it is left out so everything fits the 64 MiB a device call may carry.
+mkdir -p .whl/peers
+dl .whl/peers experts4bit-qlora==0.58.1 unsloth_zoo==2026.10.9 tyro docstring_parser typeguard shtab \
+  cut_cross_entropy msgspec torchao
+dl .whl/tmp unsloth==2026.10.9
+(mkdir -p .whl/tmp/us && cd .whl/tmp/us && unzip -q ../unsloth-*.whl && rm -rf studio && zip -qr ../../peers/unsloth-nostudio.zip .)
 rm -rf .whl/tmp
 du -sh .whl

@@ -2,6 +2,7 @@
 # Runs on the GPU machine, in the repo root, with .whl/ carried along (gpu/fetch_wheels.sh made it).
 #   bash gpu/run.sh cases  OUT [harness options]   the e2e cases on CUDA -> OUT/results-cuda/*.json
 #   bash gpu/run.sh bench  OUT [bench options]     the side-by-side benchmark -> OUT/bench.json (+ BENCH.md)
+#   bash gpu/run.sh depth  OUT [--only a,b]        the full-depth benchmark -> OUT/BENCH-depth.md (+ JSON)
 set -euo pipefail
 what=$1; out=$2; shift 2
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site457 .whl/tf457/*.whl
@@ -14,5 +15,10 @@ case "$what" in
   bench) python3 -m harness bench --device cuda --interp tf5=python3 \
            --interp "tf457=env PYTHONPATH=$PWD:/tmp/site457:/tmp/siteextra:$PWD/.whl/site python3" \
            --work /tmp/bench --out "$out/BENCH.md" --json "$out/bench.json" "$@" ;;
-  *) echo "unknown action $what: use cases or bench" >&2; exit 2 ;;
+  depth) mkdir -p /tmp/sitepeers && for w in .whl/peers/*; do unzip -q -o "$w" -d /tmp/sitepeers; done
+         python3 -m harness bench-depth --python python3 --device cuda --full --work /tmp/depth \
+           --python457 "env PYTHONPATH=$PWD:/tmp/site457:/tmp/siteextra:$PWD/.whl/site python3" \
+           --python-peers "env HF_HUB_OFFLINE=1 PYTHONPATH=$PWD:/tmp/siteextra:$PWD/.whl/site:/tmp/sitepeers python3" \
+           --out "$out/BENCH-depth.md" --json "$out/bench-depth.json" "$@" ;;
+  *) echo "unknown action $what: use cases, bench or depth" >&2; exit 2 ;;
 esac

@@ -51,6 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--work", type=Path, default=REPO / ".cache" / "bench")
     bench.add_argument("--out", type=Path, default=REPO / "reports" / "BENCH.md")
     bench.add_argument("--json", type=Path, default=REPO / "reports" / "bench.json")
+    depth = sub.add_parser("bench-depth", help="full-depth QLoRA benchmark -> reports/BENCH-depth.md")
+    depth.add_argument("--python", required=True, help="command of the interpreter that runs the cases (5.x + shims)")
+    depth.add_argument("--python457", default="", help="command of a transformers 4.57 interpreter (peer row)")
+    depth.add_argument("--python-peers", default="", help="command of an interpreter with the peer packages "
+                                                          "(experts4bit-qlora, unsloth) importable")
+    depth.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    depth.add_argument("--full", action="store_true", help="Qwen3-30B-A3B / DeepSeek-V3 shapes (GPU); else small dims")
+    depth.add_argument("--only", default="", help="comma-separated run names (default: all; the build always runs)")
+    depth.add_argument("--timeout-s", type=float, default=1800)
+    depth.add_argument("--work", type=Path, default=REPO / ".cache" / "bench-depth")
+    depth.add_argument("--out", type=Path, default=REPO / "reports" / "BENCH-depth.md")
+    depth.add_argument("--json", type=Path, default=REPO / "reports" / "bench-depth.json")
     rc = sub.add_parser("run-cell", help="run the cases with an existing interpreter (e.g. on a GPU machine)")
     rc.add_argument("--python", required=True, help="interpreter that has torch/transformers/peft/trl")
     rc.add_argument("--results", type=Path, required=True)
@@ -100,6 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             doc = bench_mod.run_bench(bench_mod.parse_interpreters(args.interp), dims, run_opts, args.work)
             bench_mod.write(doc, args.out, args.json)
             print(bench_mod.render(doc))
+        elif args.command == "bench-depth":
+            from . import bench_depth
+
+            args.command_line = "python -m harness " + " ".join(argv if argv is not None else sys.argv[1:])
+            print(bench_depth.render(bench_depth.main_args(args)))
         elif args.command == "run-cell":
             from .cli import parse_cell_options
             from .runner import interpreter_cell, run_modes

@@ -1,0 +1,309 @@
+"""Full-depth benchmark, side by side in one run: a Qwen3-30B-A3B-shaped model QLoRA-trained with the shims under
+a GPU memory cap, the same levers at half depth next to bf16, a streamed merged export, and one DeepSeek-V3-sized
+MoE layer. Each configuration runs in its own process (cases/bench_depth.py); a crash, an out-of-memory or a
+timeout is a row with its error. Writes reports/BENCH-depth.md (+ JSON).
+
+    python -m harness bench-depth --python PY [--device cuda] [--full]   (gpu/run.sh depth does this on a GPU)
+
+Without ``--full`` the dims are small (CPU, minutes); ``--full`` uses the real shapes (a GPU with ~64 GB of disk).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import time
+from pathlib import Path
+
+from .results import write_json_atomic, write_text_atomic
+
+REPO = Path(__file__).resolve().parent.parent
+GIB = 1024 ** 3
+
+QWEN3_30B_A3B = ["--hidden", "2048", "--experts", "128", "--top-k", "8", "--moe-intermediate", "768",
+                 "--vocab", "151936", "--heads", "32", "--kv-heads", "4", "--head-dim", "128", "--layers", "48"]
+DEEPSEEK_V3_LAYER = ["--hidden", "7168", "--experts", "256", "--top-k", "8", "--moe-intermediate", "2048",
+                     "--vocab", "1024", "--heads", "8"]
+SMALL = ["--hidden", "64", "--experts", "8", "--top-k", "2", "--moe-intermediate", "48", "--vocab", "512",
+         "--heads", "4", "--kv-heads", "2", "--head-dim", "16", "--layers", "4"]
+
+
+def plan(full: bool) -> list[dict]:
+    """The runs, in order: name, cases.bench_depth arguments (CKPT and EXPORT are filled in), what it shows."""
+    dims = QWEN3_30B_A3B if full else SMALL
+    deep, half = ("48", "24") if full else ("4", "2")
+    seq = "2048" if full else "64"
+    cap = ["--cap-gib", "24"] if full else []
+    common = ["--seq", seq, "--batch", "1", "--rank", "16", "--steps", "3", *dims]
+    return [
+        {"name": "build", "args": ["build", "CKPT", "--format", "nf4", "--double-quant", *dims],
+         "what": "write the 4-bit checkpoint directly (no bf16 copy on disk)"},
+        {"name": f"shims-levers-{deep}", "args": ["run", "CKPT", "--config", "shims-levers", *cap, *common],
+         "what": f"{deep} layers, shims 4-bit + levers, under the cap"},
+        {"name": f"shims-levers-{half}", "args": ["run", "CKPT", "--config", "shims-levers", "--run-layers", half,
+                                                  *cap, "--export", "EXPORT", *common],
+         "what": f"{half} layers, shims 4-bit + levers, then shims.save_merged of the whole model"},
+        {"name": f"bf16-levers-{half}", "args": ["run", "CKPT", "--config", "bf16-levers", "--run-layers", half,
+                                                 *common],
+         "what": f"{half} layers, bf16 weights + the same levers (no cap: bf16 does not fit one)"},
+        {"name": f"shims-recipe-{deep}", "args": ["run", "CKPT", "--config", "shims-recipe", *cap, *common],
+         "what": f"{deep} layers, the tutorial recipe without the levers, under the cap"},
+        {"name": "huge-layer", "args": ["huge", "WORK", "--seq", "256" if full else "16",
+                                        *(DEEPSEEK_V3_LAYER if full else SMALL[:10])],
+         "what": "one DeepSeek-V3-sized MoE layer: 4-bit storage, forward, LoRA, export, exact"},
+        *peer_plan(full),
+    ]
+
+
+PEER_LAYERS = {True: "8", False: "2"}
+
+
+def peer_plan(full: bool) -> list[dict]:
+    """Peers on one bf16 checkpoint in the hub's per-expert format (what they all read), quantized at load, at a
+    depth whose bf16 checkpoint fits the disk next to the 4-bit one; same levers, same cap, same seq."""
+    dims = [*(QWEN3_30B_A3B if full else SMALL)[:-2], "--layers", PEER_LAYERS[full]]
+    cap = ["--cap-gib", "24"] if full else []
+    common = ["--seq", "2048" if full else "64", "--batch", "1", "--rank", "16", "--steps", "3", *cap, *dims]
+    n = PEER_LAYERS[full]
+    return [
+        {"name": "build-hub", "args": ["build", "HUB", "--format", "bf16-hub", *dims],
+         "what": f"{n}-layer bf16 checkpoint, per-expert keys (hub format)"},
+        {"name": f"peer-shims-{n}", "args": ["run", "HUB", "--config", "shims-levers", *common], "peer": True,
+         "what": f"{n} layers: transformers 5.x + shims, quantized at load"},
+        {"name": f"peer-tf457-{n}", "args": ["run", "HUB", "--config", "native-levers", *common], "peer": True,
+         "interp": "tf457", "what": f"{n} layers: transformers 4.57 native 4-bit (per-expert Linear4bit)"},
+        {"name": f"peer-e4b-{n}", "args": ["run", "HUB", "--config", "e4b-levers", *common], "peer": True,
+         "interp": "peers", "what": f"{n} layers: experts4bit-qlora's loader (its expert LoRA; attention bf16, "
+                                    "no attention LoRA)"},
+        {"name": f"peer-unsloth-{n}", "args": ["run", "HUB", "--config", "unsloth-levers", *common], "peer": True,
+         "interp": "peers", "what": f"{n} layers: unsloth FastLanguageModel, 4-bit, its LoRA and checkpointing"},
+    ]
+
+
+def _run(python: list[str], args: list[str], timeout_s: float) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    start = time.monotonic()
+    try:
+        proc = subprocess.run([*python, "-m", "cases.bench_depth", *args], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=timeout_s, check=False)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout_s:.0f} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            result = json.loads(line.split(" ", 1)[1])
+            result["wall_s"] = round(time.monotonic() - start, 1)
+            return result
+    tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()][-3:]
+    return {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-700:], "wall_s": round(time.monotonic() - start, 1)}
+
+
+def _needed_build(step: dict) -> str:
+    return "build-hub" if "HUB" in step["args"] else "build"
+
+
+def run_all(pythons: dict[str, list[str]], device: str, full: bool, work: Path, timeout_s: float,
+            only=None, after_each=None) -> dict:
+    """Every run of the plan (``only``: some of them, plus the builds they need); ``pythons`` maps interpreter
+    labels (tf5, tf457, peers) to commands. ``after_each(doc)`` is called after every run (the report is
+    rewritten then, so a run cut short still leaves what finished)."""
+    import shutil
+
+    work.mkdir(parents=True, exist_ok=True)
+    fill = {"CKPT": str(work / "ckpt"), "HUB": str(work / "hub"), "EXPORT": str(work / "export"),
+            "WORK": str(work)}
+    steps = plan(full)
+    wanted = {s["name"] for s in steps if not only or s["name"] in only}
+    wanted |= {_needed_build(s) for s in steps if s["name"] in wanted and not s["name"].startswith("build")}
+    results = {}
+    doc = {"when": time.time(), "host": platform.node(), "device": device, "full": full,
+           "plan": [{k: s[k] for k in ("name", "what", "peer") if k in s} for s in steps if s["name"] in wanted],
+           "results": results}
+    for step in steps:
+        if step["name"] not in wanted:
+            continue
+        build = _needed_build(step)
+        if step["name"] != build and "error" in results.get(build, {}):
+            results[step["name"]] = {"error": f"not run: {build} failed"}
+            continue
+        python = pythons.get(step.get("interp", "tf5"))
+        if python is None:
+            results[step["name"]] = {"error": f"not run: no {step.get('interp')} interpreter given"}
+            continue
+        args = [fill.get(a, a) for a in step["args"]] + ["--device", device]
+        results[step["name"]] = _run(python, args, timeout_s)
+        shutil.rmtree(work / "export", ignore_errors=True)  # a 24-layer bf16 export is 31 GB of disk
+        if after_each is not None:
+            after_each(doc)
+    return doc
+
+
+# ---------------------------------------------------------------------------------------------------------- render
+def _gib(value) -> str:
+    return "" if not isinstance(value, (int, float)) else f"{value / GIB:.2f}"
+
+
+def _peak(r: dict, phase: str, key: str):
+    return (r.get(phase) or {}).get(key)
+
+
+def _spread(values) -> str:
+    if not values:
+        return ""
+    ordered = sorted(values)
+    return f"{ordered[0]:.3f} / {ordered[len(ordered) // 2]:.3f} / {ordered[-1]:.3f}"
+
+
+def _train_rows(doc: dict, peers: bool = False) -> list[dict]:
+    gpu = doc["device"] == "cuda"
+    rows = []
+    for step in doc["plan"]:
+        if bool(step.get("peer")) != peers:
+            continue
+        r = doc["results"].get(step["name"])
+        if step["name"].startswith("build") or step["name"] == "huge-layer" or r is None:
+            continue
+        rows.append({
+            "run": step["name"], "what": step["what"], "layers": r.get("layers", ""),
+            "cap GiB": r.get("cap_gib") or "",
+            "resident GiB": _gib(r.get("resident_bytes")),
+            "train peak GiB": _gib(_peak(r, "train_peak", "gpu" if gpu else "host")),
+            **({"reserved peak GiB": _gib(_peak(r, "train_peak", "gpu_reserved"))} if gpu else {}),
+            "step s min / median / max": _spread(r.get("step_s")),
+            "tokens/s": f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "",
+            "LoRA": ",".join(r.get("lora_dtypes", [])), "optimizer": r.get("optimizer", ""),
+            "loss first -> last": (f"{r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}" if r.get("losses") else ""),
+            "error": r.get("error", ""),
+        })
+    return rows
+
+
+def _targets(doc: dict) -> list[dict]:
+    res, gpu = doc["results"], doc["device"] == "cuda"
+    deep, half = ("48", "24") if doc["full"] else ("4", "2")
+    mem_key = "gpu" if gpu else "host"
+    out = []
+
+    def add(what, value, bound, ok):
+        out.append({"target": what, "measured": value, "bound": bound,
+                    "met": {True: "yes", False: "**no**", None: "not measured"}[ok]})
+
+    peak = _peak(res.get(f"shims-levers-{deep}", {}), "train_peak", mem_key)
+    add(f"{deep} layers, shims + levers: train peak (allocated)", _gib(peak) + " GiB" if peak else "",
+        "<= 20 GiB" if doc["full"] else "(small dims: reported)",
+        None if peak is None else (peak <= 20 * GIB if doc["full"] else True))
+    shims_step = res.get(f"shims-levers-{half}", {}).get("step_median_s")
+    bf16_step = res.get(f"bf16-levers-{half}", {}).get("step_median_s")
+    ratio = shims_step / bf16_step if shims_step and bf16_step else None
+    add(f"{half} layers: shims step / bf16 step (median, same levers)", f"{ratio:.3f}" if ratio else "", "<= 1.1",
+        None if ratio is None else ratio <= 1.1)
+    export = res.get(f"shims-levers-{half}", {}).get("export")
+    if export:
+        allowance = export["shard_bytes"] + export["layer_bytes"]
+        if gpu:
+            extra = export["peak"]["gpu"] - export["before_bytes"]
+            add("export: GPU peak above resident", f"{_gib(extra)} GiB", f"<= shard + layer = {_gib(allowance)} GiB",
+                extra <= allowance)
+        extra_host = export["peak"]["host"] - export["host_before_bytes"]
+        add("export: host peak above the process before export", f"{_gib(extra_host)} GiB",
+            f"<= shard + layer = {_gib(allowance)} GiB", extra_host <= allowance)
+        add("export: every delta applied", f"{export['applied']}/{export['attempted']}", "all",
+            export["applied"] == export["attempted"] > 0)
+    else:
+        add("export", "", "bounded peaks", None)
+    huge = res.get("huge-layer", {})
+    ok = (huge.get("storage_exact") and all(huge["storage_exact"].values()) and huge.get("forward_max_abs") == 0.0
+          and huge.get("lora_b_moved") and huge.get("export_exact")) if "error" not in huge and huge else None
+    add("DeepSeek-V3 layer: storage, forward, export exact; LoRA trains",
+        json.dumps({k: huge.get(k) for k in ("storage_exact", "forward_max_abs", "export_mismatches")})
+        if huge and "error" not in huge else huge.get("error", ""), "exact", ok)
+    return out
+
+
+def render(doc: dict) -> str:
+    import pandas as pd
+
+    res = doc["results"]
+    device = next((r.get("device_name") for r in res.values() if r.get("device_name")), doc["device"])
+    when = dt.datetime.fromtimestamp(doc["when"], dt.timezone.utc)
+    build, huge = res.get("build", {}), res.get("huge-layer", {})
+    versions = next((r.get("transformers") for r in res.values() if r.get("transformers")), "?")
+    lines = [
+        f"# Full-depth QLoRA benchmark ({device})", "",
+        f"- when: {when:%Y-%m-%d %H:%M} UTC on {doc['host']}; transformers {versions}; "
+        f"{'Qwen3-30B-A3B shapes' if doc['full'] else 'small dims (CPU smoke run)'}",
+        f"- command: `{doc.get('command', 'python -m harness bench-depth')}`",
+        "- each run is its own process, one after another, in this one run; step times are the timed steps after one "
+        "warm-up step (min / median / max of 3); memory is torch's allocator (allocated; reserved also shown) on a "
+        "GPU and the sampled resident set on CPU",
+        f"- checkpoint: {_describe_build(build)}", "",
+        "## Training", "", pd.DataFrame(_train_rows(doc)).to_markdown(index=False) if _train_rows(doc) else "no runs",
+        "", "## Targets", "", pd.DataFrame(_targets(doc)).to_markdown(index=False), "",
+        "## DeepSeek-V3-sized MoE layer", "", _huge_table(huge), "",
+        "## Peers, side by side (same GPU, shapes, levers, cap and seq; shallower, so that the bf16 checkpoint they "
+        "all read fits the disk)", "", f"- checkpoint: {_describe_build(res.get('build-hub', {}))}", "",
+        pd.DataFrame(_train_rows(doc, peers=True)).to_markdown(index=False) if _train_rows(doc, True) else "no runs",
+        "", *_peer_ratios(doc), "",
+    ]
+    return "\n".join(lines)
+
+
+def _huge_table(huge: dict) -> str:
+    import pandas as pd
+
+    if not huge:
+        return "not run"
+    rows = [{"check": k, "result": json.dumps(v) if isinstance(v, (dict, list)) else v} for k, v in huge.items()]
+    return pd.DataFrame(rows).to_markdown(index=False)
+
+
+def _describe_build(build: dict) -> str:
+    if "error" in build:
+        return f"build failed: {build['error']}"
+    if not build:
+        return "not built"
+    how = ("written directly in 4 bits (nf4, double quant) layer by layer" if build.get("format") == "nf4"
+           else f"{build.get('format')}")
+    return (f"{build.get('layers')} layers, {build.get('params', 0) / 1e9:.2f} B parameters, {how}: "
+            f"{_gib(build.get('stored_bytes'))} GiB on disk, {build.get('build_s')} s")
+
+
+def _peer_ratios(doc: dict) -> list[str]:
+    """Each peer's train peak and median step relative to 5.x + shims on the same checkpoint."""
+    res, key = doc["results"], "gpu" if doc["device"] == "cuda" else "host"
+    rows = [s["name"] for s in doc["plan"] if s.get("peer")]
+    ours = res.get(rows[0], {}) if rows else {}
+    lines = []
+    for name in rows[1:]:
+        r = res.get(name, {})
+        if "error" in r or "error" in ours or not r:
+            lines.append(f"- {name}: no ratio ({(r.get('error') or ours.get('error') or 'not run')[:300]})")
+            continue
+        lines.append(f"- {name} / {rows[0]}: train peak {_peak(r, 'train_peak', key) / _peak(ours, 'train_peak', key):.2f}x, "
+                     f"step {r['step_median_s'] / ours['step_median_s']:.2f}x, resident "
+                     f"{r['resident_bytes'] / ours['resident_bytes']:.2f}x")
+    return lines
+
+
+def write(doc: dict, md: Path, js: Path) -> None:
+    write_json_atomic(js, doc)
+    write_text_atomic(md, render(doc))
+
+
+def main_args(args) -> dict:
+    pythons = {"tf5": shlex.split(args.python)}
+    if args.python457:
+        pythons["tf457"] = shlex.split(args.python457)
+    if args.python_peers:
+        pythons["peers"] = shlex.split(args.python_peers)
+    def save(doc):
+        doc["command"] = args.command_line
+        write(doc, args.out, args.json)
+
+    doc = run_all(pythons, args.device, args.full, args.work, args.timeout_s,
+                  only=[o for o in args.only.split(",") if o] or None, after_each=save)
+    save(doc)
+    return doc
