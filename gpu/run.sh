@@ -15,7 +15,7 @@ case "$what" in
   bench) python3 -m harness bench --device cuda --interp tf5=python3 \
            --interp "tf457=env PYTHONPATH=$PWD:/tmp/site457:/tmp/siteextra:$PWD/.whl/site python3" \
            --work /tmp/bench --out "$out/BENCH.md" --json "$out/bench.json" "$@" ;;
-  depth) mkdir -p /tmp/sitepeers && for w in .whl/peers/*; do unzip -q -o "$w" -d /tmp/sitepeers; done
+  depth) mkdir -p /tmp/sitepeers && for w in .whl/peers/*; do python3 -m zipfile -e "$w" /tmp/sitepeers; done
          python3 -m harness bench-depth --python python3 --device cuda --full --work /tmp/depth \
            --python457 "env PYTHONPATH=$PWD:/tmp/site457:/tmp/siteextra:$PWD/.whl/site python3" \
            --python-peers "env HF_HUB_OFFLINE=1 PYTHONPATH=$PWD:/tmp/siteextra:$PWD/.whl/site:/tmp/sitepeers python3" \
