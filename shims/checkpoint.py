@@ -37,7 +37,7 @@ from .bnb_config import is_bnb_4bit
 from .forward import PARAMETRIZE_CACHE_TARGETS
 from .loader_generation import V5, targets_for
 from .loader_v5 import v5_loader_needed
-from .quant_router import ROUTER_WEIGHT, is_router_path
+from .quant_router import ROUTER_WEIGHT, is_bnb_linear, is_router_path
 from .registry import Patch, Target, chain_undo, swap_attr
 from .storage import (
     EXPERT_WEIGHT_NAMES,
@@ -232,6 +232,8 @@ def _store_loaded_router(model, target_name: str, value) -> bool:
     if state is None or name != ROUTER_WEIGHT or not is_router_path(model, module_path):
         return False
     module = model.get_submodule(module_path)
+    if is_bnb_linear(module):
+        return False  # a router that is a Linear4bit (afmoe, hunyuan, jetmoe): bitsandbytes' own
     if getattr(module, "quant_state", None) is state:
         del module.quant_state
     install_saved_expert(module, module_path, name, value.data, state)

@@ -26,7 +26,7 @@ from contextlib import contextmanager, nullcontext
 from functools import wraps
 
 from .registry import Patch, Target, chain_undo, swap_attr
-from .storage import EXPERT_WEIGHT_NAMES, is_4bit_parametrization, quantized_parametrization
+from .storage import candidate_stacks, is_4bit_parametrization, quantized_parametrization
 
 log = logging.getLogger("shims")
 
@@ -58,7 +58,7 @@ def inject_quantized_expert_params(tuner, peft_config, model, adapter_name, low_
     if not targets:
         return []
     quantized = [(name, module) for name, module in model.named_modules()
-                 if any(quantized_parametrization(module, n) is not None for n in EXPERT_WEIGHT_NAMES)]
+                 if any(quantized_parametrization(module, n) is not None for n in candidate_stacks(module))]
     init_empty = getattr(tuners_utils, "init_empty_weights", None)
     ctx = init_empty if (low_cpu_mem_usage and init_empty is not None) else nullcontext
     injected = []
@@ -66,7 +66,7 @@ def inject_quantized_expert_params(tuner, peft_config, model, adapter_name, low_
         path = _strip_base_layer(current_name)  # where the outermost wrapper lives (or will live)
         if not path:
             raise ValueError("Targeting a parameter of the top-level module is not supported")
-        for param_name in EXPERT_WEIGHT_NAMES:
+        for param_name in candidate_stacks(module):  # registration order, as peft's own branch nests them
             if quantized_parametrization(module, param_name) is None:
                 continue
             key = f"{path}.{param_name}"

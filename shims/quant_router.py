@@ -30,6 +30,7 @@ from .loader_v5 import AFTER_LOAD_TARGET, SET_PARAM_TARGET, WARMUP_SIZE_TARGET, 
 from .registry import Patch, chain_undo
 from .storage import (
     ExpertQuantError,
+    base_module,
     expert_weight_names,
     install_packed_param,
     iter_expert_modules,
@@ -43,42 +44,111 @@ log = logging.getLogger("shims")
 ROUTER_WEIGHT = "weight"
 
 
-def _num_experts(experts_module) -> int:
-    name = expert_weight_names(experts_module)[0]
-    param = quantized_parametrization(experts_module, name)
-    return param.logical_shape[0] if param is not None else raw_tensor(experts_module, name).shape[0]
+def _num_experts(experts_module, names) -> int:
+    param = quantized_parametrization(experts_module, names[0])
+    return param.logical_shape[0] if param is not None else raw_tensor(experts_module, names[0]).shape[0]
+
+
+def _expert_counts(children: dict) -> tuple[set, set]:
+    """(names of the expert modules among ``children``, the row counts a router next to them may have): each expert
+    group's count, and where several fused experts modules sit side by side (inkling: routed + shared stacks) their
+    sum, for a router scoring all of them. A count of 1 is no routing decision."""
+    siblings = [base_module(child) for child in children.values()]
+    experts, counts, fused = set(), set(), []
+    for name, child in children.items():
+        names = expert_weight_names(base_module(child), siblings)
+        if names:
+            experts.add(name)
+            counts.add(_num_experts(base_module(child), names))
+            if len(names) > 1:
+                fused.append(_num_experts(base_module(child), names))
+    if len(fused) > 1:
+        counts.add(sum(fused))
+    return experts, {c for c in counts if c > 1}
+
+
+def is_bnb_linear(module) -> bool:
+    """A module bitsandbytes' loader converts itself: exactly nn.Linear (it checks the type, not subclasses), or
+    the Linear4bit it became."""
+    import torch
+    from bitsandbytes.nn import Linear4bit, Linear8bitLt
+
+    return type(module) is torch.nn.Linear or isinstance(module, (Linear4bit, Linear8bitLt))
+
+
+def _float_tensors(module, recurse: bool):
+    tensors = list(module.parameters(recurse=recurse)) + list(module.buffers(recurse=recurse))
+    return [t for t in tensors if t is not None and (t.is_floating_point() or t.device.type == "meta")]
 
 
 def router_shape(module) -> tuple | None:
-    """The logical (rows, cols) of ``module``'s router-like weight: a leaf module, not nn.Linear, whose tensors
-    are a 2D float (or shim 4-bit) ``weight`` and optionally a 1D ``bias``. None when it is not shaped so."""
-    import torch
-
-    if isinstance(module, torch.nn.Linear):
-        return None
-    if set(dict(module.named_children())) - {"parametrizations"}:
-        return None  # not a leaf (our parametrization's container aside)
+    """The logical (rows, cols) of ``module``'s router weight, or None when it is not a router the shims store:
+    a module (nn.Linear subclasses included, which bitsandbytes leaves float) holding a 2D float (or shim 4-bit)
+    ``weight``; besides it only per-expert statistics (float tensors of at most ``rows`` elements: a bias, a score
+    correction, a scale), and in sub-modules nothing larger (ernie's ``moe_statics``). Integer buffers (deepseek_v4's
+    token -> expert hash table) are not weights."""
+    if is_bnb_linear(module):
+        return None  # bitsandbytes' own (Linear4bit); see routers_of
     param = quantized_parametrization(module, ROUTER_WEIGHT)
     if param is not None:
-        return param.logical_shape
-    weight = module._parameters.get(ROUTER_WEIGHT)
-    others = {n: p for n, p in module._parameters.items() if n != ROUTER_WEIGHT and p is not None}
-    if weight is None or weight.dim() != 2 or not weight.is_floating_point():
+        shape = param.logical_shape
+    else:
+        weight = module._parameters.get(ROUTER_WEIGHT)
+        if weight is None or weight.dim() != 2 or not (weight.is_floating_point() or weight.device.type == "meta"):
+            return None
+        shape = tuple(weight.shape)
+    rows = shape[0]
+    own = [t for n, t in module.named_parameters(recurse=False) if n != ROUTER_WEIGHT]
+    own += [t for n, t in module.named_buffers(recurse=False)]
+    own = [t for t in own if t is not None and (t.is_floating_point() or t.device.type == "meta")]
+    inner = [t for name, child in module.named_children() if name != "parametrizations"
+             for t in _float_tensors(child, recurse=True)]
+    if any(t.numel() > rows for t in own + inner):
         return None
-    if set(others) - {"bias"} or any(p.dim() != 1 for p in others.values()):
+    return shape
+
+
+def _nested_linear_router(module, counts) -> str | None:
+    """The relative path of the one linear layer inside a router container (afmoe ``router.gate``, hunyuan
+    ``gate.wg``, jetmoe ``router.layer``, gemma4 ``router.proj``) when it is the container's only 2D weight and has
+    as many outputs as an expert group next to it; None otherwise."""
+    import torch
+
+    matrices = [(n, p) for n, p in module.named_parameters() if p.dim() >= 2 or type(p).__name__ == "Params4bit"]
+    if len(matrices) != 1 or not matrices[0][0].endswith("." + ROUTER_WEIGHT):
         return None
-    return tuple(weight.shape)
+    path = matrices[0][0].rpartition(".")[0]
+    linear = module.get_submodule(path)
+    if not isinstance(linear, torch.nn.Linear) or linear.out_features not in counts:
+        return None
+    return path
 
 
 def routers_of(parent) -> list[tuple[str, object]]:
-    """(child name, module) of every router next to a fused experts module directly under ``parent``."""
+    """(relative path, module) of every router next to an experts module directly under ``parent``: a child whose
+    2D weight has as many rows as an expert group (:func:`router_shape`), an nn.Linear child with that many outputs
+    (bitsandbytes quantizes it as Linear4bit), or the one linear layer inside a router container."""
     children = dict(parent.named_children())
-    experts = {name for name, child in children.items() if expert_weight_names(child)}
-    counts = {_num_experts(children[name]) for name in experts}
+    experts, counts = _expert_counts(children)
     if not counts:
         return []  # the common case while loading: most tensors' parents hold no experts
-    shapes = {name: router_shape(child) for name, child in children.items() if name not in experts}
-    return [(name, children[name]) for name, shape in shapes.items() if shape is not None and shape[0] in counts]
+    found = []
+    for name, child in children.items():
+        if name in experts:
+            continue
+        if is_bnb_linear(child):
+            if child.out_features in counts:
+                found.append((name, child))
+            continue
+        shape = router_shape(child)
+        if shape is not None:
+            if shape[0] in counts:
+                found.append((name, child))
+            continue
+        inner = _nested_linear_router(child, counts)
+        if inner is not None:
+            found.append((f"{name}.{inner}", child.get_submodule(inner)))
+    return found
 
 
 def iter_routers(model):
@@ -91,12 +161,18 @@ def iter_routers(model):
 
 
 def is_router_path(model, module_path: str) -> bool:
-    parent_path, _, child = module_path.rpartition(".")
-    try:
-        parent = model.get_submodule(parent_path) if parent_path else model
-    except AttributeError:
-        return False
-    return any(name == child for name, _ in routers_of(parent))
+    """True when ``module_path`` is a router of ``model`` (a child of an experts module's parent, or the linear
+    layer inside such a child)."""
+    parts = module_path.split(".")
+    for depth in (1, 2):
+        parent_path, relative = ".".join(parts[:-depth]), ".".join(parts[-depth:])
+        try:
+            parent = model.get_submodule(parent_path) if parent_path else model
+        except AttributeError:
+            continue
+        if any(name == relative for name, _ in routers_of(parent)):
+            return True
+    return False
 
 
 def _model_dtype(model):
@@ -132,6 +208,8 @@ def four_bit_router_weight(hf_quantizer, model, tensor_path: str):
     if name != ROUTER_WEIGHT or not module_path or not is_router_path(model, module_path):
         return None
     module = model.get_submodule(module_path)
+    if is_bnb_linear(module):
+        return None  # bitsandbytes' own
     if is_skipped(module_path, skip_patterns(hf_quantizer)) or kept_wide(model, module):
         return None
     return module_path, module
@@ -161,6 +239,8 @@ def quantize_model_routers(model, quantization_config, skip_modules=()) -> int:
     settings = QuantSettings.from_bnb_config(quantization_config)
     done = 0
     for path, module in list(iter_routers(model)):
+        if is_bnb_linear(module):
+            continue  # bitsandbytes' own: Linear4bit, or float where its skip list says so
         weight = module._parameters.get(ROUTER_WEIGHT)
         if weight is None or weight.device.type == "meta" or is_skipped(path, skip_modules) or kept_wide(model, module):
             continue
@@ -170,8 +250,8 @@ def quantize_model_routers(model, quantization_config, skip_modules=()) -> int:
 
 
 def router_storage(model) -> dict:
-    """How many routers, how many are stored 4-bit by the shims, how many the model keeps wider than its dtype
-    (left float on purpose, see kept_wide), and their stored bytes."""
+    """How many routers, how many are stored 4-bit (by the shims, or by bitsandbytes as a Linear4bit), how many the
+    model keeps wider than its dtype (left float on purpose, see kept_wide), and their stored bytes."""
     counts = dict(routers=0, quantized=0, kept_wide=0, bytes=0)
     for _, module in iter_routers(model):
         counts["routers"] += 1
@@ -179,9 +259,10 @@ def router_storage(model) -> dict:
         raw = raw_tensor(module, ROUTER_WEIGHT)
         counts["bytes"] += raw.numel() * raw.element_size()
         param = quantized_parametrization(module, ROUTER_WEIGHT)
-        if param is not None:
+        state = param.quant_state if param is not None else getattr(raw, "quant_state", None)  # Params4bit's own
+        if state is not None:
             counts["quantized"] += 1
-            counts["bytes"] += quant_state_bytes(param.quant_state)
+            counts["bytes"] += quant_state_bytes(state)
     return counts
 
 

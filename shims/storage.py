@@ -7,8 +7,8 @@ the fly, so every experts implementation (grouped_mm, batched_mm, eager) and eve
 sees the logical shape and the compute dtype. While the module runs its forward the dequantized tensor is cached
 and dropped when that forward returns (:mod:`shims.forward`): there is no persistent float copy.
 
-Also here: finding fused experts by STRUCTURE (3D tensors named ``gate_up_proj``/``up_proj`` and ``down_proj``, not
-by class name), quantizing them a few experts at a time (bit-identical to bitsandbytes' whole-tensor call),
+Also here: finding expert stacks by STRUCTURE (3D tensors sharing their leading expert dimension, whatever their
+names or class), quantizing them a few experts at a time (bit-identical to bitsandbytes' whole-tensor call),
 re-quantizing after a merge, and the byte accounting. The loaders that call this: :mod:`shims.loader_v5`
 (transformers 5.x), :mod:`shims.quant_legacy` (4.x), :mod:`shims.quant_router`, :mod:`shims.checkpoint`.
 """
@@ -24,7 +24,8 @@ from .forward import install_forward_hooks
 
 log = logging.getLogger("shims")
 
-# Canonical order = the order transformers registers them; peft nests its ParamWrappers in this order.
+# transformers' fused expert tensor names (the order it registers them). Experts are found by structure whatever the
+# names (expert_weight_names); these are the ones whose shape is also checked, and the 4.x / fused checkpoint formats.
 EXPERT_WEIGHT_NAMES = ("gate_up_proj", "up_proj", "down_proj")
 
 
@@ -152,7 +153,7 @@ def parametrization_class():
 # structure detection
 
 
-def _unwrap(module):
+def base_module(module):
     """The module that really holds the tensors (peft wrappers expose it through get_base_layer)."""
     get_base = getattr(module, "get_base_layer", None)
     return get_base() if callable(get_base) else module
@@ -242,7 +243,7 @@ def _single_stack_experts(module, siblings) -> bool:
         return True
     experts = _stack_shape(module, name)[0]
     for sibling in siblings or ():
-        sibling = _unwrap(sibling)
+        sibling = base_module(sibling)
         if sibling is module:
             continue
         stacks = candidate_stacks(sibling)
@@ -289,21 +290,28 @@ def _parent_children(model, path: str) -> list:
         parent = model.get_submodule(parent_path) if parent_path else model
     except AttributeError:
         return []
-    return [_unwrap(child) for _, child in parent.named_children()]
+    return [base_module(child) for _, child in parent.named_children()]
+
+
+def iter_expert_stacks(model) -> Iterator[tuple[str, object, tuple[str, ...]]]:
+    """(name, module, its expert stack names) for every experts module of ``model`` (peft wrappers see through)."""
+    for name, module in model.named_modules():
+        if not candidate_stacks(module):
+            continue
+        names = expert_weight_names(module, _parent_children(model, name))
+        if names:
+            yield name, module, names
 
 
 def iter_expert_modules(model) -> Iterator[tuple[str, object]]:
     """(name, module) for every experts module of ``model`` (peft wrappers see through to the base)."""
-    for name, module in model.named_modules():
-        if not candidate_stacks(module):
-            continue
-        if expert_weight_names(module, _parent_children(model, name)):
-            yield name, module
+    for name, module, _ in iter_expert_stacks(model):
+        yield name, module
 
 
 def is_quantized_experts(module) -> bool:
     """True when ``module`` (or the experts module a peft wrapper holds) has shim-quantized 4-bit expert weights."""
-    base = _unwrap(module)
+    base = base_module(module)
     return any(quantized_parametrization(base, n) is not None for n in candidate_stacks(base))
 
 
@@ -499,12 +507,12 @@ def dequantize_param(module, name: str):
 
     ``module`` may be the experts module or a peft wrapper around it. Raises ExpertQuantError otherwise.
     """
-    base = _unwrap(module)
+    base = base_module(module)
     param = quantized_parametrization(base, name)
     if param is None:
         raise ExpertQuantError(
             f"{type(base).__name__}.{name} is not a shim-quantized 4-bit expert tensor "
-            f"(quantized names here: {[n for n in EXPERT_WEIGHT_NAMES if quantized_parametrization(base, n)]})"
+            f"(quantized names here: {list(quantized_tensor_names(base))})"
         )
     return param(base.parametrizations[name].original)
 
@@ -523,8 +531,8 @@ def quant_state_bytes(qs) -> int:
 def expert_storage(model) -> dict:
     """Count fused expert weights: how many, how many 4-bit, their stored bytes, and what bf16 would take."""
     counts = dict(expert_tensors=0, quantized=0, bytes=0, bf16_bytes=0)
-    for _, module in iter_expert_modules(model):
-        for name in expert_weight_names(module):
+    for _, module, names in iter_expert_stacks(model):
+        for name in names:
             counts["expert_tensors"] += 1
             param = quantized_parametrization(module, name)
             raw = raw_tensor(module, name)
@@ -552,21 +560,24 @@ def claimed_expert_tensor(hf_quantizer, model, tensor_path: str):
     if hf_quantizer is None or model is None or not is_bnb_4bit(hf_quantizer):
         return None
     module_path, _, name = tensor_path.rpartition(".")
-    if name not in EXPERT_WEIGHT_NAMES:
-        return None
     try:
         module = model.get_submodule(module_path) if module_path else model
     except AttributeError:
         return None
-    if name not in expert_weight_names(module) or is_skipped(module_path, skip_patterns(hf_quantizer)):
+    if name not in candidate_stacks(module):
+        return None
+    if name not in expert_weight_names(module, _parent_children(model, module_path)):
+        return None
+    if is_skipped(module_path, skip_patterns(hf_quantizer)):
         return None
     return module_path, module, name
 
 
-def quantize_experts_module(module, module_name: str, settings: QuantSettings) -> int:
-    """Quantize every float expert weight of one experts module; returns how many were quantized."""
+def quantize_experts_module(module, module_name: str, settings: QuantSettings, names=None) -> int:
+    """Quantize every float expert weight of one experts module (``names``: its expert stacks, as
+    :func:`expert_weight_names` found them with the module's siblings); returns how many were quantized."""
     done = 0
-    for name in expert_weight_names(module):
+    for name in expert_weight_names(module) if names is None else names:
         if quantized_parametrization(module, name) is not None:
             continue
         raw = raw_tensor(module, name)
@@ -581,8 +592,8 @@ def quantize_model_experts(model, quantization_config, skip_modules=()) -> int:
     """Quantize the fused experts of an already loaded model (biases stay float). Returns tensors quantized."""
     settings = QuantSettings.from_bnb_config(quantization_config)
     done = 0
-    for name, module in list(iter_expert_modules(model)):
+    for name, module, names in list(iter_expert_stacks(model)):
         if is_skipped(name, skip_modules):
             continue
-        done += quantize_experts_module(module, name, settings)
+        done += quantize_experts_module(module, name, settings, names)
     return done

@@ -1,0 +1,252 @@
+"""Expert stacks and routers found by STRUCTURE, whatever their names (issue 14, shims side).
+
+Families beyond transformers' fused ``gate_up_proj`` / ``down_proj``, each from a tiny config built here:
+- jetmoe: experts modules holding ONE 3D ``weight`` (E, out, in) each (``mlp.input_linear`` / ``output_linear``, also
+  the attention experts ``self_attention.experts.*``); its routers are nn.Linear inside a gating module;
+- inkling: shared experts holding 3D ``gate_proj`` / ``up_proj`` / ``down_proj`` (a partial module before: only the
+  names the shims knew were 4-bit, and peft's LoRA on ``gate_proj`` was dropped); router rows = routed + shared;
+- routers of other shapes: nn.Linear subclasses (phimoe, llama4), routers with per-expert statistics (laguna,
+  ernie4_5_moe, deepseek_v4), routers inside a container (afmoe, hunyuan_v1_moe: bitsandbytes' own Linear4bit).
+References are exact: the float model holding the 4-bit model's dequantized weights, and the same LoRA on both.
+"""
+
+import pytest
+
+from conftest import q4_ids, q4_load, q4_reference, q4_requires_fused
+
+pytestmark = pytest.mark.needs_ml
+
+_COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+               max_position_embeddings=128, initializer_range=0.2, tie_word_embeddings=False)
+# Tiny configs as cases/discover.py derives them (transformers 5.24); an arch this transformers lacks is skipped.
+CONFIGS = {
+    "jetmoe": dict(num_local_experts=4, num_experts_per_tok=2, kv_channels=16, intermediate_size=24),
+    "inkling_text": dict(head_dim=16, moe_intermediate_size=24, n_routed_experts=4, num_experts_per_tok=2,
+                         n_shared_experts=1, intermediate_size=48, layer_types=["hybrid_sliding", "hybrid"]),
+    "afmoe": dict(head_dim=16, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2, num_shared_experts=1,
+                  sliding_window=16, intermediate_size=48, layer_types=["sliding_attention", "full_attention"]),
+    "ernie4_5_moe": dict(moe_intermediate_size=24, moe_num_experts=4, moe_k=2, intermediate_size=48),
+    "hunyuan_v1_moe": dict(head_dim=16, num_experts=4, moe_topk=2, intermediate_size=24),
+    "laguna": dict(head_dim=16, moe_intermediate_size=24, shared_expert_intermediate_size=32, num_experts=4,
+                   num_experts_per_tok=2, sliding_window=16, intermediate_size=48,
+                   layer_types=["full_attention", "full_attention"]),
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=16, intermediate_size=24),
+    "llama4_text": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=2, attention_chunk_size=16,
+                        intermediate_size=24, layer_types=["chunked_attention", "full_attention"]),
+    "deepseek_v4": dict(head_dim=16, moe_intermediate_size=24, n_routed_experts=4, num_experts_per_tok=2,
+                        n_shared_experts=1, sliding_window=16, q_lora_rank=32, qk_rope_head_dim=16,
+                        index_head_dim=16, index_n_heads=2,
+                        layer_types=["heavily_compressed_attention", "compressed_sparse_attention"]),
+}
+# Expert stacks per layer (module path under the layer -> stack names), as the model classes register them.
+STACKS = {
+    "jetmoe": {"mlp.input_linear": ("weight",), "mlp.output_linear": ("weight",),
+               "self_attention.experts.input_linear": ("weight",),
+               "self_attention.experts.output_linear": ("weight",)},
+    "inkling_text": {"mlp.experts": ("gate_up_proj", "down_proj"),
+                     "mlp.shared_experts": ("gate_proj", "up_proj", "down_proj")},
+}
+# The router of each arch's MoE layer (path under the layer) and who stores it in 4 bits.
+ROUTERS = {
+    "jetmoe": {"mlp.router.layer": "bnb", "self_attention.experts.router.layer": "bnb"},
+    "inkling_text": {"mlp.gate": "shims"},
+    "afmoe": {"mlp.router.gate": "bnb"},
+    "hunyuan_v1_moe": {"mlp.gate.wg": "bnb"},
+    "ernie4_5_moe": {"mlp.gate": "shims"},
+    "laguna": {"mlp.gate": "shims"},
+    "phimoe": {"mlp.router": "shims"},
+    "llama4_text": {"feed_forward.router": "shims"},
+    "deepseek_v4": {"mlp.gate": "shims"},
+}
+_SHIMS = ("quantize_fused_experts", "quantize_moe_routers", "prequantized_experts_checkpoint", "peft_quantized_experts",
+          "peft_merge_quantized_experts")
+
+
+@pytest.fixture(scope="module")
+def family_checkpoint(tmp_path_factory):
+    cache = {}
+
+    def checkpoint(model_type):
+        if model_type not in cache:
+            import torch
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            try:
+                config = AutoConfig.for_model(model_type, **_COMMON, **CONFIGS[model_type])
+            except (ValueError, KeyError) as exc:
+                pytest.skip(f"this transformers has no {model_type}: {exc}")
+            torch.manual_seed(0)
+            path = tmp_path_factory.mktemp(f"family_{model_type}")
+            AutoModelForCausalLM.from_config(config).save_pretrained(path)
+            cache[model_type] = str(path)
+        return cache[model_type]
+
+    return checkpoint
+
+
+@pytest.fixture
+def family_shims():
+    import shims
+
+    q4_requires_fused()
+    shims.apply(only=_SHIMS)
+    yield shims
+    shims.restore()
+
+
+def _moe_layers(model):
+    """(index, layer) of the decoder layers holding an MoE block (some archs keep the first layer dense)."""
+    layers = model.model.layers
+    return [(i, layer) for i, layer in enumerate(layers)
+            if any(n.endswith(("experts", "input_linear")) for n, _ in layer.named_modules())]
+
+
+def _float_3d_tensors(module) -> list[str]:
+    return [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()]
+
+
+@pytest.mark.parametrize("model_type", sorted(STACKS))
+def test_every_stack_of_an_experts_module_is_4bit(model_type, family_checkpoint, family_shims):
+    from shims import storage
+
+    model = q4_load(family_checkpoint(model_type))
+    layers = _moe_layers(model)
+    assert layers
+    for index, layer in layers:
+        for path, names in STACKS[model_type].items():
+            module = layer.get_submodule(path)
+            assert storage.quantized_tensor_names(module) and set(storage.quantized_tensor_names(module)) == set(names), (
+                f"layer {index} {path}: 4-bit {storage.quantized_tensor_names(module)}, expected {names}")
+            assert _float_3d_tensors(module) == [], f"layer {index} {path}: float stacks left"
+    counts = storage.expert_storage(model)
+    expected = sum(len(n) for n in STACKS[model_type].values()) * len(layers)
+    assert counts["expert_tensors"] == counts["quantized"] == expected
+    assert counts["bytes"] / counts["bf16_bytes"] <= 0.3
+
+
+@pytest.mark.parametrize("model_type", sorted(STACKS))
+def test_forward_equals_the_dequantized_model(model_type, family_checkpoint, family_shims):
+    import torch
+
+    from cases.measure import keep_bnb_compute_dtype
+
+    path = family_checkpoint(model_type)
+    model = q4_load(path)
+    keep_bnb_compute_dtype(model)  # bitsandbytes' CPU bf16 repack of a 4-output Linear4bit router fails (N % 64)
+    ref = q4_reference(model, path)
+    ids = q4_ids()
+    with torch.no_grad():
+        got, want = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert torch.allclose(got, want, rtol=0, atol=1e-5), (got - want).abs().max()
+
+
+def _targets(model_type):
+    return sorted(f"{path}.{name}" for path, names in STACKS[model_type].items() for name in names)
+
+
+@pytest.mark.parametrize("model_type", sorted(STACKS))
+def test_lora_on_every_stack_matches_the_float_model(model_type, family_checkpoint, family_shims):
+    """Adapter keys equal the float model's (same ParamWrapper nesting), every targeted stack carries LoRA and
+    trains, and the 4-bit model with the LoRA computes what its dequantized float twin with the same LoRA does."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from cases.measure import keep_bnb_compute_dtype
+
+    path = family_checkpoint(model_type)
+    model = q4_load(path)
+    keep_bnb_compute_dtype(model)
+    ref = q4_reference(model, path)
+    targets = _targets(model_type)
+
+    def config():
+        return LoraConfig(r=4, target_modules=[], target_parameters=targets, init_lora_weights=False)
+
+    torch.manual_seed(1)
+    pq = get_peft_model(model, config())
+    torch.manual_seed(1)
+    pr = get_peft_model(ref, config())
+    lora_q = {k: v for k, v in pq.state_dict().items() if "lora_" in k}
+    lora_r = {k for k in pr.state_dict() if "lora_" in k}
+    assert set(lora_q) == lora_r
+    stacks = sum(len(n) for n in STACKS[model_type].values()) * len(_moe_layers(model))
+    assert len(lora_q) == 2 * stacks  # lora_A and lora_B on every stack
+    pr.load_state_dict(lora_q, strict=False)
+    ids = q4_ids()
+    with torch.no_grad():
+        got, want = pq(input_ids=ids).logits, pr(input_ids=ids).logits
+    assert torch.allclose(got, want, rtol=0, atol=1e-5), (got - want).abs().max()
+    pq.train()
+    pq(input_ids=ids, labels=ids).loss.backward()
+    grads = {n: p.grad for n, p in pq.named_parameters() if "lora_" in n}
+    assert len(grads) == 2 * stacks and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("model_type", sorted(ROUTERS))
+def test_routers_found_by_structure_are_4bit(model_type, family_checkpoint, family_shims):
+    import torch
+    from bitsandbytes.nn import Linear4bit
+
+    from cases.measure import keep_bnb_compute_dtype
+    from shims import quant_router, storage
+
+    path = family_checkpoint(model_type)
+    model = q4_load(path)
+    layers = _moe_layers(model)
+    found = dict(quant_router.iter_routers(model))
+    expected = {f"model.layers.{i}.{p}": who for i, _ in layers for p, who in ROUTERS[model_type].items()}
+    assert set(found) == set(expected)
+    for path_, who in expected.items():
+        module = found[path_]
+        if who == "bnb":
+            assert isinstance(module, Linear4bit) and not storage.quantized_tensor_names(module)
+        else:
+            assert storage.quantized_tensor_names(module) == ("weight",)
+    counts = quant_router.router_storage(model)
+    assert counts["routers"] == counts["quantized"] == len(expected)
+    keep_bnb_compute_dtype(model)
+    ref = q4_reference(model, path)
+    ids = q4_ids()
+    with torch.no_grad():
+        got, want = model(input_ids=ids).logits, ref(input_ids=ids).logits
+    assert torch.allclose(got, want, rtol=0, atol=1e-5), (got - want).abs().max()
+
+
+def test_lone_3d_tensor_and_conv_kernels_are_not_experts():
+    """Structure, not "any 3D tensor": a single 3D tensor without an expert sibling (a bank of queries) and a
+    Conv1d kernel (out, in/groups, k) are left alone; a module's 3D tensors of different leading sizes are no group."""
+    import torch
+
+    from shims import storage
+
+    class Bank(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query = torch.nn.Parameter(torch.zeros(12, 4, 64))
+
+    class Mixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.zeros(4, 8, 64))
+            self.b = torch.nn.Parameter(torch.zeros(3, 8, 64))
+
+    parent = torch.nn.Module()
+    parent.bank, parent.conv, parent.mixed = Bank(), torch.nn.Conv1d(64, 64, 4, groups=64), Mixed()
+    assert list(storage.iter_expert_modules(parent)) == []
+
+
+def test_single_stacks_with_expert_siblings_are_one_group():
+    import torch
+
+    from shims import storage
+
+    class Stack(torch.nn.Module):
+        def __init__(self, *shape):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(*shape))
+
+    parent = torch.nn.Module()
+    parent.inner = torch.nn.Module()
+    parent.inner.up, parent.inner.down = Stack(4, 48, 64), Stack(4, 64, 24)
+    parent.alone = Stack(4, 8, 8)  # a sibling of `inner`, not of up/down
+    assert [n for n, _ in storage.iter_expert_modules(parent)] == ["inner.up", "inner.down"]
