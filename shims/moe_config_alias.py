@@ -8,14 +8,15 @@ granitemoehybrid, phimoe, llama4: ``num_local_experts``), so the first training 
 
 The patch gives those config classes the alias Mixtral's config already declares:
 ``attribute_map["num_experts"] = "num_local_experts"`` (reads and writes go to the real attribute; nothing new is
-serialized). Only classes that declare the aux loss, lack ``num_experts`` and name exactly one expert count get it.
-Needed where the installed trl's trainer code reads ``.num_experts`` off a config (read from its source files).
+serialized). The classes are declared targets (drift-checked, shown in ``status()``); of them, only those that still
+declare the aux loss, lack ``num_experts`` and name exactly one expert count get it. :func:`scan_affected` finds
+every such class of the installed transformers by reading its config modules: the tests check the declared list
+covers it. Needed where the installed trl's trainer code reads ``.num_experts`` off a config (read from its files).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import importlib
 import importlib.util
 import inspect
@@ -23,7 +24,7 @@ import logging
 import re
 from pathlib import Path
 
-from .registry import Patch, chain_undo, swap_attr
+from .registry import Patch, Target, chain_undo, swap_attr
 
 log = logging.getLogger("shims")
 
@@ -33,6 +34,19 @@ EXPERT_COUNT_NAMES = ("num_local_experts", "n_routed_experts", "moe_num_experts"
 # what a config class must declare for trl to turn the load-balancing loss on
 AUX_LOSS_FIELDS = ("output_router_logits", "router_aux_loss_coef")
 _READS_NUM_EXPERTS = re.compile(r"config\.num_experts\b")
+# the config classes of transformers 5.24 that need the alias (scan_affected() finds them; the tests keep this whole)
+_CONFIGS = (
+    ("transformers.models.deepseek_v4.configuration_deepseek_v4", "DeepseekV4Config"),
+    ("transformers.models.glm4v_moe.configuration_glm4v_moe", "Glm4vMoeTextConfig"),
+    ("transformers.models.glm5_next.configuration_glm5_next", "Glm5NextTextConfig"),
+    ("transformers.models.granitemoe.configuration_granitemoe", "GraniteMoeConfig"),
+    ("transformers.models.granitemoe_swa.configuration_granitemoe_swa", "GraniteMoeSWAConfig"),
+    ("transformers.models.granitemoehybrid.configuration_granitemoehybrid", "GraniteMoeHybridConfig"),
+    ("transformers.models.granitemoeshared.configuration_granitemoeshared", "GraniteMoeSharedConfig"),
+    ("transformers.models.llama4.configuration_llama4", "Llama4TextConfig"),
+    ("transformers.models.phimoe.configuration_phimoe", "PhimoeConfig"),
+)
+TARGETS = tuple(Target(module, f"{cls}.attribute_map") for module, cls in _CONFIGS)
 
 
 def trl_reads_num_experts() -> bool:
@@ -76,24 +90,33 @@ def _config_modules() -> list[str]:
     return found
 
 
-@functools.cache  # the installed libraries do not change within a process; needed() and install() both ask
-def affected_classes() -> tuple[tuple[type, str], ...]:
-    """(config class, the attribute its ``num_experts`` alias reads) for every config class trl would fail on."""
+def scan_affected() -> list[tuple[str, str]]:
+    """(module, class) of every config class of the installed transformers that trl would fail on (slow: imports
+    the candidate config modules; for the tests, which check :data:`TARGETS` covers them)."""
     from transformers import PretrainedConfig
 
     out = []
     for name in _config_modules():
-        try:
-            module = importlib.import_module(name)
-        except ImportError as exc:  # a model whose optional dependency is missing: its config is not usable anyway
-            log.debug("shims: %s not imported (%s)", name, exc)
-            continue
+        module = importlib.import_module(name)
         for cls in vars(module).values():
-            if isinstance(cls, type) and issubclass(cls, PretrainedConfig) and cls.__module__ == name:
-                target = alias_target(cls)
-                if target is not None:
-                    out.append((cls, target))
-    return tuple(out)
+            if isinstance(cls, type) and issubclass(cls, PretrainedConfig) and cls.__module__ == name \
+                    and alias_target(cls) is not None:
+                out.append((name, cls.__qualname__))
+    return out
+
+
+def affected_classes() -> list[tuple[type, str]]:
+    """(config class, the attribute its ``num_experts`` alias reads) for the declared classes that need it here."""
+    out = []
+    for target in TARGETS:
+        try:
+            cls, _ = target.locate()
+        except LookupError:  # a model this transformers does not have
+            continue
+        alias = alias_target(cls)
+        if alias is not None:
+            out.append((cls, alias))
+    return out
 
 
 def _needed() -> str | None:
@@ -118,6 +141,8 @@ PATCHES = (
         summary="MoE configs that name their expert count num_local_experts (granitemoe*, phimoe, llama4) also "
                 "answer num_experts, which trl's load-balancing loss reads on transformers 5.x",
         targets=(),
+        # Optional: each transformers release has some of these models; needed() says when none needs the alias.
+        optional_targets=TARGETS,
         needed=_needed,
         install=_install,
     ),
