@@ -191,8 +191,8 @@ _EXPERT_COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts")
 def config_as_published(base_dir: Path):
     """The publisher's base config as this transformers reads it, with the routed-expert count that the checkpoint
     holds, and what had to be set for that. transformers 5.x writes qwen3_moe's count only as num_local_experts;
-    4.57 reads num_experts (default 128) and would silently add 124 randomly initialised experts to a 4-expert
-    checkpoint. Both shims modes load the base this way: the stage compares adapters, not configs."""
+    4.57 reads num_experts (default 128) and would add 124 randomly initialised experts to a 4-expert checkpoint,
+    with a warning only. Both shims modes load the base this way: the stage compares adapters, not configs."""
     from transformers import AutoConfig
 
     written = json.loads((Path(base_dir) / "config.json").read_text())

@@ -10,6 +10,7 @@ file. Importing torch + transformers + peft + trl costs ~15 s, so one process ru
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -132,7 +133,7 @@ def run_case(spec_dict: dict, log: EventLog, only: list[str] | None = None) -> N
     for name in stage_order(spec.shims_on):
         if selected is not None and name not in selected:
             continue
-        before = dict(case.metrics) if only and name in only else None
+        before = copy.deepcopy(case.metrics) if only and name in only else None  # stages append to lists
         missing = [d for d in needs(name, spec.shims_on) if stages.get(d, {}).get("status") != "ok"]
         if missing:
             stages[name] = {"status": "skipped", "reason": f"needs {', '.join(missing)}"}

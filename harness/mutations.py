@@ -41,31 +41,31 @@ def run_mutations(matrix: Matrix, python: str, out_dir: Path, work_root: Path, n
                   pythons: dict[str, str] | None = None) -> dict:
     """Plant each mutation in its cell (matrix.mutation_groups) after an unmutated control run of that cell and its
     cases. ``python`` runs the default cell; ``pythons`` maps other cells' names to their interpreters."""
-    groups = matrix.mutation_groups(names)
     default = matrix.mutation_cell().name
     control_red, outcomes = {}, {}
-    for group in groups:
+    for group in matrix.mutation_groups(names):
         cell = group["cell"]
         interp = python if cell.name == default else (pythons or {})[cell.name]
         where = out_dir if cell.name == default else out_dir / cell.name
-
-        def run(folder: Path) -> dict[str, list[str]]:
-            return red_cases(run_cell(cell, "on", interp, matrix, folder, work_root, archs=group["archs"],
-                                      quants=group["quants"]))
-
-        control = run(where / "control")
+        control = _red_run(matrix, group, interp, where / "control", work_root)
         prefix = "" if cell.name == default else f"{cell.name}: "
         control_red.update({f"{prefix}{c}": r[:2] for c, r in control.items()})
         for name in group["names"]:
             os.environ[MUTATION_ENV] = name
             try:
-                mutant = run(where / name.replace(":", "_"))
+                mutant = _red_run(matrix, group, interp, where / name.replace(":", "_"), work_root)
             finally:
                 del os.environ[MUTATION_ENV]
             outcomes[name] = {**judge_against(control, mutant), "cell": cell.name}
     return {"shims_version": shims_version(), "cell": default, "when": time.time(),
             "planted": len(outcomes), "caught": sum(o["caught"] for o in outcomes.values()),
             "control_red": control_red, "mutations": outcomes}
+
+
+def _red_run(matrix: Matrix, group: dict, python: str, results_dir: Path, work_root: Path) -> dict[str, list[str]]:
+    """One run of a mutation group's cell and cases with the shims on: its red cases."""
+    return red_cases(run_cell(group["cell"], "on", python, matrix, results_dir, work_root, archs=group["archs"],
+                              quants=group["quants"]))
 
 
 def write_score(score: dict, path: Path) -> None:
