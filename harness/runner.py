@@ -255,7 +255,12 @@ def run_second_pass(work_root: Path) -> list[dict]:
 def _second_pass_one(registration: Path) -> dict:
     reg = json.loads(registration.read_text())
     results = Path(reg["results"])
-    doc = json.loads(results.read_text())
+    try:
+        doc = json.loads(results.read_text())
+    except FileNotFoundError:  # the results were removed since: nothing to complete
+        registration.unlink(missing_ok=True)
+        return {"results": str(results), "cases": [], "stages": [], "started": time.time(), "seconds": 0.0,
+                "note": "results file gone"}
     records = {case_key(c): c for c in doc["cases"]}
     # the results file decides what still waits (a newer first pass may have run the stage since)
     groups: dict[tuple[str, ...], list[dict]] = {}

@@ -176,6 +176,13 @@ def test_the_results_file_decides_what_still_waits(tmp_path, matrix):
     assert summary["cases"] == [] and not (tmp_path / "calls.jsonl").exists() and not reg.exists()
 
 
+def test_a_registration_whose_results_are_gone_is_dropped(tmp_path, matrix):
+    results, work_root, reg = lane_run(tmp_path, matrix, [awaiting(passing_case())], fake_interpreter(tmp_path))
+    results.unlink()
+    (summary,) = runner.run_second_pass(work_root)
+    assert summary["cases"] == [] and not reg.exists() and not (tmp_path / "calls.jsonl").exists()
+
+
 def test_a_crashed_second_pass_is_recorded_at_its_stage(tmp_path, matrix):
     exe = tmp_path / "python"
     exe.write_text("#!/bin/sh\nexit 9\n")
