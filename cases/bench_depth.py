@@ -329,6 +329,8 @@ def _load(args, config_name: str):
 
 
 def _lora(model, args, levers: bool, config_name: str):
+    import torch
+
     """Attention + routed-expert LoRA (fused target_parameters on 5.x, per-expert Linear modules on 4.57). e4b's
     loader has already put its own LoRA on the experts and is trained as it comes (peft would freeze parameters
     that are not named like its own LoRA), so its row has no attention LoRA."""
@@ -356,8 +358,13 @@ def _lora(model, args, levers: bool, config_name: str):
     pattern = "|".join(f"(?:{p})" for p in [r".*\.(q_proj|k_proj|v_proj|o_proj)", *targets["modules"]])
     config = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=pattern,
                         **({"target_parameters": targets["parameters"]} if targets["parameters"] else {}))
-    # autocast_adapter_dtype=False keeps the factors in the base dtype (bf16) instead of peft's fp32 upcast
+    # autocast_adapter_dtype=False keeps the factors in the base dtype (bf16) instead of peft's fp32 upcast; a 4-bit
+    # base (4.57's Linear4bit) has no float dtype to keep, so the lever casts the factors to bf16 itself
     model = get_peft_model(model, config, autocast_adapter_dtype=not levers)
+    if levers:
+        for p in model.parameters():
+            if p.requires_grad and p.dtype == torch.float32:
+                p.data = p.data.to(torch.bfloat16)
     return model, sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters() if p.requires_grad})
 
 
@@ -431,19 +438,41 @@ def run(args) -> dict:
                 times.append(time.perf_counter() - t)
     out.update(train_peak=train_peak, step_s=times, step_median_s=statistics.median(times),
                tokens_per_s=args.batch * args.seq / statistics.median(times), losses=losses)
+    if args.config.startswith("shims"):
+        out["dequant_layer_s"] = _dequant_layer_s(model, cuda)
     if args.export:
         del opt
         import shims
 
         model.eval()
-        before = mem.now()
+        before, host_before = mem.now(), Memory.rss()
         t = time.perf_counter()
         with mem.phase() as export_peak:
             counts = shims.save_merged(model, args.export, overwrite=True)
         out["export"] = {"s": round(time.perf_counter() - t, 1), "peak": export_peak, "before_bytes": before,
-                         "host_before_bytes": Memory.rss(), **{k: v for k, v in counts.items() if k != "path"},
+                         "host_before_bytes": host_before, **{k: v for k, v in counts.items() if k != "path"},
                          "shard_bytes": _largest_shard(Path(args.export)), "layer_bytes": _bf16_layer_bytes(model)}
     return out
+
+
+def _dequant_layer_s(model, cuda: bool, repeats: int = 5) -> float:
+    """Median time to dequantize one decoder layer's expert stacks once (the fast LoRA path does it three times per
+    step with checkpointing: forward, recompute, backward)."""
+    import torch
+
+    from shims.storage import dequantize_param, iter_expert_modules, quantized_tensor_names
+
+    _, module = next(iter(iter_expert_modules(model)))
+    base = module.get_base_layer() if hasattr(module, "get_base_layer") else module  # under peft's wrappers
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize() if cuda else None
+        t = time.perf_counter()
+        for tensor in quantized_tensor_names(base):
+            dequantize_param(base, tensor)
+        torch.cuda.synchronize() if cuda else None
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def _largest_shard(folder: Path) -> int:

@@ -63,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     depth.add_argument("--work", type=Path, default=REPO / ".cache" / "bench-depth")
     depth.add_argument("--out", type=Path, default=REPO / "reports" / "BENCH-depth.md")
     depth.add_argument("--json", type=Path, default=REPO / "reports" / "bench-depth.json")
+    dr = sub.add_parser("bench-depth-render", help="render BENCH-depth.md from one or more bench-depth JSON files")
+    dr.add_argument("--json", type=Path, action="append", required=True, help="a bench-depth JSON; repeat to merge")
+    dr.add_argument("--out", type=Path, default=REPO / "reports" / "BENCH-depth.md")
+    dr.add_argument("--out-json", type=Path, default=REPO / "reports" / "bench-depth.json")
     rc = sub.add_parser("run-cell", help="run the cases with an existing interpreter (e.g. on a GPU machine)")
     rc.add_argument("--python", required=True, help="interpreter that has torch/transformers/peft/trl")
     rc.add_argument("--results", type=Path, required=True)
@@ -117,6 +121,16 @@ def main(argv: list[str] | None = None) -> int:
 
             args.command_line = "python -m harness " + " ".join(argv if argv is not None else sys.argv[1:])
             print(bench_depth.render(bench_depth.main_args(args)))
+        elif args.command == "bench-depth-render":
+            from . import bench_depth
+
+            try:
+                doc = bench_depth.merge_docs([json.loads(p.read_text(encoding="utf-8")) for p in args.json])
+            except (ValueError, KeyError, OSError) as exc:  # json.JSONDecodeError is a ValueError
+                print(f"error: cannot merge {[str(p) for p in args.json]}: {exc!r}", file=sys.stderr)
+                return 2
+            bench_depth.write(doc, args.out, args.out_json)
+            print(f"wrote {args.out}")
         elif args.command == "run-cell":
             from .cli import parse_cell_options
             from .runner import interpreter_cell, run_modes

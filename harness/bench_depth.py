@@ -231,11 +231,14 @@ def render(doc: dict) -> str:
     when = dt.datetime.fromtimestamp(doc["when"], dt.timezone.utc)
     build, huge = res.get("build", {}), res.get("huge-layer", {})
     versions = next((r.get("transformers") for r in res.values() if r.get("transformers")), "?")
+    runs = doc.get("runs") or [{"when": doc["when"], "command": doc.get("command", "python -m harness bench-depth"),
+                                "runs": [s["name"] for s in doc["plan"]]}]
     lines = [
         f"# Full-depth QLoRA benchmark ({device})", "",
         f"- when: {when:%Y-%m-%d %H:%M} UTC on {doc['host']}; transformers {versions}; "
         f"{'Qwen3-30B-A3B shapes' if doc['full'] else 'small dims (CPU smoke run)'}",
-        f"- command: `{doc.get('command', 'python -m harness bench-depth')}`",
+        *[f"- run {i} ({dt.datetime.fromtimestamp(r['when'], dt.timezone.utc):%H:%M} UTC: {', '.join(r['runs'])}): "
+          f"`{r['command']}`" for i, r in enumerate(runs, 1)],
         "- each run is its own process, one after another, in this one run; step times are the timed steps after one "
         "warm-up step (min / median / max of 3); memory is torch's allocator (allocated; reserved also shown) on a "
         "GPU and the sampled resident set on CPU",
@@ -286,6 +289,20 @@ def _peer_ratios(doc: dict) -> list[str]:
                      f"step {r['step_median_s'] / ours['step_median_s']:.2f}x, resident "
                      f"{r['resident_bytes'] / ours['resident_bytes']:.2f}x")
     return lines
+
+
+def merge_docs(docs: list[dict]) -> dict:
+    """One document from several runs on one machine (device calls are at most 10 minutes each): the plans in
+    order, every result, and each run's time and command, which the report lists."""
+    merged = {**docs[0], "plan": [], "results": {}, "runs": []}
+    for doc in docs:
+        if (doc["device"], doc["full"]) != (docs[0]["device"], docs[0]["full"]):
+            raise ValueError("bench-depth runs of different devices or dims cannot be merged")
+        merged["plan"] += [s for s in doc["plan"] if s["name"] not in merged["results"]]
+        merged["results"].update(doc["results"])
+        merged["runs"] += doc.get("runs") or [{"when": doc["when"], "command": doc.get("command", ""),
+                                                "runs": [s["name"] for s in doc["plan"]]}]
+    return merged
 
 
 def write(doc: dict, md: Path, js: Path) -> None:

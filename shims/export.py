@@ -178,31 +178,77 @@ def kept_float32(base, dtype):
     return re.compile("|".join(rf"(?:^|\.){re.escape(n)}(?:$|\.)" for n in names))
 
 
+# Elements of one merge step: an expert stack is merged this many elements (whole experts) at a time, so the float32
+# temporaries on the model's device stay ~1 GiB whatever the stack (Qwen3-30B-A3B gate_up: 402 M elements).
+MERGE_CHUNK_ELEMENTS = 1 << 26
+
+
 def _merged_value(key, plan: _Plan, dtype, counts):
+    """The merged tensor ``key`` in ``dtype``, in host memory (the shard being written lives there anyway): only
+    one merge chunk's float32 temporaries are ever on the model's device beyond the dequantized base."""
     import torch
 
     owner, name, raw = plan.sources[key]
+    deltas = plan.deltas.get(key, ())
     with torch.no_grad():
-        value = _base_value(owner, name, raw).to(torch.float32)
-        for d in plan.deltas.get(key, ()):
+        base = _base_value(owner, name, raw)
+        out_dtype = dtype if base.is_floating_point() else raw.dtype
+        if not deltas:
+            return base.to(device="cpu", dtype=out_dtype).contiguous()
+        out = torch.empty(base.shape, dtype=out_dtype, device="cpu")
+        for start, stop in _merge_chunks(base, deltas):
+            value = base[start:stop].to(torch.float32)
+            for d in deltas:
+                delta = _float32_delta(d.wrapper, d.adapter, (start, stop) if _is_expert_stack(d, base) else None)
+                if tuple(delta.shape) != tuple(value.shape):
+                    raise MergeError(f"{key}: delta {tuple(delta.shape)} does not fit base {tuple(value.shape)}")
+                value += delta.to(torch.float32)
+                del delta
+            out[start:stop] = value.to(out_dtype)
+            del value
+        for d in deltas:
             counts["attempted"] += 1
-            delta = _float32_delta(d.wrapper, d.adapter)
-            if tuple(delta.shape) != tuple(value.shape):
-                raise MergeError(f"{key}: delta {tuple(delta.shape)} does not fit base {tuple(value.shape)}")
-            value = value + delta.to(torch.float32)
             counts["applied"] += 1
             counts[d.kind] += 1
-        out_dtype = dtype if value.is_floating_point() else raw.dtype
-        return value.to(out_dtype).contiguous()
+        return out
 
 
-def _float32_delta(wrapper, adapter):
-    """peft's own ``get_delta_weight``, without its final cast to the base parameter's dtype.
+def _is_expert_stack(d: _Delta, base) -> bool:
+    return type(d.wrapper).__name__ == "ParamWrapper" and base.dim() == 3 and getattr(d.wrapper, "num_experts", 1) > 1
+
+
+def _merge_chunks(base, deltas):
+    """(start, stop) along dim 0: whole experts, ~MERGE_CHUNK_ELEMENTS each, for an expert stack whose every delta
+    is an expert LoRA; the whole tensor otherwise. No chunk holds a single expert: peft computes a one-expert
+    ParamWrapper's delta as a plain Linear's."""
+    if not all(_is_expert_stack(d, base) for d in deltas):
+        return [(0, base.shape[0])]
+    experts = base.shape[0]
+    step = max(2, MERGE_CHUNK_ELEMENTS // max(1, base[0].numel()))
+    chunks = [[i, min(i + step, experts)] for i in range(0, experts, step)]
+    if len(chunks) > 1 and chunks[-1][1] - chunks[-1][0] == 1:
+        last = chunks.pop()
+        chunks[-1][1] = last[1]
+    return [tuple(c) for c in chunks]
+
+
+class _FactorHolder:
+    """Stands in for a LoRA ``nn.Linear`` where peft only reads ``.weight``."""
+
+    def __init__(self, weight):
+        self.weight = weight
+
+
+def _float32_delta(wrapper, adapter, experts: tuple[int, int] | None = None):
+    """peft's own ``get_delta_weight``, without its final cast to the base parameter's dtype; for an expert stack
+    optionally only experts ``[start, stop)``.
 
     ParamWrapper casts the delta to the (bf16 / dequantized) parameter's dtype, which would round the delta
     before the float32 addition. It reads only that parameter's dtype and device, so it runs on a shallow
     view whose base layer is a stub holding an empty float32 tensor: same factors, same convention, and the
-    live wrapper is not touched. lora.Linear and friends already return the delta in the adapter's dtype.
+    live wrapper is not touched. For an expert range the view holds those experts' factors (peft's convention:
+    lora_A rows expert-major, lora_B columns expert-fastest, see shims.lora_layout) and that many experts.
+    lora.Linear and friends already return the delta in the adapter's dtype.
     """
     import torch
 
@@ -214,6 +260,15 @@ def _float32_delta(wrapper, adapter):
     view = copy.copy(wrapper)
     view._modules = dict(wrapper._modules)  # own dict: the live wrapper keeps its real base layer
     view._modules["base_layer"] = stub
+    if experts is not None and experts != (0, wrapper.num_experts):
+        from .lora_layout import expert_factors, stack_expert_factors
+
+        a, b = wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight
+        part_a, part_b = stack_expert_factors(
+            [expert_factors(a, b, wrapper.num_experts, e) for e in range(*experts)])
+        view._modules["lora_A"] = {adapter: _FactorHolder(part_a)}
+        view._modules["lora_B"] = {adapter: _FactorHolder(part_b)}
+        view.num_experts = experts[1] - experts[0]
     return view.get_delta_weight(adapter)
 
 
