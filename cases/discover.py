@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -50,6 +51,9 @@ TINY = {
     "adapter_in_dim": HIDDEN, "adapter_input_size": HIDDEN, "adapter_out_dim": HIDDEN,
     # dense layers before the first MoE layer: none, so that both tiny layers route
     "first_k_dense_replace": 0, "num_dense_layers": 0,
+    # hybrids placing layer kinds by period (jamba): every layer routes, the second one attends (a hybrid cache
+    # holding no attention layer cannot tell a sequence length: real models always have some)
+    "expert_layer_period": 1, "expert_layer_offset": 0, "attn_layer_period": 2, "attn_layer_offset": 1,
     # latent / linear / state-space / indexer attention dims
     "kv_lora_rank": 16, "q_lora_rank": 32, "qk_rope_head_dim": 16, "qk_nope_head_dim": 16, "v_head_dim": 16,
     "linear_key_head_dim": 16, "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
@@ -82,10 +86,32 @@ def has_causal_lm(model_type: str) -> bool:
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 
+SOFTMAX_ATTENTION = re.compile(r"attention|attn")
+LINEAR_KIND = re.compile(r"linear|mamba|conv|ssm")
+EXPERT_KIND = re.compile(r"moe|sparse|expert")
+
+
 def _layer_types(value: list) -> list:
-    """Two layers keeping the arch's mix: the first occurrence of the first two distinct layer types."""
+    """Two layers keeping the arch's mix: the first two distinct layer kinds. Where the list mixes more kinds and
+    those two hold no softmax attention, an attention kind and an experts kind instead (a hybrid cache without an
+    attention layer cannot tell a sequence length; real models of these archs always attend somewhere)."""
     distinct = list(dict.fromkeys(value))
-    return (distinct + distinct)[:2] if distinct else value[:2]
+    first = (distinct + distinct)[:2] if distinct else value[:2]
+    if distinct and all(isinstance(k, str) and LINEAR_KIND.search(k) for k in distinct):
+        # defaults listing only linear-attention / state-space layers (granitemoehybrid: the attention layers of a
+        # real checkpoint are in its config.json): the second layer attends, under transformers' standard kind name
+        return [distinct[0], "full_attention"]
+    if len(distinct) <= 2 or any(_softmax_attention(k) for k in first):
+        return first
+    attention = next((k for k in distinct if _softmax_attention(k)), None)
+    experts = next((k for k in distinct if isinstance(k, str) and EXPERT_KIND.search(k)), None)
+    if attention is None or experts is None:
+        return first
+    return sorted({attention, experts}, key=distinct.index)
+
+
+def _softmax_attention(kind) -> bool:
+    return isinstance(kind, str) and bool(SOFTMAX_ATTENTION.search(kind)) and not LINEAR_KIND.search(kind)
 
 
 # expert counts under other spellings (moe_num_experts, longcat's zero_expert_num: extra identity experts that
@@ -136,6 +162,13 @@ def _derived(defaults: dict, out: dict) -> dict:
     if "qk_head_dim" in defaults and isinstance(value("qk_nope_head_dim"), int) \
             and isinstance(value("qk_rope_head_dim"), int):
         derived["qk_head_dim"] = value("qk_nope_head_dim") + value("qk_rope_head_dim")
+    # A logit multiplier below 1 compensates the width (cohere: 0.0625 at hidden 8192; a random model's logits grow
+    # with sqrt(hidden)). Kept as is at hidden 64 it leaves the logits ~11x smaller than the arch's, near uniform,
+    # and the loss hardly falls in a short run: scaled with the width instead, never above 1.
+    full, tiny = defaults.get("hidden_size"), value("hidden_size")
+    scale = defaults.get("logit_scale")
+    if isinstance(scale, float) and 0 < scale < 1 and isinstance(full, int) and isinstance(tiny, int) and full > tiny:
+        derived["logit_scale"] = round(min(1.0, scale * math.sqrt(full / tiny)), 4)
     # Mamba-2 mixers: heads x head dim is the expanded inner width (config validators check it)
     if all(isinstance(value(k), int) for k in ("mamba_n_heads", "mamba_d_head", "mamba_expand", "hidden_size")):
         derived["mamba_n_heads"] = value("mamba_expand") * value("hidden_size") // value("mamba_d_head")
@@ -147,8 +180,13 @@ def attention_projections(model) -> list[str]:
     import torch
 
     names = set()
+    attention_paths = [path for path, module in model.named_modules() if "Attention" in type(module).__name__]
     for path, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and re.search(r"(^|\.)(self_)?attn|attention(\.|$)", path):
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        # by path (self_attn, linear_attn, attention) or by the class of a parent (nemotron_h: "mixer")
+        parent = path.rsplit(".", 1)[0]
+        if re.search(r"(^|\.)(self_)?attn|attention(\.|$)", path) or parent in attention_paths:
             names.add(path.rsplit(".", 1)[-1])
     return sorted(names)
 

@@ -97,3 +97,23 @@ def test_an_unknown_refusal_or_a_repair_that_changes_nothing_is_not_retried():
 def test_every_per_model_override_says_why_no_generic_rule_works():
     for model_type, (values, reason) in OVERRIDES.items():
         assert values and len(reason) > 40, model_type
+
+
+def test_a_hybrid_keeps_an_attention_layer_and_an_experts_layer():
+    # nemotron_h: the first two kinds hold no softmax attention (a hybrid cache without one cannot tell a length)
+    out = tiny_overrides({"layers_block_type": ["linear_attention", "moe", "full_attention", "mlp"]})
+    assert out["layers_block_type"] == ["moe", "full_attention"]
+    # granitemoehybrid: defaults list only linear layers
+    out = tiny_overrides({"layer_types": ["linear_attention"] * 40})
+    assert out["layer_types"] == ["linear_attention", "full_attention"]
+    # two kinds: kept as they are
+    out = tiny_overrides({"layer_types": ["linear_attention"] * 3 + ["full_attention"]})
+    assert out["layer_types"] == ["linear_attention", "full_attention"]
+    assert tiny_overrides({"mlp_layer_types": ["dense", "sparse", "sparse"]})["mlp_layer_types"] == ["dense", "sparse"]
+
+
+def test_a_logit_multiplier_that_compensates_the_width_is_scaled_with_it():
+    out = tiny_overrides({"hidden_size": 8192, "logit_scale": 0.0625})  # cohere2_moe's defaults
+    assert out["logit_scale"] == round(0.0625 * (8192 / 64) ** 0.5, 4)
+    assert tiny_overrides({"hidden_size": 256, "logit_scale": 0.5})["logit_scale"] == 1.0  # never above 1
+    assert "logit_scale" not in tiny_overrides({"hidden_size": 8192, "logit_scale": 1.0})
