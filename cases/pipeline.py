@@ -179,7 +179,12 @@ class Case:
 
         if not self.spec.four_bit or transformers_loader() != V5:
             return {}
-        return quant_router.router_storage(model)
+        from shims.bnb_config import is_skipped
+
+        # routers the case's own llm_int8_skip_modules keeps float (an arch workaround, [archs.workarounds])
+        skip = self.spec.quant_spec["bnb"].get("llm_int8_skip_modules") or ()
+        skipped = sum(1 for path, _ in quant_router.iter_routers(model) if is_skipped(path, skip))
+        return {**quant_router.router_storage(model), "skipped": skipped}
 
     def _expert_storage(self, model) -> dict:
         """The shim accounts for the fused experts it stores; per-expert Linear4bit (transformers 4.57) and

@@ -11,12 +11,13 @@ import dataclasses
 import datetime as dt
 import json
 import subprocess
+import time
 from pathlib import Path
 
 import pandas as pd
 
 from . import runner, verdict
-from .matrix import Arch, Cell, Matrix
+from .matrix import Arch, Cell, Matrix, MatrixError
 from .results import case_id, load_dir, results_name, write_text_atomic
 
 REPO = Path(__file__).resolve().parent.parent
@@ -32,17 +33,48 @@ def discover(python: str, out: Path, timeout_s: float) -> dict:
     return json.loads(out.read_text(encoding="utf-8"))
 
 
+# Where the archs run is scheduled (checked against the workflow file by tests/harness/test_archs.py).
+SCHEDULE = ("CI (`bash .ci/run`: the test lanes) does not run it; the weekly e2e workflow does "
+            "(`.github/workflows/e2e.yml`, job `archs`: `nox -s archs`)")
+WORKAROUND_KEYS = ("bnb", "config", "why")
+
+
+def workarounds(matrix: Matrix) -> dict[str, dict]:
+    """``[archs.workarounds]``: arch -> {bnb: extra BitsAndBytesConfig arguments, config: tiny-config values,
+    why: the upstream cause}; every entry must say why."""
+    table = matrix.archs_settings.get("workarounds", {})
+    for name, spec in table.items():
+        unknown = set(spec) - set(WORKAROUND_KEYS)
+        if unknown or not spec.get("why") or not (spec.get("bnb") or spec.get("config")):
+            raise MatrixError(f"[archs.workarounds.{name}] needs why = \"...\" and bnb or config (and nothing else: "
+                              f"{sorted(unknown)})")
+    return table
+
+
+def workaround_label(spec: dict) -> str:
+    """One line naming what a workaround changes, e.g. ``llm_int8_skip_modules=['classifier']``."""
+    parts = [f"{k}={v!r}" for k, v in {**spec.get("bnb", {}), **spec.get("config", {})}.items()]
+    return ", ".join(parts)
+
+
 def discovered_matrix(matrix: Matrix, doc: dict) -> Matrix:
-    """The matrix with the discovered archs that built (their configs are complete: no common part) and the
-    shorter run settings of ``[archs]``."""
-    archs = {e["name"]: Arch(e["name"], e["model_type"], tuple(e.get("attention", ())), dict(e["config"]))
-             for e in doc["archs"] if "skip" not in e}
+    """The matrix with the discovered archs that built (their configs are complete: no common part), each with its
+    workaround from ``[archs.workarounds]``, and the shorter run settings of ``[archs]``."""
+    fixes = workarounds(matrix)
+    archs = {}
+    for e in doc["archs"]:
+        if "skip" in e:
+            continue
+        fix = fixes.get(e["name"], {})
+        archs[e["name"]] = Arch(e["name"], e["model_type"], tuple(e.get("attention", ())),
+                                {**e["config"], **fix.get("config", {})}, dict(fix.get("bnb", {})))
     run = {**matrix.run, **matrix.archs_settings.get("run", {})}
     return dataclasses.replace(matrix, archs=archs, arch_common={}, run=run)
 
 
 def run(cell: Cell, python: str, matrix: Matrix, out_dir: Path, work: Path, only=None) -> Path:
     """Discover, run both shims modes on the archs that built, render ARCHS.md; returns its path."""
+    started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = discover(python, out_dir / "discovered.json", float(matrix.run["install_timeout_s"]))
     sub = discovered_matrix(matrix, doc)
@@ -50,7 +82,8 @@ def run(cell: Cell, python: str, matrix: Matrix, out_dir: Path, work: Path, only
     quants = matrix.archs_settings.get("quants", ["nf4"])
     if names:
         runner.run_modes(cell, ("off", "on"), python, sub, out_dir / "results", work, names, quants)
-    return write_report(doc, out_dir / "results", REPO / "reports" / "ARCHS.md", quants)
+    return write_report(doc, out_dir / "results", REPO / "reports" / "ARCHS.md", quants, workarounds(matrix),
+                        RunInfo(time.monotonic() - started, len(names), list(only or ())))
 
 
 def _verdicts(results: Path) -> dict[tuple[str, str], tuple[str, list[str]]]:
@@ -63,28 +96,61 @@ def _verdicts(results: Path) -> dict[tuple[str, str], tuple[str, list[str]]]:
     return out
 
 
-def rows(doc: dict, results: Path, quants: list[str]) -> pd.DataFrame:
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+    """What the header says about the run that produced the results: wall time, archs run, an --only subset."""
+
+    seconds: float
+    archs_run: int
+    only: list[str] = dataclasses.field(default_factory=list)
+
+
+def rows(doc: dict, results: Path, quants: list[str], fixes: dict | None = None) -> pd.DataFrame:
     judged = _verdicts(results) if results.exists() else {}
+    fixes = fixes or {}
     table = []
     for entry in doc["archs"]:
         if "skip" in entry and entry["skip"].startswith(NO_CAUSAL_LM):
             continue  # listed after the table
+        tiny = "tiny config: override" if entry.get("override") else ""
         if "skip" in entry:
-            table.append({"arch": entry["name"], "native": "not run", "shims": "not run",
+            table.append({"arch": entry["name"], "native": "not run", "shims": "not run", "workaround": tiny,
                           "why": " ".join(entry["skip"].split())})  # one table line: validator messages span several
             continue
+        workaround = "; ".join(x for x in (workaround_label(fixes.get(entry["name"], {})), tiny) if x)
         for quant in quants:
             key = case_id(entry["name"], quant)
             native, shims = judged.get((key, "off")), judged.get((key, "on"))
             table.append({
                 "arch": key, "native": native[0] if native else "missing", "shims": shims[0] if shims else "missing",
+                "workaround": workaround,
                 "why": "" if shims and shims[0] == verdict.PASS else "; ".join((shims or ("", ["no result"]))[1])[:400],
             })
     return pd.DataFrame(table)
 
 
-def write_report(doc: dict, results: Path, out: Path, quants: list[str]) -> Path:
-    df = rows(doc, results, quants)
+def _minutes(seconds: float) -> str:
+    return f"{int(seconds // 60)} min {int(seconds % 60)} s"
+
+
+def _notes(doc: dict, fixes: dict) -> list[str]:
+    """Why each workaround and each tiny-config override is there (the rows name which one they ran with)."""
+    ran = {e["name"] for e in doc["archs"] if "skip" not in e}
+    lines = []
+    for name in sorted(set(fixes) & ran):
+        lines.append(f"- **{name}** ran with `{workaround_label(fixes[name])}`: {fixes[name]['why']}")
+    for entry in doc["archs"]:
+        if entry.get("override"):
+            lines.append(f"- **{entry['name']}**: tiny config from the override table of cases/discover.py: "
+                         f"{entry['override']}")
+    return ["Workarounds and tiny-config overrides ([archs.workarounds] in harness/matrix.toml, OVERRIDES in "
+            "cases/discover.py):", "", *lines, ""] if lines else []
+
+
+def write_report(doc: dict, results: Path, out: Path, quants: list[str], fixes: dict | None = None,
+                 info: RunInfo | None = None) -> Path:
+    fixes = fixes or {}
+    df = rows(doc, results, quants, fixes)
     ran = df[df["native"] != "not run"]
     heads = sorted(e["name"] for e in doc["archs"] if e.get("skip", "").startswith(NO_CAUSAL_LM))
     counts = {
@@ -94,21 +160,27 @@ def write_report(doc: dict, results: Path, out: Path, quants: list[str]) -> Path
         "shims pass": int((ran["shims"] == verdict.PASS).sum()),
         "native pass": int((ran["native"] == verdict.PASS).sum()),
     }
+    when = f"Generated by `nox -s archs` on {dt.date.today().isoformat()} from a run"
+    if info is not None:
+        when += f" of {_minutes(info.seconds)} ({info.archs_run} archs x shims off/on, discovery included)"
+        if info.only:
+            when += f", limited to {', '.join(info.only)} (--only): the other rows have no result"
     lines = [
         f"# Every MoE architecture of transformers {doc.get('transformers', '?')}",
         "",
-        f"Generated by `nox -s archs` on {dt.date.today().isoformat()} from a run; CI does not run it (about "
-        "20 minutes on 2 cores): the weekly e2e workflow does. Discovery: `cases/discover.py` (model types whose "
-        "modeling module defines an experts class; tiny configs derived from each config class's defaults). "
-        f"Stages as in the release matrix, quantization {', '.join(quants)}, shorter training ([archs] in "
-        "harness/matrix.toml). The why column gives the first reasons of every shims cell that is not pass.",
+        f"{when}. {SCHEDULE}. Discovery: `cases/discover.py` (model types whose modeling module defines an experts "
+        "class; tiny configs derived from each config class's defaults). Stages as in the release matrix, "
+        f"quantization {', '.join(quants)}, shorter training ([archs] in harness/matrix.toml). The workaround column "
+        "names what a row ran with besides the recipe (explained below the table); the why column gives the first "
+        "reasons of every shims cell that is not pass.",
         "",
         " | ".join(f"{k}: {v}" for k, v in counts.items()),
         "",
         df.to_markdown(index=False),
         "",
-        f"Not run, no causal-LM head (vision / audio / encoder parts, composite wrappers; {len(heads)}): "
-        + ", ".join(heads),
+        *_notes(doc, fixes),
+        f"Not run, no causal-LM head (vision / audio / encoder parts, composite wrappers, encoder-decoder models; "
+        f"{len(heads)}): " + ", ".join(heads),
         "",
     ]
     write_text_atomic(out, "\n".join(lines))

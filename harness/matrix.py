@@ -60,6 +60,7 @@ class Arch:
     model_type: str
     attention: tuple[str, ...]
     config: dict = field(hash=False, compare=False)
+    bnb: dict = field(default_factory=dict, hash=False, compare=False)  # extra BitsAndBytesConfig args (workarounds)
 
 
 @dataclass(frozen=True)
@@ -140,10 +141,13 @@ class Matrix:
         for arch_name in self.check_archs(archs):
             arch = self.archs[arch_name]
             for quant in self.check_quants(quants):
+                quant_spec = self.quants[quant]
+                if arch.bnb and quant_spec.get("bnb"):  # only where the quantization loads through bitsandbytes
+                    quant_spec = {**quant_spec, "bnb": {**quant_spec["bnb"], **arch.bnb}}
                 specs.append({
                     "arch": arch.name, "model_type": arch.model_type, "quant": quant,
                     "arch_common": self.arch_common, "arch_config": arch.config, "attention": list(arch.attention),
-                    "quant_spec": self.quants[quant], "run": self.run, "shims_on": shims_on,
+                    "quant_spec": quant_spec, "run": self.run, "shims_on": shims_on,
                     "cache_dir": cache_dir, "work_dir": work_dir, "store_dir": store_dir,
                 })
         return specs

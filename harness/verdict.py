@@ -109,9 +109,11 @@ def _experts_quantized(case: dict) -> bool:
 
 
 def _routers_accounted(m: dict, prefix: str) -> bool:
-    """Router counts recorded under ``prefix``: every router is 4-bit or kept wide on purpose (0 == 0 if none)."""
-    quantized, kept_wide, routers = (m.get(f"{prefix}{key}") or 0 for key in ("quantized", "kept_wide", "routers"))
-    return quantized + kept_wide == routers
+    """Router counts recorded under ``prefix``: every router is 4-bit, kept wide on purpose, or kept float by the
+    case's own llm_int8_skip_modules (an arch workaround) (0 == 0 if none)."""
+    quantized, kept_wide, skipped, routers = (m.get(f"{prefix}{key}") or 0
+                                              for key in ("quantized", "kept_wide", "skipped", "routers"))
+    return quantized + kept_wide + skipped == routers
 
 
 def _routers_quantized(case: dict) -> bool:
@@ -205,8 +207,9 @@ RULES: tuple[Rule, ...] = (
          metrics=("experts_quantized", "experts_expert_tensors")),
     Rule("routers_4bit", "nf4 over fused experts (5.x): every MoE router weight is stored in 4 bits, as "
          "transformers 4.x's Linear4bit routers were, except routers the model keeps wider than its dtype "
-         "(deepseek_v3, glm4_moe: float32)", lambda c: _ran("load")(c) and "routers_routers" in c.get("metrics", {}),
-         _routers_quantized, metrics=("routers_quantized", "routers_kept_wide", "routers_routers")),
+         "(deepseek_v3, glm4_moe: float32) or the case's llm_int8_skip_modules keeps float",
+         lambda c: _ran("load")(c) and "routers_routers" in c.get("metrics", {}),
+         _routers_quantized, metrics=("routers_quantized", "routers_kept_wide", "routers_skipped", "routers_routers")),
     Rule("kl_merged", f"bf16: KL(trained || merged) <= {KL_MERGED_MAX:g}",
          lambda c: _is("bf16")(c) and _ran("merge")(c), _le("kl_merged", KL_MERGED_MAX),
          metrics=("kl_merged",)),

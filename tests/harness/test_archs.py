@@ -117,3 +117,59 @@ def test_a_logit_multiplier_that_compensates_the_width_is_scaled_with_it():
     assert out["logit_scale"] == round(0.0625 * (8192 / 64) ** 0.5, 4)
     assert tiny_overrides({"hidden_size": 256, "logit_scale": 0.5})["logit_scale"] == 1.0  # never above 1
     assert "logit_scale" not in tiny_overrides({"hidden_size": 8192, "logit_scale": 1.0})
+
+
+def _workaround_matrix(table: dict):
+    import dataclasses
+
+    from harness.matrix import load_matrix
+
+    matrix = load_matrix()
+    return dataclasses.replace(matrix, archs_settings={**matrix.archs_settings, "workarounds": table})
+
+
+def test_a_workaround_reaches_only_its_arch_and_only_bitsandbytes_loads():
+    skip = {"llm_int8_skip_modules": ["classifier"]}
+    matrix = _workaround_matrix({"longcat_flash": {"bnb": skip, "why": "its router reads classifier.weight"}})
+    doc = {"archs": [{"name": n, "model_type": n, "config": {"hidden_size": 64}, "attention": ["q_proj"]}
+                     for n in ("longcat_flash", "qwen3_moe")]}
+    sub = archs.discovered_matrix(matrix, doc)
+    specs = {(s["arch"], s["quant"]): s for s in sub.case_specs(True, quants=["bf16", "nf4"], cache_dir="c",
+                                                                  work_dir="w")}
+    assert specs[("longcat_flash", "nf4")]["quant_spec"]["bnb"]["llm_int8_skip_modules"] == ["classifier"]
+    assert specs[("longcat_flash", "nf4")]["quant_spec"]["bnb"]["load_in_4bit"]  # added to, not replacing, nf4
+    assert "llm_int8_skip_modules" not in specs[("qwen3_moe", "nf4")]["quant_spec"]["bnb"]
+    assert "bnb" not in specs[("longcat_flash", "bf16")]["quant_spec"]
+    assert "llm_int8_skip_modules" not in matrix.quants["nf4"]["bnb"]  # the shared quantization is not changed
+
+
+def test_a_workaround_without_its_reason_is_refused():
+    import pytest
+
+    from harness.matrix import MatrixError
+
+    with pytest.raises(MatrixError, match="why"):
+        archs.workarounds(_workaround_matrix({"x": {"bnb": {"llm_int8_skip_modules": ["gate"]}}}))
+
+
+def test_rows_name_the_workaround_and_the_notes_say_why(tmp_path):
+    fixes = {"longcat_flash": {"bnb": {"llm_int8_skip_modules": ["classifier"]}, "why": "UPSTREAM ROUTER CAUSE"}}
+    doc = {"transformers": "5.24.0", "archs": [
+        {"name": "longcat_flash", "model_type": "longcat_flash", "config": {}, "attention": ["q_proj"]},
+        {"name": "dbrx", "model_type": "dbrx", "config": {}, "attention": ["Wqkv"], "override": "DBRX REASON"},
+    ]}
+    info = archs.RunInfo(125.0, 2, ["longcat_flash"])
+    text = archs.write_report(doc, tmp_path / "none", tmp_path / "ARCHS.md", ["nf4"], fixes, info).read_text()
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
+    assert "llm_int8_skip_modules=['classifier']" in rows["longcat_flash/nf4"]
+    assert "tiny config: override" in rows["dbrx/nf4"]
+    assert "UPSTREAM ROUTER CAUSE" in text and "DBRX REASON" in text
+    assert "2 min 5 s" in text and "--only" in text and archs.SCHEDULE in text
+
+
+def test_the_schedule_the_report_claims_is_the_workflows():
+    """ARCHS.md says the weekly e2e workflow runs nox -s archs: the workflow must have that job."""
+    from pathlib import Path
+
+    workflow = (Path(archs.REPO) / ".github" / "workflows" / "e2e.yml").read_text()
+    assert "schedule:" in workflow and "nox -s archs" in workflow.split("\n  archs:")[1]

@@ -176,6 +176,17 @@ def test_routers_rule_applies_only_where_router_counts_are_recorded():
     assert v == "fail" and any("rule routers_4bit" in r for r in reasons)
 
 
+def test_routers_the_cases_skip_modules_keep_float_are_accounted_for():
+    """An arch workaround (longcat_flash: llm_int8_skip_modules=["classifier"]) keeps its routers float on
+    purpose; a router that is neither 4-bit, nor kept wide, nor skipped still fails."""
+    case = passing_case(quant="nf4")
+    case["metrics"].update(routers_routers=2, routers_quantized=0, routers_kept_wide=0, routers_skipped=2)
+    assert verdict.judge(case)[0] == "pass"
+    case["metrics"].update(routers_skipped=1)
+    v, reasons = verdict.judge(case)
+    assert v == "fail" and any("rule routers_4bit" in r for r in reasons)
+
+
 def test_prequantized_roundtrip_must_keep_4bit_routers():
     case = passing_case(quant="nf4")
     case["metrics"].update(prequantized_routers_routers=2, prequantized_routers_quantized=0)
