@@ -40,7 +40,7 @@ def test_per_expert_rule_passes_on_exact_logits_with_lora_on_every_expert():
 
 
 @pytest.mark.parametrize("key,value", [
-    ("per_expert_max_abs", 2e-5),            # beyond float-summation noise: a delta moved
+    ("per_expert_max_abs", 2e-4),            # beyond float-summation noise: a delta moved
     ("per_expert_max_abs", float("nan")),
     ("per_expert_lora_modules", 0),          # natively on 4.57: peft attaches no expert LoRA, silently
     ("per_expert_lora_modules", 16),         # some per-expert modules without LoRA
