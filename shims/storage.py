@@ -44,9 +44,10 @@ class _Packed4bitMarker:
     """Marker so that isinstance checks work without importing torch at module import."""
 
 
-# bitsandbytes' 4-bit kernels take the element count as a signed 32-bit int; larger stacks (DeepSeek-V3's gate_up:
-# 256 x 4096 x 7168 = 7.5e9 elements) are decoded in parts below this.
-KERNEL_MAX_ELEMENTS = 2**31 - 1
+# bitsandbytes' 4-bit kernels take the element count as a signed 32-bit int, and their launch arithmetic adds a tile
+# to it (an H200 refused a part of 2**31 - 64 elements: "invalid argument", ops.cu line 93), so larger stacks
+# (DeepSeek-V3's gate_up: 256 x 4096 x 7168 = 7.5e9 elements) are decoded in parts of at most 2**30.
+KERNEL_MAX_ELEMENTS = 2**30
 
 
 def dequantize_flat(packed, quant_state):
