@@ -9,8 +9,12 @@ import torch.nn.functional as F
 
 # The harness's own idea of an expert tensor and of a QuantState's size, deliberately not imported from shims/: a
 # checker that took them from the code under test would stop seeing a shim that forgets a family of expert names
-# (the expert_family_skipped mutation) or miscounts its bytes.
+# (the expert_family_skipped mutation) or miscounts its bytes. The shims find experts by structure (3D stacks
+# sharing an expert dimension); the harness by name and class: a module under an ``experts`` path component
+# (transformers' fused experts, 4.x per-expert Linear, dbrx ``experts.mlp``), or whose class is an Expert(s) class
+# (jetmoe ``input_linear`` / ``output_linear``, inkling's shared experts), and every weight matrix or stack it holds.
 EXPERT_PARAM_NAMES = ("gate_up_proj", "down_proj")
+NOT_EXPERT_COMPONENTS = ("router", "lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "parametrizations")
 
 
 @torch.no_grad()
@@ -78,8 +82,44 @@ def agreement(reference: list[list[int]], other: list[list[int]]) -> str:
     return f"{same}/{len(reference)}"
 
 
-def is_expert_module(name: str) -> bool:
-    return ".experts" in f".{name}" and "shared_expert" not in name
+def is_expert_module(name: str, module=None) -> bool:
+    """An experts module by the harness's rule: an ``experts`` path component (not a shared expert MLP), or a class
+    named for experts; never a router, a LoRA factor or a parametrization container under one."""
+    parts = name.split(".")
+    if any(p in NOT_EXPERT_COMPONENTS for p in parts):
+        return False
+    if "experts" in parts:
+        return True
+    return module is not None and "Expert" in type(module).__name__ and "Router" not in type(module).__name__
+
+
+def _stored(module, pname: str):
+    """(stored tensor, logical shape, QuantState or None) of ``module.<pname>``, seen through a parametrization."""
+    containers = getattr(module, "parametrizations", None) or {}
+    plist = containers[pname] if pname in containers else None
+    if plist is None:
+        p = module._parameters[pname]
+        state = getattr(p, "quant_state", None) if p.__class__.__name__ == "Params4bit" else None
+        return p, (tuple(state.shape) if state is not None else tuple(p.shape)), state
+    original = plist.original
+    state = next((getattr(q, "quant_state", None) for q in plist if getattr(q, "quant_state", None) is not None), None)
+    return original, (tuple(state.shape) if state is not None else tuple(original.shape)), state
+
+
+def expert_tensor_names(module) -> list[str]:
+    """The weight tensors (matrices or stacks, not biases) an experts module holds itself, 4-bit ones included."""
+    names = [n for n, p in module._parameters.items() if p is not None and "bias" not in n]
+    names += [n for n in (getattr(module, "parametrizations", None) or {}) if n not in names and "bias" not in n]
+    return [n for n in names if len(_stored(module, n)[1]) >= 2]
+
+
+def iter_expert_tensors(model):
+    """(module path, module, tensor name) of every routed-expert weight tensor (the harness's rule, see above)."""
+    for mod_name, module in model.named_modules():
+        if not is_expert_module(mod_name, module):
+            continue
+        for pname in expert_tensor_names(module):
+            yield mod_name, module, pname
 
 
 def quant_state_bytes(state) -> int:
@@ -99,37 +139,36 @@ def quant_state_bytes(state) -> int:
 def expert_storage(model) -> dict:
     """Count routed-expert weight tensors, how many are 4-bit, and their bytes vs a bf16 copy.
 
-    Seen natively: 3D fused float params (transformers 5.x) and per-expert nn.Linear / bnb Linear4bit
-    (transformers 4.57). With shims on, the shim's own accounting (shims.storage.expert_storage) is used instead:
-    its storage is the shim's business, and the count it reports is cross-checked by the verdict rules.
+    Independent of the shims: 3D fused float params (transformers 5.x), per-expert nn.Linear / bnb Linear4bit
+    (transformers 4.57), and tensors stored under a parametrization whose stored data is not float (the shims'
+    4-bit stacks: packed bytes + the QuantState the parametrization carries).
     """
     tensors = quantized = nbytes = bf16_bytes = 0
-    for mod_name, module in model.named_modules():
-        if not is_expert_module(mod_name):
-            continue
-        for pname, p in module.named_parameters(recurse=False):
-            if "lora" in pname or "bias" in pname:
-                continue
-            if p.__class__.__name__ == "Params4bit":
-                state = getattr(p, "quant_state", None)
-                logical = state.shape.numel() if state is not None else p.numel() * 2
-                tensors += 1
-                quantized += 1
-                nbytes += p.numel() * p.element_size() + quant_state_bytes(state)
-                bf16_bytes += logical * 2
-            elif p.dim() >= 2 and p.dtype.is_floating_point and ("lora" not in mod_name):
-                tensors += 1
-                nbytes += p.numel() * p.element_size()
-                bf16_bytes += p.numel() * 2
+    for _, module, pname in iter_expert_tensors(model):
+        stored, logical, state = _stored(module, pname)
+        if not stored.is_floating_point() and stored.device.type != "meta" and state is None:
+            raise ValueError(f"{type(module).__name__}.{pname}: {stored.dtype} data without a quantization state")
+        tensors += 1
+        numel = 1
+        for d in logical:
+            numel *= d
+        bf16_bytes += numel * 2
+        nbytes += stored.numel() * stored.element_size()
+        if not stored.is_floating_point():
+            quantized += 1
+            nbytes += quant_state_bytes(state)
     return {"expert_tensors": tensors, "quantized": quantized, "bytes": nbytes, "bf16_bytes": bf16_bytes}
 
 
 def lora_expert_params(model) -> dict[str, torch.nn.Parameter]:
     """LoRA factors that adapt routed experts (fused ParamWrapper or per-expert Linear)."""
-    return {
-        n: p for n, p in model.named_parameters()
-        if "lora_" in n and is_expert_module(n) and p.requires_grad
-    }
+    experts = {name.replace(".base_layer", "") for name, _, _ in iter_expert_tensors(model)}
+
+    def adapted(param_name: str) -> str:  # "...mlp.experts.base_layer.lora_A.default.weight" -> "...mlp.experts"
+        return param_name.split(".lora_")[0].replace(".base_layer", "")
+
+    return {n: p for n, p in model.named_parameters()
+            if "lora_" in n and p.requires_grad and (is_expert_module(adapted(n)) or adapted(n) in experts)}
 
 
 def grad_norm(params) -> float:

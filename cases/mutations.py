@@ -45,11 +45,13 @@ def _quantize_noop() -> None:
 
 
 def _expert_family_skipped() -> None:
-    """Structure detection forgets one family of expert tensor names (down_proj): those stacks stay float while
-    the rest of the module is 4-bit, the partial load the shims must never produce silently."""
+    """Structure detection forgets one family of expert tensor names (down_proj): those stacks are not seen as
+    expert stacks, so modules holding them are not quantized as a whole (the silent float experts the shims exist
+    to prevent)."""
     from shims import storage  # read at call time by the structure walk and the loaders
 
-    storage.EXPERT_WEIGHT_NAMES = tuple(n for n in storage.EXPERT_WEIGHT_NAMES if n != "down_proj")
+    original = storage.candidate_stacks
+    storage.candidate_stacks = lambda module: tuple(n for n in original(module) if n != "down_proj")
 
 
 def _recipe_dtype_uncast() -> None:

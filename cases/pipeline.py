@@ -187,14 +187,8 @@ class Case:
         return {**quant_router.router_storage(model), "skipped": skipped}
 
     def _expert_storage(self, model) -> dict:
-        """The shim accounts for the fused experts it stores; per-expert Linear4bit (transformers 4.57) and
-        unquantized tensors are counted by the harness's own walker."""
-        if self.spec.shims_on:
-            from shims import storage
-
-            counted = storage.expert_storage(model)
-            if counted["expert_tensors"]:
-                return counted
+        """Counted by the harness's own walker (cases.measure), shims on or off: a shim that misses a family of
+        expert stacks must not be the one that counts them."""
         return measure.expert_storage(model)
 
     def lora(self) -> None:
@@ -572,10 +566,10 @@ def _expert_weights(model) -> dict[str, torch.Tensor]:
     out = {}
     with torch.no_grad():
         for mod_name, module in model.named_modules():
-            if not measure.is_expert_module(mod_name) or "lora_" in mod_name:
+            if not measure.is_expert_module(mod_name, module) or "lora_" in mod_name:
                 continue
             key = mod_name.replace("base_model.model.", "").replace(".base_layer", "")
-            for pname in measure.EXPERT_PARAM_NAMES + ("weight",):
+            for pname in measure.expert_tensor_names(module):
                 value = getattr(module, pname, None)
                 if not isinstance(value, torch.Tensor) or value.dim() < 2:
                     continue
@@ -593,9 +587,9 @@ def expert_targets(model) -> dict[str, list[str]]:
     params: set[str] = set()
     linear_names: set[str] = set()
     for mod_name, module in model.named_modules():
-        if not measure.is_expert_module(mod_name):
+        if not measure.is_expert_module(mod_name, module):
             continue
-        for pname in measure.EXPERT_PARAM_NAMES:
+        for pname in measure.expert_tensor_names(module):
             # getattr, not named_parameters: a parametrized (e.g. 4-bit) tensor is not a direct parameter
             value = getattr(module, pname, None)
             if isinstance(value, torch.Tensor) and value.dim() == 3:

@@ -30,6 +30,7 @@ import functools
 import inspect
 import logging
 import re
+import weakref
 from contextlib import contextmanager
 from functools import wraps
 
@@ -122,9 +123,9 @@ def _source_patterns(name: str) -> dict[str, str]:
     Anchored at the end of the key and at a name boundary (``\b``): ``up_proj`` must not match ``gate_up_proj``,
     ``down_proj`` must not match ``mlp.down_proj.weight`` of a dense layer, nor ``gate_up_proj`` its ``_bias``.
     """
-    patterns = {rf"\b{name}$": ""}
+    patterns = {rf"\b{re.escape(name)}$": ""}
     for stat in STAT_NAMES:
-        patterns[rf"\b{name}\.{re.escape(stat)}$"] = stat
+        patterns[rf"\b{re.escape(name)}\.{re.escape(stat)}$"] = stat
     return patterns
 
 
@@ -189,12 +190,25 @@ def _op_class():
     return _make_ops()  # built once, on first use: importing this module must not import transformers
 
 
+# What a pre-quantized checkpoint being loaded stores as 4-bit stacks, read in preprocess_model (which sees the
+# checkpoint files) for get_weight_conversions (which does not): quantizer -> {module path: tensor names}.
+_SAVED_STACKS = weakref.WeakKeyDictionary()
+
+
 def expert_weight_converters(hf_quantizer) -> list:
-    """One WeightConverter per fused expert tensor name, collecting its packed data and QuantState keys."""
+    """One WeightConverter per fused expert tensor name, collecting its packed data and QuantState keys: the names
+    transformers gives fused experts, and the stacks of other names this checkpoint holds (jetmoe
+    ``input_linear.weight``, inkling's shared ``gate_proj``), matched with their module's name so that a Linear4bit
+    ``weight`` elsewhere is left to bitsandbytes."""
     from transformers.core_model_loading import WeightConverter
 
+    names = list(EXPERT_WEIGHT_NAMES)
+    for path, stacks in sorted(_SAVED_STACKS.get(hf_quantizer, {}).items()):
+        for name in stacks:
+            if name not in EXPERT_WEIGHT_NAMES:
+                names.append(f"{path.rpartition('.')[2]}.{name}" if path else name)
     out = []
-    for name in EXPERT_WEIGHT_NAMES:
+    for name in dict.fromkeys(names):
         out.append(WeightConverter(source_patterns=list(_source_patterns(name)), target_patterns=name,
                                    operations=[_op_class()(hf_quantizer, name)]))
     return out
@@ -204,7 +218,8 @@ def _store_loaded(model, target_name: str, value) -> bool:
     """Store a deserialized 4-bit expert tensor; False when ``value`` is not one (let transformers handle it)."""
 
     module_path, _, name = target_name.rpartition(".")
-    if name not in EXPERT_WEIGHT_NAMES:
+    ours = getattr(value, STATE_ATTR, None) is not None or getattr(value, ERROR_ATTR, None) is not None
+    if name not in EXPERT_WEIGHT_NAMES and not ours:
         return False
     error = getattr(value, ERROR_ATTR, None)
     if error is not None:
@@ -291,6 +306,66 @@ def load_only_converters_left_out(model):
             model._weight_conversions = conversions
 
 
+_STATE_KEY = re.compile(r"^(.+)\.([^.]+)\.quant_state\.bitsandbytes__(?:nf4|fp4)$")
+
+
+def saved_4bit_stacks(checkpoint_files) -> dict[str, tuple[str, ...]]:
+    """Module path -> names of the tensors the checkpoint stores as 4-bit stacks (what the shims save): any 4-bit
+    tensor not named ``weight``, and a ``weight`` whose saved quantization state is 3D (jetmoe's expert modules; a
+    Linear4bit weight is 2D). Reads key names, and for ``weight`` keys the small packed state."""
+    from bitsandbytes.utils import unpack_tensor_to_dict
+    from safetensors import safe_open
+
+    found: dict[str, list] = {}
+    for path in checkpoint_files or ():
+        if not str(path).endswith(".safetensors"):
+            continue
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                match = _STATE_KEY.match(key)
+                if match is None:
+                    continue
+                module, name = match.group(1), match.group(2)
+                if name == "weight" and len(unpack_tensor_to_dict(f.get_tensor(key)).get("shape", ())) != 3:
+                    continue
+                found.setdefault(module, []).append(name)
+    return {module: tuple(names) for module, names in found.items()}
+
+
+def keeping_fused_experts(quantizer, checkpoint_files):
+    """Wrap the quantizer's ``_convert_model_for_quantization`` for one pre-quantized load so that experts modules
+    the checkpoint stores fused (shims format) stay fused.
+
+    transformers 5.x swaps llama4's fused ``Llama4TextExperts`` for per-expert ``Linear4bit`` modules on every
+    pre-quantized bitsandbytes load (``MODULES_TO_PATCH_FOR_QUANTIZATION``: the layout of 4-bit llama4 checkpoints
+    made elsewhere). A checkpoint the shims saved holds the fused packed stacks instead: after the swap its keys
+    matched nothing and the per-expert uint8 weights were "initialised" (``normal_`` on Byte). Checkpoints with
+    per-expert keys are swapped as before."""
+    fused = set(saved_4bit_stacks(checkpoint_files))
+    convert = quantizer._convert_model_for_quantization
+
+    def convert_keeping_fused(model, *args, **kwargs):
+        kept = {path: model.get_submodule(path) for path in fused if _has_submodule(model, path)}
+        result = convert(model, *args, **kwargs)
+        for path, module in kept.items():
+            parent_path, _, name = path.rpartition(".")
+            parent = model.get_submodule(parent_path) if parent_path else model
+            if parent._modules.get(name) is not module:
+                parent._modules[name] = module
+                log.debug("%s: kept fused (the checkpoint stores it as shim 4-bit stacks)", path)
+        return result
+
+    return convert_keeping_fused
+
+
+def _has_submodule(model, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
 def _install():
     import transformers.core_model_loading as cml
     import transformers.modeling_utils as mu
@@ -301,6 +376,8 @@ def _install():
     original_conversions = Bnb4BitHfQuantizer.get_weight_conversions
     original_state_dict = Bnb4BitHfQuantizer.get_state_dict_and_metadata
     original_revert = cml.revert_weight_conversion
+    keep_fused = CONVERT_TARGET.drift() == "ok" and PREPROCESS_TARGET.drift() == "ok"
+    original_preprocess = Bnb4BitHfQuantizer.preprocess_model if keep_fused else None
 
     @wraps(original_set)
     def set_param_for_module(model, target_name, param_value, *args, **kwargs):
@@ -331,7 +408,21 @@ def _install():
         result.update(kept)
         return result
 
-    return chain_undo([
+    def preprocess_model(self, model, *args, **kwargs):
+        if not (getattr(self, "pre_quantized", False) and is_bnb_4bit(self) and kwargs.get("checkpoint_files")):
+            return original_preprocess(self, model, *args, **kwargs)
+        _SAVED_STACKS[self] = saved_4bit_stacks(kwargs["checkpoint_files"])
+        self._convert_model_for_quantization = keeping_fused_experts(self, kwargs["checkpoint_files"])
+        try:
+            return original_preprocess(self, model, *args, **kwargs)
+        finally:
+            del self._convert_model_for_quantization  # the instance attribute; the class method is untouched
+
+    undo_preprocess = []
+    if original_preprocess is not None:
+        undo_preprocess.append(swap_attr(Bnb4BitHfQuantizer, "preprocess_model",
+                                         wraps(original_preprocess)(preprocess_model)))
+    return chain_undo(undo_preprocess + [
         swap_attr(cml, "set_param_for_module", set_param_for_module),
         swap_attr(Bnb4BitHfQuantizer, "get_weight_conversions", get_weight_conversions),
         swap_attr(Bnb4BitHfQuantizer, "get_state_dict_and_metadata", saving_quantized_experts(original_state_dict)),
@@ -356,13 +447,20 @@ _TARGETS = (
 )
 
 
+# Optional: where a pre-quantized load swaps fused experts for per-expert modules (llama4), keep those the checkpoint
+# stores fused; without these symbols there is no swap to undo.
+CONVERT_TARGET = Target("transformers.quantizers.base", "HfQuantizer._convert_model_for_quantization", ("model",))
+PREPROCESS_TARGET = Target("transformers.quantizers.quantizer_bnb_4bit", "Bnb4BitHfQuantizer.preprocess_model",
+                           ("model",))
+
+
 PATCHES: tuple = (
     Patch(
         name="prequantized_experts_checkpoint",
         summary="save_pretrained of a model with 4-bit experts writes packed data + QuantState (bnb's packed "
                 "as_dict keys); from_pretrained reads them back into the same 4-bit storage, without float copies",
         # On transformers 4.x these symbols do not exist and the patch is not needed (quant_legacy saves there).
-        **targets_for(V5, required=_TARGETS + PARAMETRIZE_CACHE_TARGETS),
+        **targets_for(V5, required=_TARGETS + PARAMETRIZE_CACHE_TARGETS, optional=(CONVERT_TARGET, PREPROCESS_TARGET)),
         needed=v5_loader_needed,
         install=_install,
     ),
