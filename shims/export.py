@@ -197,7 +197,8 @@ def _merged_value(key, plan: _Plan, dtype, counts):
             return base.to(device="cpu", dtype=out_dtype).contiguous()
         out = torch.empty(base.shape, dtype=out_dtype, device="cpu")
         for start, stop in _merge_chunks(base, deltas):
-            value = base[start:stop].to(torch.float32)
+            # a copy: a float32 base is the live parameter itself, which the in-place sums below must not touch
+            value = base[start:stop].to(torch.float32, copy=True)
             for d in deltas:
                 delta = _float32_delta(d.wrapper, d.adapter, (start, stop) if _is_expert_stack(d, base) else None)
                 if tuple(delta.shape) != tuple(value.shape):
