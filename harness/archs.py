@@ -135,10 +135,11 @@ def _minutes(seconds: float) -> str:
 
 def _notes(doc: dict, fixes: dict) -> list[str]:
     """Why each workaround and each tiny-config override is there (the rows name which one they ran with)."""
-    ran = {e["name"] for e in doc["archs"] if "skip" not in e}
+    built = {e["name"] for e in doc["archs"] if "skip" not in e}
     lines = []
-    for name in sorted(set(fixes) & ran):
-        lines.append(f"- **{name}** ran with `{workaround_label(fixes[name])}`: {fixes[name]['why']}")
+    for name in sorted(fixes):
+        ran = "ran with" if name in built else "not run here; users' workaround"
+        lines.append(f"- **{name}** ({ran} `{workaround_label(fixes[name])}`): {fixes[name]['why']}")
     for entry in doc["archs"]:
         if entry.get("override"):
             lines.append(f"- **{entry['name']}**: tiny config from the override table of cases/discover.py: "

@@ -153,7 +153,8 @@ def test_a_workaround_without_its_reason_is_refused():
 
 
 def test_rows_name_the_workaround_and_the_notes_say_why(tmp_path):
-    fixes = {"longcat_flash": {"bnb": {"llm_int8_skip_modules": ["classifier"]}, "why": "UPSTREAM ROUTER CAUSE"}}
+    fixes = {"longcat_flash": {"bnb": {"llm_int8_skip_modules": ["classifier"]}, "why": "UPSTREAM ROUTER CAUSE"},
+             "switch_transformers": {"bnb": {"llm_int8_skip_modules": ["wo"]}, "why": "UPSTREAM CAST CAUSE"}}
     doc = {"transformers": "5.24.0", "archs": [
         {"name": "longcat_flash", "model_type": "longcat_flash", "config": {}, "attention": ["q_proj"]},
         {"name": "dbrx", "model_type": "dbrx", "config": {}, "attention": ["Wqkv"], "override": "DBRX REASON"},
@@ -164,6 +165,7 @@ def test_rows_name_the_workaround_and_the_notes_say_why(tmp_path):
     assert "llm_int8_skip_modules=['classifier']" in rows["longcat_flash/nf4"]
     assert "tiny config: override" in rows["dbrx/nf4"]
     assert "UPSTREAM ROUTER CAUSE" in text and "DBRX REASON" in text
+    assert "switch_transformers** (not run here" in text and "UPSTREAM CAST CAUSE" in text  # users' workaround
     assert "2 min 5 s" in text and "--only" in text and archs.SCHEDULE in text
 
 
