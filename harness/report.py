@@ -112,8 +112,9 @@ def _per_expert_cell(case: dict) -> str:
     logits|; or why it did not run where that is worth a look (waiting for publishers, fused experts here)."""
     m = case.get("metrics", {})
     if "per_expert_total" in m:
+        worst = m.get("per_expert_max_abs")
         return (f"{m['per_expert_ok']}/{m['per_expert_total']}, LoRA {m.get('per_expert_lora_modules')}/"
-                f"{m.get('per_expert_linear_modules')}, |d|<={_fmt(m.get('per_expert_max_abs'))}")
+                f"{m.get('per_expert_linear_modules')}, " + (f"|d|<={_fmt(worst)}" if worst is not None else "none loaded"))
     if "per_expert_adapters" in m.get(AWAITS_PUBLISHERS, []):
         return "awaiting 5.x adapters"
     return ""

@@ -73,6 +73,10 @@ def test_report_shows_the_per_expert_column_native_and_shims(tmp_path, matrix):
     assert "per_expert" in text.split("## Details", 1)[1].splitlines()[2]  # a column of the details table
     assert "3/3, LoRA 0/24, |d|<=6.2" in text and "3/3, LoRA 24/24, |d|<=5.7e-06" in text
     assert "awaiting 5.x adapters" in text
+    refused = per_expert_ok(passing_case("glm4_moe"))
+    refused["metrics"].update(per_expert_ok=0, per_expert_total=1, per_expert_max_abs=None, per_expert_lora_modules=0)
+    write_json_atomic(tmp_path / f"{CELL_457.name}__shims-off.json", results_doc(CELL_457, "off", [native, refused]))
+    assert "0/1, LoRA 0/24, none loaded" in render(tmp_path, matrix)
     assert "FAIL / pass" in text and "rule per_expert_adapter" in text
 
 
