@@ -113,8 +113,9 @@ def _per_expert_cell(case: dict) -> str:
     m = case.get("metrics", {})
     if "per_expert_total" in m:
         worst = m.get("per_expert_max_abs")
+        compared = f"|d|<={_fmt(worst)}" if worst is not None else "none loaded"
         return (f"{m['per_expert_ok']}/{m['per_expert_total']}, LoRA {m.get('per_expert_lora_modules')}/"
-                f"{m.get('per_expert_linear_modules')}, " + (f"|d|<={_fmt(worst)}" if worst is not None else "none loaded"))
+                f"{m.get('per_expert_linear_modules')}, {compared}")
     if "per_expert_adapters" in m.get(AWAITS_PUBLISHERS, []):
         return "awaiting 5.x adapters"
     return ""
@@ -292,7 +293,8 @@ def _header(docs: list[dict]) -> list[str]:
 def _details(df: pd.DataFrame) -> str:
     cols = ["transformers", "peft", "trl", "arch", "quant", "shims", "machine", "device", "loss", "grad_norm",
             "expert_grad", "experts_4bit", "routers_4bit", "expert_bytes", "merged", "kl_merged", "kl_export_fp32", "kl_export",
-            "kl_adapter", "gc_grads", "optim", "prequant_4x", "rl_cycles", "foreign", "per_expert", "samples", "verdict"]
+            "kl_adapter", "gc_grads", "optim", "prequant_4x", "rl_cycles", "foreign", "per_expert", "samples",
+            "verdict"]
     cols = [c for c in cols if c in df.columns]
     view = df.sort_values(["cell", "arch", "quant", "mode"])[cols].fillna("")
     return view.to_markdown(index=False)
