@@ -249,18 +249,22 @@ class Case:
         input_ids = self.batch["input_ids"][:4]
         mask = self.batch["attention_mask"][:4]
         device = measure.device_of(model)
-        try:
-            model.zero_grad(set_to_none=True)
-            with self._autocast(device):
-                out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                            labels=input_ids.masked_fill(mask == 0, -100).to(device), use_cache=False)
-            out.loss.backward()
-            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
-                     if p.requires_grad and p.grad is not None}
-        finally:
-            counter.remove()
-            model.zero_grad(set_to_none=True)
-            _set_checkpointing(model, flags)
+        # the same random draws in both runs: some routers sample in training mode (phimoe's sparsemixer), and
+        # checkpointing replays the draws of its own forward, not those of another run
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(0)
+            try:
+                model.zero_grad(set_to_none=True)
+                with self._autocast(device):
+                    out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                                labels=input_ids.masked_fill(mask == 0, -100).to(device), use_cache=False)
+                out.loss.backward()
+                grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()
+                         if p.requires_grad and p.grad is not None}
+            finally:
+                counter.remove()
+                model.zero_grad(set_to_none=True)
+                _set_checkpointing(model, flags)
         return grads, counter.calls
 
     def _autocast(self, device):
