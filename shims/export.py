@@ -201,6 +201,10 @@ def _merged_value(key, plan: _Plan, dtype, counts):
             value = base[start:stop].to(torch.float32, copy=True)
             for d in deltas:
                 delta = _float32_delta(d.wrapper, d.adapter, (start, stop) if _is_expert_stack(d, base) else None)
+                if value.dim() == 3 and value.shape[0] == 1 and tuple(delta.shape) == tuple(value.shape[1:]):
+                    # a one-expert stack (inkling's shared experts (1, out, in)): peft computes its delta as a plain
+                    # Linear's and its forward and merge broadcast it over the single expert; so does the export
+                    delta = delta.unsqueeze(0)
                 if tuple(delta.shape) != tuple(value.shape):
                     raise MergeError(f"{key}: delta {tuple(delta.shape)} does not fit base {tuple(value.shape)}")
                 value += delta.to(torch.float32)

@@ -26,7 +26,7 @@ from contextlib import contextmanager, nullcontext
 from functools import wraps
 
 from .registry import Patch, Target, chain_undo, swap_attr
-from .storage import candidate_stacks, is_4bit_parametrization, quantized_parametrization
+from .storage import is_4bit_parametrization, quantized_parametrization, quantized_stack_names
 
 log = logging.getLogger("shims")
 
@@ -57,8 +57,7 @@ def inject_quantized_expert_params(tuner, peft_config, model, adapter_name, low_
     targets = sorted(set(getattr(peft_config, "target_parameters", None) or ()))
     if not targets:
         return []
-    quantized = [(name, module) for name, module in model.named_modules()
-                 if any(quantized_parametrization(module, n) is not None for n in candidate_stacks(module))]
+    quantized = [(name, module) for name, module in model.named_modules() if quantized_stack_names(module)]
     init_empty = getattr(tuners_utils, "init_empty_weights", None)
     ctx = init_empty if (low_cpu_mem_usage and init_empty is not None) else nullcontext
     injected = []
@@ -66,9 +65,7 @@ def inject_quantized_expert_params(tuner, peft_config, model, adapter_name, low_
         path = _strip_base_layer(current_name)  # where the outermost wrapper lives (or will live)
         if not path:
             raise ValueError("Targeting a parameter of the top-level module is not supported")
-        for param_name in candidate_stacks(module):  # registration order, as peft's own branch nests them
-            if quantized_parametrization(module, param_name) is None:
-                continue
+        for param_name in quantized_stack_names(module):  # registration order, as peft's own branch nests them
             key = f"{path}.{param_name}"
             if not _matches(key, targets):
                 continue

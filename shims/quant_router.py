@@ -31,7 +31,9 @@ from .registry import Patch, chain_undo
 from .storage import (
     ExpertQuantError,
     base_module,
+    config_expert_counts,
     expert_weight_names,
+    flat_stacks,
     install_packed_param,
     iter_expert_modules,
     quant_state_bytes,
@@ -44,24 +46,38 @@ log = logging.getLogger("shims")
 ROUTER_WEIGHT = "weight"
 
 
-def _num_experts(experts_module, names) -> int:
-    param = quantized_parametrization(experts_module, names[0])
-    return param.logical_shape[0] if param is not None else raw_tensor(experts_module, names[0]).shape[0]
+def _group_counts(module, names, expert_counts) -> set:
+    """The expert count of one experts module: the leading size of its 3D stacks; for stacks flattened to 2D
+    (dbrx (E * F, H)), the config's expert counts that divide their rows."""
+    param = quantized_parametrization(module, names[0])
+    shape = param.logical_shape if param is not None else tuple(raw_tensor(module, names[0]).shape)
+    if len(shape) == 3:
+        return {shape[0]}
+    return {e for e in expert_counts if shape[0] % e == 0}
 
 
-def _expert_counts(children: dict) -> tuple[set, set]:
+def _expert_counts(children: dict, expert_counts=()) -> tuple[set, set]:
     """(names of the expert modules among ``children``, the row counts a router next to them may have): each expert
     group's count, and where several fused experts modules sit side by side (inkling: routed + shared stacks) their
-    sum, for a router scoring all of them. A count of 1 is no routing decision."""
+    sum, for a router scoring all of them. A child that only contains an experts module (dbrx ``ffn.experts`` holds
+    ``mlp`` with the flattened stacks) counts as one. A count of 1 is no routing decision."""
     siblings = [base_module(child) for child in children.values()]
     experts, counts, fused = set(), set(), []
     for name, child in children.items():
-        names = expert_weight_names(base_module(child), siblings)
+        child = base_module(child)
+        names = expert_weight_names(child, siblings, expert_counts)
         if names:
             experts.add(name)
-            counts.add(_num_experts(base_module(child), names))
-            if len(names) > 1:
-                fused.append(_num_experts(base_module(child), names))
+            group = _group_counts(child, names, expert_counts)
+            counts |= group
+            if len(names) > 1 and len(group) == 1:
+                fused.append(next(iter(group)))
+            continue
+        for _, inner in child.named_modules():
+            inner_names = flat_stacks(inner, expert_counts)
+            if inner_names:
+                experts.add(name)
+                counts |= _group_counts(inner, inner_names, expert_counts)
     if len(fused) > 1:
         counts.add(sum(fused))
     return experts, {c for c in counts if c > 1}
@@ -124,12 +140,12 @@ def _nested_linear_router(module, counts) -> str | None:
     return path
 
 
-def routers_of(parent) -> list[tuple[str, object]]:
+def routers_of(parent, expert_counts=()) -> list[tuple[str, object]]:
     """(relative path, module) of every router next to an experts module directly under ``parent``: a child whose
     2D weight has as many rows as an expert group (:func:`router_shape`), an nn.Linear child with that many outputs
     (bitsandbytes quantizes it as Linear4bit), or the one linear layer inside a router container."""
     children = dict(parent.named_children())
-    experts, counts = _expert_counts(children)
+    experts, counts = _expert_counts(children, expert_counts)
     if not counts:
         return []  # the common case while loading: most tensors' parents hold no experts
     found = []
@@ -153,11 +169,18 @@ def routers_of(parent) -> list[tuple[str, object]]:
 
 def iter_routers(model):
     """(path, module) for every MoE router of ``model`` (one per fused experts module's parent)."""
-    parents = {path.rpartition(".")[0] for path, _ in iter_expert_modules(model)}
-    for parent_path in sorted(parents):
-        parent = model.get_submodule(parent_path) if parent_path else model
-        for name, module in routers_of(parent):
-            yield (f"{parent_path}.{name}" if parent_path else name), module
+    counts = config_expert_counts(getattr(model, "config", None))
+    for parent_path in sorted({path.rpartition(".")[0] for path, _ in iter_expert_modules(model)}):
+        found = _routers_under(model, parent_path, counts)
+        if not found and parent_path:  # dbrx: the router sits next to the module holding the experts module
+            parent_path = parent_path.rpartition(".")[0]
+            found = _routers_under(model, parent_path, counts)
+        yield from found
+
+
+def _routers_under(model, parent_path: str, counts) -> list:
+    parent = model.get_submodule(parent_path) if parent_path else model
+    return [((f"{parent_path}.{name}" if parent_path else name), module) for name, module in routers_of(parent, counts)]
 
 
 def is_router_path(model, module_path: str) -> bool:
@@ -170,7 +193,8 @@ def is_router_path(model, module_path: str) -> bool:
             parent = model.get_submodule(parent_path) if parent_path else model
         except AttributeError:
             continue
-        if any(name == relative for name, _ in routers_of(parent)):
+        counts = config_expert_counts(getattr(model, "config", None))
+        if any(name == relative for name, _ in routers_of(parent, counts)):
             return True
     return False
 

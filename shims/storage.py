@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from typing import Iterator
 
 from .bnb_config import QuantSettings, is_bnb_4bit, is_skipped, skip_patterns
@@ -253,15 +254,53 @@ def _single_stack_experts(module, siblings) -> bool:
     return False
 
 
-def expert_weight_names(module, siblings=None) -> tuple[str, ...]:
+# Config attributes that hold a model's expert count (num_local_experts, n_routed_experts, moe_num_experts ...).
+_EXPERT_COUNT = re.compile(r"^(n|num|moe_num)_(local_|routed_)?experts?$")
+
+
+def config_expert_counts(config) -> frozenset:
+    """Every expert count (>= 2) a model config (and its sub-configs, e.g. dbrx ``ffn_config``) declares."""
+    counts, seen, todo = set(), set(), [config]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        values = item if isinstance(item, dict) else getattr(item, "__dict__", {})
+        for key, value in values.items():
+            if isinstance(value, int) and not isinstance(value, bool) and _EXPERT_COUNT.match(str(key)) and value >= 2:
+                counts.add(value)
+            elif isinstance(value, dict) or hasattr(value, "to_dict"):
+                todo.append(value)
+    return frozenset(counts)
+
+
+def flat_stacks(module, expert_counts=()) -> tuple[str, ...]:
+    """Expert stacks stored flattened to 2D (dbrx ``w1`` / ``v1`` / ``w2``, each (E * F, H)): two or more direct 2D
+    tensors of one shape in a module that is no torch layer, whose row count is a multiple of an expert count the
+    model config declares (``expert_counts``), or already stored 4-bit by the shims as such a group."""
+    torch, _ = _torch_nn()
+    if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+        return ()
+    names = [n for n in _registration_order(module) if len(_stack_shape(module, n) or ()) == 2]
+    if len(names) < 2 or len({_stack_shape(module, n) for n in names}) != 1:
+        return ()
+    if all(quantized_parametrization(module, n) is not None for n in names):
+        return tuple(names)
+    rows = _stack_shape(module, names[0])[0]
+    return tuple(names) if any(rows % e == 0 and rows > e for e in expert_counts) else ()
+
+
+def expert_weight_names(module, siblings=None, expert_counts=()) -> tuple[str, ...]:
     """Names of the expert weight stacks of ``module`` ((), if it is not an experts module), in registration order.
 
     By STRUCTURE, whatever the names: every direct 3D tensor of a module holding two or more of them with the same
     leading (expert) dimension (transformers' fused ``gate_up_proj``/``down_proj``, nemotron_h ``up_proj``, inkling's
     shared ``gate_proj``/``up_proj``/``down_proj``), or a module's single 3D stack next to a sibling module holding one
     with as many experts (jetmoe; ``siblings``: the other children of the module's parent). All of a module's stacks
-    or none: a module is never partly an experts module. Per-expert nn.Linear experts (transformers 4.x) hold no 3D
-    tensor and do not qualify. Raises ExpertQuantError when fused tensors named ``down_proj`` and ``gate_up_proj`` /
+    or none: a module is never partly an experts module. Without 3D tensors, 2D stacks flattened over the experts
+    (dbrx, :func:`flat_stacks`; ``expert_counts`` from the model config). Per-expert nn.Linear experts
+    (transformers 4.x) hold no 3D tensor and do not qualify. Raises ExpertQuantError when fused tensors named ``down_proj`` and ``gate_up_proj`` /
     ``up_proj`` exist but are not 3D, or look packed without a quantization state.
     """
     torch, _ = _torch_nn()
@@ -276,7 +315,7 @@ def expert_weight_names(module, siblings=None) -> tuple[str, ...]:
                 )
     stacks = candidate_stacks(module)
     if not stacks:
-        return ()
+        return flat_stacks(module, expert_counts)
     if len({_stack_shape(module, n)[0] for n in stacks}) != 1:
         return ()  # 3D tensors of different leading sizes: not one expert group
     if len(stacks) == 1 and not _single_stack_experts(module, siblings):
@@ -296,10 +335,11 @@ def _parent_children(model, path: str) -> list:
 
 def iter_expert_stacks(model) -> Iterator[tuple[str, object, tuple[str, ...]]]:
     """(name, module, its expert stack names) for every experts module of ``model`` (peft wrappers see through)."""
+    counts = config_expert_counts(getattr(model, "config", None))
     for name, module in model.named_modules():
-        if not candidate_stacks(module):
+        if not candidate_stacks(module) and not flat_stacks(module, counts):
             continue
-        names = expert_weight_names(module, _parent_children(model, name))
+        names = expert_weight_names(module, _parent_children(model, name), counts)
         if names:
             yield name, module, names
 
@@ -310,10 +350,17 @@ def iter_expert_modules(model) -> Iterator[tuple[str, object]]:
         yield name, module
 
 
+def quantized_stack_names(module) -> tuple[str, ...]:
+    """The expert stacks of ``module`` itself (3D, or flattened 2D) that the shims store 4-bit, in registration
+    order (a router's 4-bit ``weight`` is not a stack)."""
+    return tuple(n for n in candidate_stacks(module) + flat_stacks(module)
+                 if quantized_parametrization(module, n) is not None)
+
+
 def is_quantized_experts(module) -> bool:
     """True when ``module`` (or the experts module a peft wrapper holds) has shim-quantized 4-bit expert weights."""
     base = base_module(module)
-    return any(quantized_parametrization(base, n) is not None for n in candidate_stacks(base))
+    return any(quantized_parametrization(base, n) is not None for n in candidate_stacks(base) + flat_stacks(base))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -439,9 +486,9 @@ def quantize_expert_param(module, name: str, settings: QuantSettings, owner: str
     if P.is_parametrized(module, name):
         raise ExpertQuantError(f"{label}: already parametrized by something else; expected a plain 3D parameter")
     tensor = module._parameters.get(name)
-    if tensor is None or not tensor.is_floating_point() or tensor.dim() != 3:
+    if tensor is None or not tensor.is_floating_point() or tensor.dim() not in (2, 3):
         got = None if tensor is None else f"{tensor.dtype} {tuple(tensor.shape)}"
-        raise ExpertQuantError(f"{label}: expected a float 3D nn.Parameter, got {got}")
+        raise ExpertQuantError(f"{label}: expected a float 3D (or flattened 2D) expert stack, got {got}")
     compute_dtype = settings.compute_dtype or tensor.dtype
     packed, quant_state = quantize_experts_chunked(
         tensor.detach(), compute_dtype,
@@ -565,9 +612,10 @@ def claimed_expert_tensor(hf_quantizer, model, tensor_path: str):
         module = model.get_submodule(module_path) if module_path else model
     except AttributeError:
         return None
-    if name not in candidate_stacks(module):
+    counts = config_expert_counts(getattr(model, "config", None))
+    if name not in candidate_stacks(module) and name not in flat_stacks(module, counts):
         return None
-    if name not in expert_weight_names(module, _parent_children(model, module_path)):
+    if name not in expert_weight_names(module, _parent_children(model, module_path), counts):
         return None
     if is_skipped(module_path, skip_patterns(hf_quantizer)):
         return None

@@ -281,3 +281,27 @@ def test_prequantized_checkpoint_reloads_bit_exact(model_type, family_checkpoint
     ids = q4_ids()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("model_type", sorted(STACKS))
+def test_save_merged_equals_the_peft_model(model_type, family_checkpoint, family_shims, tmp_path):
+    """shims.save_merged of the 4-bit model with LoRA on every stack: the float32 export computes what the PeftModel
+    does. inkling's shared experts are one-expert stacks (1, out, in), whose delta peft computes as a plain Linear's
+    and broadcasts; the export failed with "delta (64, 24) does not fit base (1, 64, 24)"."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from cases.measure import keep_bnb_compute_dtype
+
+    model = q4_load(family_checkpoint(model_type))
+    keep_bnb_compute_dtype(model)
+    torch.manual_seed(1)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=[], target_parameters=_targets(model_type),
+                                                  init_lora_weights=False)).eval()
+    family_shims.save_merged(peft_model, tmp_path / "merged", dtype=torch.float32)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    ids = q4_ids()
+    with torch.no_grad():
+        got, want = merged(input_ids=ids).logits, peft_model(input_ids=ids).logits
+    assert torch.allclose(got, want, rtol=0, atol=1e-4), (got - want).abs().max()
