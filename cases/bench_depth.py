@@ -307,6 +307,12 @@ def _load(args, config_name: str):
 
         model, _ = load_moe_4bit_streaming(args.directory, "cuda" if args.device == "cuda" else "cpu",
                                            torch.bfloat16, r=args.rank, alpha=2 * args.rank, quant_type="nf4")
+        try:  # its fused grouped kernels for training (the [fast] extra, grouped-nf4-gemm), as its README advises
+            from experts4bit_qlora import enable_fast_train
+
+            model.e4b_fast_modules = enable_fast_train(model, dgrad=True)
+        except ImportError as exc:
+            model.e4b_fast_modules = f"not available: {exc}"
         return model
     if config_name.startswith("unsloth"):
         from unsloth import FastLanguageModel
@@ -408,6 +414,7 @@ def run(args) -> dict:
         from experts4bit_qlora import verify_moe_4bit
 
         verify_moe_4bit(model, strict=True)  # raises if an expert stack stayed high precision
+        out["e4b_fast_modules"] = model.e4b_fast_modules
     if args.config.startswith(("e4b", "unsloth")):
         from importlib.metadata import version
 

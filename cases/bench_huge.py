@@ -192,16 +192,19 @@ def _forward_difference(model, config, reference: dict, args) -> float:
         return float((block(x).float() - plain_block(x).float()).abs().max())
 
 
-def float32_delta(wrapper, adapter: str = "default"):
-    """The fused-expert LoRA delta in fp32, written out from peft's convention (ParamWrapper: lora_A (E*r, in),
-    lora_B (out, r*E) expert-fastest; "e o i" when peft swapped in/out for this module). peft's own
-    get_delta_weight rounds its result to the base dtype, which would hide a wrong delta below bf16 noise."""
+def float32_delta(wrapper, adapter: str = "default", experts: tuple[int, int] | None = None):
+    """Experts ``[start, stop)`` of the fused-expert LoRA delta in fp32, written out from peft's convention
+    (ParamWrapper: lora_A (E*r, in) expert-major rows, lora_B (out, r*E) expert-fastest columns; "e o i" when peft
+    swapped in/out for this module). peft's own get_delta_weight rounds its result to the base dtype, which would
+    hide a wrong delta below bf16 noise."""
     import torch
 
-    experts = wrapper.num_experts
+    count = wrapper.num_experts
+    start, stop = experts or (0, count)
     a = wrapper.lora_A[adapter].weight.float()
     b = wrapper.lora_B[adapter].weight.float()
-    a, b = a.reshape(experts, -1, a.shape[-1]), b.reshape(b.shape[0], -1, experts)
+    a = a.reshape(count, -1, a.shape[-1])[start:stop]
+    b = b.reshape(b.shape[0], -1, count)[:, :, start:stop]
     layout = "o r e, e r i -> e o i" if wrapper._did_swap_in_out_features else "o r e, e r i -> e i o"
     return torch.einsum(layout, b, a) * wrapper.scaling[adapter]
 
@@ -220,10 +223,13 @@ def _export_mismatches(peft_model, folder: Path) -> dict:
     reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, device_map={"": device})
     result = {}
     for name, wrapper in sorted(wrappers.items()):
-        want = (dequantize_param(_experts(peft_model.get_base_model()), name).float()
-                + float32_delta(wrapper)).to(torch.bfloat16)
-        result[name] = int((getattr(_experts(reloaded), name) != want).sum())
-        del want
+        base, exported = dequantize_param(_experts(peft_model.get_base_model()), name), getattr(_experts(reloaded), name)
+        result[name] = 0
+        for start in range(0, base.shape[0], 16):  # 16 experts at a time: fp32 temporaries of a 7.5e9 stack are 28 GiB
+            stop = min(start + 16, base.shape[0])
+            want = (base[start:stop].float() + float32_delta(wrapper, experts=(start, stop))).to(torch.bfloat16)
+            result[name] += int((exported[start:stop] != want).sum())
+        del base, exported
     return result
 
 

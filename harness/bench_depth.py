@@ -101,8 +101,9 @@ def _run(python: list[str], args: list[str], timeout_s: float) -> dict:
     return {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-700:], "wall_s": round(time.monotonic() - start, 1)}
 
 
-def _needed_build(step: dict) -> str:
-    return "build-hub" if "HUB" in step["args"] else "build"
+def _needed_build(step: dict) -> str | None:
+    """The build a run reads its checkpoint from (None: it builds its own model)."""
+    return "build-hub" if "HUB" in step["args"] else "build" if "CKPT" in step["args"] else None
 
 
 def run_all(pythons: dict[str, list[str]], device: str, full: bool, work: Path, timeout_s: float,
@@ -117,7 +118,7 @@ def run_all(pythons: dict[str, list[str]], device: str, full: bool, work: Path, 
             "WORK": str(work)}
     steps = plan(full)
     wanted = {s["name"] for s in steps if not only or s["name"] in only}
-    wanted |= {_needed_build(s) for s in steps if s["name"] in wanted and not s["name"].startswith("build")}
+    wanted |= {_needed_build(s) for s in steps if s["name"] in wanted and not s["name"].startswith("build")} - {None}
     results = {}
     doc = {"when": time.time(), "host": platform.node(), "device": device, "full": full,
            "plan": [{k: s[k] for k in ("name", "what", "peer") if k in s} for s in steps if s["name"] in wanted],
@@ -126,7 +127,7 @@ def run_all(pythons: dict[str, list[str]], device: str, full: bool, work: Path, 
         if step["name"] not in wanted:
             continue
         build = _needed_build(step)
-        if step["name"] != build and "error" in results.get(build, {}):
+        if build and step["name"] != build and "error" in results.get(build, {}):
             results[step["name"]] = {"error": f"not run: {build} failed"}
             continue
         python = pythons.get(step.get("interp", "tf5"))
