@@ -20,7 +20,7 @@ dl .whl/extra "trl==${TRL:-1.16.0}" datasets==5.0.1 dill multiprocess xxhash
 # unsloth with the small pure-python packages it imports; unsloth's wheel also carries its web "studio" (86 MB
 # unpacked), which training never imports: it is left out so everything fits the 64 MiB a device call may carry.
 mkdir -p .whl/peers
-dl .whl/peers experts4bit-qlora==0.58.1 unsloth_zoo==2026.10.9 tyro docstring_parser typeguard shtab \
+dl .whl/peers experts4bit-qlora==0.58.1 grouped-nf4-gemm==0.51.0 unsloth_zoo==2026.10.9 tyro docstring_parser typeguard shtab \
   cut_cross_entropy msgspec torchao
 dl .whl/tmp unsloth==2026.10.9
 (mkdir -p .whl/tmp/us && cd .whl/tmp/us && unzip -q ../unsloth-*.whl && rm -rf studio && zip -qr ../../peers/unsloth-nostudio.zip .)
