@@ -239,8 +239,14 @@ def _quantize_claimed_expert(model, target_name, param_value, hf_quantizer) -> N
 
 
 def missing_experts_sweep(hf_quantizer, model) -> int:
-    """Expert tensors that did not pass through set_param_for_module (missing from the checkpoint -> initialised)."""
-    return quantize_model_experts(model, hf_quantizer.quantization_config, skip_patterns(hf_quantizer))
+    """Expert tensors that did not pass through set_param_for_module (missing from the checkpoint -> initialised);
+    then every experts module must be wholly 4-bit or wholly float, and 3D tensors that are no expert stack by
+    structure are named in the load log (INFO)."""
+    done = quantize_model_experts(model, hf_quantizer.quantization_config, skip_patterns(hf_quantizer))
+    left = storage.check_whole_modules(model)
+    if left:
+        log.info("left float, not expert stacks by structure (no sibling with as many experts): %s", left)
+    return done
 
 
 def _install() -> callable:

@@ -646,3 +646,20 @@ def quantize_model_experts(model, quantization_config, skip_modules=()) -> int:
             continue
         done += quantize_experts_module(module, name, settings, names)
     return done
+
+
+def check_whole_modules(model) -> list[str]:
+    """After a 4-bit load: raise ExpertQuantError naming any module whose expert stacks are partly 4-bit (all or
+    none, never some), and return the paths of 3D float tensors left as they are because they are no expert stack
+    by structure (a lone 3D tensor without an expert sibling), for the load log."""
+    counts = config_expert_counts(getattr(model, "config", None))
+    grouped, partial = set(), []
+    for name, module, names in iter_expert_stacks(model):
+        grouped.add(name)
+        left = [n for n in names if quantized_parametrization(module, n) is None]
+        if left and len(left) != len(names):
+            partial.append(f"{name}: {left} float, {[n for n in names if n not in left]} 4-bit")
+    if partial:
+        raise ExpertQuantError(f"expert modules partly stored 4-bit (all of a module's stacks or none): {partial}")
+    return [f"{name}.{n}" for name, module in model.named_modules() if name not in grouped
+            for n in candidate_stacks(module) + flat_stacks(module, counts)]

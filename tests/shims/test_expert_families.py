@@ -355,3 +355,35 @@ def test_dbrx_flattened_stacks_are_4bit_reload_exactly_and_compute_the_dequantiz
                                model.get_submodule(name).parametrizations[pname].original)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, logits)
+
+
+def test_a_partly_4bit_experts_module_is_an_error_and_lone_stacks_are_named():
+    """The load's final check: an experts module is wholly 4-bit or wholly float (a module with one stack 4-bit and
+    another float, the inkling bug, raises naming both); a 3D tensor that is no expert stack is listed."""
+    import bitsandbytes  # noqa: F401  (skips without bitsandbytes via the module's needs_ml mark)
+    import torch
+
+    from shims import storage
+    from shims.bnb_config import QuantSettings
+
+    class Shared(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            for name, shape in (("gate_proj", (1, 24, 64)), ("up_proj", (1, 24, 64)), ("down_proj", (1, 64, 24))):
+                self.register_parameter(name, torch.nn.Parameter(torch.randn(*shape)))
+
+    class Bank(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.query = torch.nn.Parameter(torch.zeros(12, 4, 64))
+
+    model = torch.nn.Module()
+    model.shared, model.bank = Shared(), Bank()
+    assert storage.check_whole_modules(model) == ["bank.query"]
+    settings = QuantSettings("nf4", False, torch.float32, torch.uint8, 64)
+    storage.quantize_expert_param(model.shared, "up_proj", settings)
+    storage.quantize_expert_param(model.shared, "down_proj", settings)
+    with pytest.raises(storage.ExpertQuantError, match=r"shared: \['gate_proj'\] float"):
+        storage.check_whole_modules(model)
+    storage.quantize_expert_param(model.shared, "gate_proj", settings)
+    assert storage.check_whole_modules(model) == ["bank.query"]
