@@ -97,8 +97,19 @@ def _run(python: list[str], args: list[str], timeout_s: float) -> dict:
             result = json.loads(line.split(" ", 1)[1])
             result["wall_s"] = round(time.monotonic() - start, 1)
             return result
-    tail = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines() if ln.strip()][-3:]
-    return {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-700:], "wall_s": round(time.monotonic() - start, 1)}
+    return {"error": f"exit {proc.returncode}: {_error_line(proc.stderr or proc.stdout)}",
+            "wall_s": round(time.monotonic() - start, 1)}
+
+
+def _error_line(output: str) -> str:
+    """The exception line of a traceback (or the last lines of the output when there is none), shortened."""
+    import re
+
+    lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line):
+            return line[:400]
+    return " | ".join(lines[-3:])[-400:]
 
 
 def _needed_build(step: dict) -> str | None:
@@ -165,10 +176,11 @@ def _train_rows(doc: dict, peers: bool = False) -> list[dict]:
         if bool(step.get("peer")) != peers:
             continue
         r = doc["results"].get(step["name"])
-        if step["name"].startswith("build") or step["name"] == "huge-layer" or r is None:
+        if step["name"].startswith(("build", "huge-layer")) or r is None:
             continue
         rows.append({
-            "run": step["name"], "what": step["what"], "layers": r.get("layers", ""),
+            "run": step["name"], **({"device run": r["run"]} if "run" in r else {}), "what": step["what"],
+            "layers": r.get("layers", ""),
             "cap GiB": r.get("cap_gib") or "",
             "resident GiB": _gib(r.get("resident_bytes")),
             "train peak GiB": _gib(_peak(r, "train_peak", "gpu" if gpu else "host")),
@@ -176,10 +188,53 @@ def _train_rows(doc: dict, peers: bool = False) -> list[dict]:
             "step s min / median / max": _spread(r.get("step_s")),
             "tokens/s": f"{r['tokens_per_s']:.0f}" if r.get("tokens_per_s") else "",
             "LoRA": ",".join(r.get("lora_dtypes", [])), "optimizer": r.get("optimizer", ""),
+            "system": _system(r),
             "loss first -> last": (f"{r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}" if r.get("losses") else ""),
-            "error": r.get("error", ""),
+            "error": _short(r["error"]) if r.get("error") else "",
         })
     return rows
+
+
+def _system(r: dict) -> str:
+    label = r.get("peer") or (f"transformers {r['transformers']}" if r.get("transformers") else "")
+    fast = r.get("e4b_fast_modules")
+    if fast is not None:
+        label += f"; fused training kernels on {fast} modules" if isinstance(fast, int) else f"; {fast}"
+    elif label.startswith("experts4bit"):  # runs before the bench enabled them
+        label += "; its fused training kernels not enabled (grouped-nf4-gemm not installed in that run)"
+    return label
+
+
+def _short(error: str) -> str:
+    """The exception part of a recorded error (older records kept the last lines of the traceback)."""
+    parts = [p.strip() for p in error.split(" | ")]
+    named = [p for p in parts if "Error" in p.split(":")[0]]
+    return (named[-1] if named else parts[-1])[:300]
+
+
+def _notes(doc: dict) -> list[str]:
+    """Explanations computed from the measurements (the step-time gap, what fits a 24 GB card)."""
+    res, out = doc["results"], []
+    half, deep = ("24", "48") if doc["full"] else ("2", "4")
+    shims, bf16 = res.get(f"shims-levers-{half}", {}), res.get(f"bf16-levers-{half}", {})
+    if shims.get("step_median_s") and bf16.get("step_median_s") and shims.get("dequant_layer_s"):
+        gap = shims["step_median_s"] - bf16["step_median_s"]
+        dequant = 3 * int(shims["layers"]) * shims["dequant_layer_s"]
+        out.append(f"- step time: the 4-bit experts are dequantized three times per layer and step (forward, the "
+                   f"checkpointing recompute, backward; nothing float is kept for backward): 3 x {shims['layers']} x "
+                   f"{1000 * shims['dequant_layer_s']:.2f} ms = {1000 * dequant:.0f} ms of the {1000 * gap:.0f} ms "
+                   "gap to bf16 (median steps); the rest was not broken down here. "
+                   "Step times vary by up to ~20 % between runs on the same GPU (min / median / max above).")
+    deep_run = res.get(f"shims-levers-{deep}", {})
+    if doc["device"] == "cuda" and _peak(deep_run, "train_peak", "gpu_reserved"):
+        out.append(f"- a 24 GB card: {deep} layers train with {_gib(_peak(deep_run, 'train_peak', 'gpu'))} GiB "
+                   f"allocated at peak ({_gib(_peak(deep_run, 'train_peak', 'gpu_reserved'))} GiB reserved by "
+                   "torch's allocator; the CUDA context adds ~0.5 GiB outside it), under a hard 24 GiB cap.")
+    recipe = res.get(f"shims-recipe-{deep}", {})
+    if "error" in recipe:
+        out.append(f"- the tutorial recipe without the levers does not fit the cap at {deep} layers: "
+                   f"{_short(recipe['error'])}")
+    return out
 
 
 def _targets(doc: dict) -> list[dict]:
@@ -246,7 +301,10 @@ def render(doc: dict) -> str:
         f"- checkpoint: {_describe_build(build)}", "",
         "## Training", "", pd.DataFrame(_train_rows(doc)).to_markdown(index=False) if _train_rows(doc) else "no runs",
         "", "## Targets", "", pd.DataFrame(_targets(doc)).to_markdown(index=False), "",
+        "## Where a target is missed, and what fits", "", *(_notes(doc) or ["(nothing to explain)"]), "",
         "## DeepSeek-V3-sized MoE layer", "", _huge_table(huge), "",
+        *[f"- earlier attempt, {name}: {res[name].get('error', 'no error')}" for name in res
+          if name.startswith("huge-layer (run")], "",
         "## Peers, side by side (same GPU, shapes, levers, cap and seq; shallower, so that the bf16 checkpoint they "
         "all read fits the disk)", "", f"- checkpoint: {_describe_build(res.get('build-hub', {}))}", "",
         pd.DataFrame(_train_rows(doc, peers=True)).to_markdown(index=False) if _train_rows(doc, True) else "no runs",
@@ -276,33 +334,46 @@ def _describe_build(build: dict) -> str:
 
 
 def _peer_ratios(doc: dict) -> list[str]:
-    """Each peer's train peak and median step relative to 5.x + shims on the same checkpoint."""
+    """Each peer's train peak, median step and resident memory relative to 5.x + shims of the same run."""
     res, key = doc["results"], "gpu" if doc["device"] == "cuda" else "host"
-    rows = [s["name"] for s in doc["plan"] if s.get("peer")]
-    ours = res.get(rows[0], {}) if rows else {}
+    peers = [s["name"] for s in doc["plan"] if s.get("peer")]
+    ours = {res[n].get("run"): n for n in peers if n.startswith("peer-shims")}
     lines = []
-    for name in rows[1:]:
-        r = res.get(name, {})
-        if "error" in r or "error" in ours or not r:
-            lines.append(f"- {name}: no ratio ({(r.get('error') or ours.get('error') or 'not run')[:300]})")
+    for name in peers:
+        if name.startswith("peer-shims"):
             continue
-        lines.append(f"- {name} / {rows[0]}: train peak {_peak(r, 'train_peak', key) / _peak(ours, 'train_peak', key):.2f}x, "
-                     f"step {r['step_median_s'] / ours['step_median_s']:.2f}x, resident "
-                     f"{r['resident_bytes'] / ours['resident_bytes']:.2f}x")
+        r = res.get(name, {})
+        ref_name = ours.get(r.get("run"))
+        ref = res.get(ref_name, {})
+        if not r or "error" in r or not ref or "error" in ref:
+            lines.append(f"- {name}: no ratio ({(r.get('error') or ref.get('error') or 'no shims row in its run')[:300]})")
+            continue
+        lines.append(f"- {name} / {ref_name}: train peak {_peak(r, 'train_peak', key) / _peak(ref, 'train_peak', key):.2f}x, "
+                     f"step {r['step_median_s'] / ref['step_median_s']:.2f}x, resident "
+                     f"{r['resident_bytes'] / ref['resident_bytes']:.2f}x")
     return lines
 
 
 def merge_docs(docs: list[dict]) -> dict:
-    """One document from several runs on one machine (device calls are at most 10 minutes each): the plans in
-    order, every result, and each run's time and command, which the report lists."""
+    """One document from several runs on one machine (device calls are at most 10 minutes each): every run's
+    results tagged with its run number. A name that a later run repeats is that later run's result; the earlier
+    one stays in the report as ``name (run k)``. Ratios are only ever taken within one run (see _peer_ratios)."""
     merged = {**docs[0], "plan": [], "results": {}, "runs": []}
-    for doc in docs:
+    for number, doc in enumerate(docs, 1):
         if (doc["device"], doc["full"]) != (docs[0]["device"], docs[0]["full"]):
             raise ValueError("bench-depth runs of different devices or dims cannot be merged")
-        merged["plan"] += [s for s in doc["plan"] if s["name"] not in merged["results"]]
-        merged["results"].update(doc["results"])
-        merged["runs"] += doc.get("runs") or [{"when": doc["when"], "command": doc.get("command", ""),
-                                                "runs": [s["name"] for s in doc["plan"]]}]
+        for step in doc["plan"]:
+            name = step["name"]
+            if name not in doc["results"]:
+                continue
+            if name in merged["results"]:  # the later run's result becomes the named one; the earlier stays shown
+                earlier = f"{name} (run {merged['results'][name]['run']})"
+                merged["results"][earlier] = merged["results"].pop(name)
+                merged["plan"] = [{**s, "name": earlier} if s["name"] == name else s for s in merged["plan"]]
+            merged["plan"].append(step)
+            merged["results"][name] = {**doc["results"][name], "run": number}
+        merged["runs"].append({"when": doc["when"], "command": doc.get("command", ""),
+                               "runs": [s["name"] for s in doc["plan"] if s["name"] in doc["results"]]})
     return merged
 
 
