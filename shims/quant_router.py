@@ -13,8 +13,12 @@ input (qwen3_moe, mixtral, gpt_oss multiply in the model dtype). A router the mo
 (deepseek_v3 and glm4_moe build theirs in float32 whatever the load dtype) is left float: that precision is the
 model authors' choice, and 4.x left those routers float too.
 
-A router is found by STRUCTURE: a leaf module (not ``nn.Linear``) whose parameters are a 2D float ``weight`` and
-at most a 1D ``bias``, sitting next to a fused experts module with as many experts as the weight has rows. Keep
+A router is found by STRUCTURE, next to an experts module (any stack family, :mod:`shims.storage`): a child of the
+same parent holding a 2D ``weight`` whose rows equal an expert group's count (or routed + shared, inkling), with only
+per-expert statistics besides it (a bias, a score correction: laguna, ernie4_5_moe, deepseek_v4); nn.Linear
+subclasses (phimoe, llama4) count, since bitsandbytes converts only exact nn.Linear. Routers that are an nn.Linear
+inside a gating module (afmoe ``router.gate``, hunyuan ``gate.wg``, jetmoe ``router.layer``, gemma4 ``router.proj``)
+or an nn.Linear child become bitsandbytes' own Linear4bit: they are counted, never re-stored by the shims. Keep
 routers in 16/32-bit as on 4.x: list them in ``llm_int8_skip_modules`` (e.g. ``["gate"]``, ``["router"]``).
 Pre-quantized checkpoints are loaded as saved (see :mod:`shims.checkpoint`); float routers in them stay float.
 """

@@ -486,7 +486,8 @@ def quantize_expert_param(module, name: str, settings: QuantSettings, owner: str
     if P.is_parametrized(module, name):
         raise ExpertQuantError(f"{label}: already parametrized by something else; expected a plain 3D parameter")
     tensor = module._parameters.get(name)
-    if tensor is None or not tensor.is_floating_point() or tensor.dim() not in (2, 3):
+    dims = (3,) if name in EXPERT_WEIGHT_NAMES else (2, 3)  # transformers' fused names are always 3D stacks
+    if tensor is None or not tensor.is_floating_point() or tensor.dim() not in dims:
         got = None if tensor is None else f"{tensor.dtype} {tuple(tensor.shape)}"
         raise ExpertQuantError(f"{label}: expected a float 3D (or flattened 2D) expert stack, got {got}")
     compute_dtype = settings.compute_dtype or tensor.dtype
