@@ -184,7 +184,9 @@ def attention_projections(model) -> list[str]:
     names = set()
     attention_paths = [path for path, module in model.named_modules() if "Attention" in type(module).__name__]
     for path, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear):
+        # a subclass with its own forward (deepseek_v4's grouped o_a_proj) is no plain projection: peft's Linear
+        # LoRA would add an update of the wrong shape to it
+        if not isinstance(module, torch.nn.Linear) or type(module).forward is not torch.nn.Linear.forward:
             continue
         # by path (self_attn, linear_attn, attention) or by the class of a parent (nemotron_h: "mixer")
         parent = path.rsplit(".", 1)[0]

@@ -175,3 +175,24 @@ def test_the_schedule_the_report_claims_is_the_workflows():
 
     workflow = (Path(archs.REPO) / ".github" / "workflows" / "e2e.yml").read_text()
     assert "schedule:" in workflow and "nox -s archs" in workflow.split("\n  archs:")[1]
+
+
+def test_attention_targets_are_plain_projections_found_by_path_or_by_class():
+    import torch
+
+    from cases.discover import attention_projections
+
+    class Grouped(torch.nn.Linear):  # deepseek_v4's o_a_proj: its own forward, no plain x W^T
+        def forward(self, x):
+            return x
+
+    class MixerAttention(torch.nn.Module):  # nemotron_h: attention under a "mixer" path
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.o_a_proj = torch.nn.Linear(4, 4), Grouped(4, 4)
+
+    model = torch.nn.Module()
+    model.mixer = MixerAttention()
+    model.mlp = torch.nn.Module()
+    model.mlp.up_proj = torch.nn.Linear(4, 4)
+    assert attention_projections(model) == ["q_proj"]
