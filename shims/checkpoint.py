@@ -313,7 +313,6 @@ def saved_4bit_stacks(checkpoint_files) -> dict[str, tuple[str, ...]]:
     """Module path -> names of the tensors the checkpoint stores as 4-bit stacks (what the shims save): any 4-bit
     tensor not named ``weight``, and a ``weight`` whose saved quantization state is 3D (jetmoe's expert modules; a
     Linear4bit weight is 2D). Reads key names, and for ``weight`` keys the small packed state."""
-    from bitsandbytes.utils import unpack_tensor_to_dict
     from safetensors import safe_open
 
     found: dict[str, list] = {}
@@ -326,10 +325,24 @@ def saved_4bit_stacks(checkpoint_files) -> dict[str, tuple[str, ...]]:
                 if match is None:
                     continue
                 module, name = match.group(1), match.group(2)
-                if name == "weight" and len(unpack_tensor_to_dict(f.get_tensor(key)).get("shape", ())) != 3:
+                if name == "weight" and len(_saved_shape(f, key)) != 3:
                     continue
                 found.setdefault(module, []).append(name)
     return {module: tuple(names) for module, names in found.items()}
+
+
+def _saved_shape(f, key: str) -> tuple:
+    """The logical shape a saved ``...quant_state.bitsandbytes__nf4`` key records."""
+    from bitsandbytes.utils import unpack_tensor_to_dict
+
+    try:
+        return tuple(unpack_tensor_to_dict(f.get_tensor(key)).get("shape", ()))
+    except ValueError as exc:  # json.JSONDecodeError
+        raise ExpertQuantError(
+            f"{key}: not one saved quantization state ({exc}); a checkpoint whose save merged several 4-bit tensors "
+            "into one key (transformers 5.x's reverse weight conversion concatenates Linear4bit packed data and "
+            "their states, e.g. lara_mini in_proj_qkv / z / b / a -> linear_attn.in_proj) cannot be loaded; "
+            "save the model unquantized or with shims.save_merged") from exc
 
 
 def keeping_fused_experts(quantizer, checkpoint_files):
