@@ -21,9 +21,9 @@ def _export_contiguous_lora_b() -> None:
 
     original = export._float32_delta
 
-    def broken(wrapper, adapter):
+    def broken(wrapper, adapter, experts=None):
         if type(wrapper).__name__ != "ParamWrapper" or wrapper.num_experts == 1:
-            return original(wrapper, adapter)
+            return original(wrapper, adapter, experts)
         A = wrapper.lora_A[adapter].weight.float()
         B = wrapper.lora_B[adapter].weight.float()
         E = wrapper.num_experts
@@ -32,7 +32,7 @@ def _export_contiguous_lora_b() -> None:
         delta = torch.stack(per_expert) * wrapper.scaling[adapter]  # (E, out, in) in peft's naming
         if not wrapper._did_swap_in_out_features:
             delta = delta.transpose(1, 2)
-        return delta
+        return delta if experts is None else delta[experts[0]:experts[1]]  # export merges a few experts at a time
 
     export._float32_delta = broken
 

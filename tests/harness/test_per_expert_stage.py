@@ -6,6 +6,7 @@ planted gate/up swap in that conversion breaks the rule."""
 import dataclasses
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +34,9 @@ def published(tmp_path_factory, matrix):
         pytest.skip("this test lane is transformers 4.x: it consumes, the 5.x lanes publish")
     if not _V457_PYTHON.is_file():
         pytest.skip(f"no transformers 4.57 interpreter at {_V457_PYTHON} (set MOE_SHIMS_V457_PYTHON)")
+    ready = subprocess.run([str(_V457_PYTHON), "-c", "import torch, transformers, peft"], capture_output=True)
+    if ready.returncode != 0:  # the lane's venv exists but is still being installed (test lanes run in parallel)
+        pytest.skip(f"the transformers 4.57 interpreter {_V457_PYTHON} cannot import torch/transformers/peft yet")
     root = tmp_path_factory.mktemp("per_expert")
     quick = dataclasses.replace(matrix, run={**matrix.run, "train_steps": 2})
     work = root / "work"

@@ -198,6 +198,10 @@ def test_per_expert_adapter_reproduces_fused_logits_on_transformers_4_57(tmp_pat
     _requires_fused()
     if not _V457_PYTHON.is_file():
         pytest.skip(f"no transformers 4.57 interpreter at {_V457_PYTHON} (set MOE_SHIMS_V457_PYTHON)")
+    ready = subprocess.run([str(_V457_PYTHON), "-c", "import torch, transformers, peft"], capture_output=True, text=True)
+    if ready.returncode != 0:  # the lane's venv exists but is still being installed (test lanes run in parallel)
+        pytest.skip(f"the transformers 4.57 interpreter {_V457_PYTHON} cannot import torch/transformers/peft yet: "
+                    f"{ready.stderr.strip().splitlines()[-1] if ready.stderr.strip() else ready.returncode}")
     ids = _ids()
     cases, expected = [], {}
     for model_type in _PER_EXPERT_ARCHS:
