@@ -203,6 +203,9 @@ class Case:
             task_type="CAUSAL_LM", **({"target_parameters": targets["parameters"]} if targets["parameters"] else {}),
         )
         self.metrics["lora_expert_targets"] = targets["parameters"] or targets["modules"]
+        # LoRA's random init from a fixed state: otherwise it depends on the cases run before in the same process,
+        # and an arch's result on which archs a run includes (measured: granitemoe alone vs in the full archs run)
+        torch.manual_seed(0)
         self.model = get_peft_model(self.model, config)
         expert_lora = measure.lora_expert_params(self.model)
         self.metrics["lora_expert_tensors"] = len(expert_lora)
