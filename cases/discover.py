@@ -43,7 +43,7 @@ TINY = {
     # expert count and routing
     "num_experts": EXPERTS, "num_local_experts": EXPERTS, "n_routed_experts": EXPERTS, "moe_num_experts": EXPERTS,
     "num_routed_experts": EXPERTS, "n_experts": EXPERTS, "num_experts_per_tok": TOP_K,
-    "num_experts_per_token": TOP_K, "moe_topk": TOP_K, "moe_top_k": TOP_K, "moe_k": TOP_K, "top_k": TOP_K,
+    "num_experts_per_token": TOP_K, "top_k_experts": TOP_K, "moe_topk": TOP_K, "moe_top_k": TOP_K, "moe_k": TOP_K, "top_k": TOP_K,
     "n_group": 1, "num_expert_group": 1, "topk_group": 1, "n_shared_experts": 1, "num_shared_experts": 1,
     "decoder_sparse_step": 1, "moe_layer_freq": 1, "mlp_only_layers": [], "sliding_window": 16,
     "attention_chunk_size": 16,
@@ -118,6 +118,9 @@ def _softmax_attention(kind) -> bool:
 
 # expert counts under other spellings (moe_num_experts, longcat's zero_expert_num: extra identity experts that
 # share the routed experts' stack), never the shared experts
+# a switch that turns an arch's MoE block off by default (gemma4: enable_moe_block=False): a tiny model of an MoE
+# arch without it would test no experts at all
+MOE_SWITCH = re.compile(r"^(enable|use)_moe(_\w+)?$")
 EXPERT_COUNT = re.compile(r"^(n|num|moe_num)_(local_|routed_)?experts?$|^\w+_expert_num$")
 # per-layer lists of layer kinds (attention kinds, mlp kinds such as "dense" / "sparse") and their string forms
 LAYER_KINDS = re.compile(r"^(\w+_)?layer_types$|^layers_block_type$|^hybrid_override_pattern$")
@@ -136,7 +139,11 @@ def tiny_overrides(defaults: dict) -> dict:
             out[key] = {**value, **tiny_overrides(value)}
         elif LAYER_KINDS.match(key) and isinstance(value, (list, str)) and value:
             out[key] = _layer_types(value) if isinstance(value, list) else value[:2]
-        elif isinstance(value, bool) or not isinstance(value, int):
+        elif isinstance(value, bool):
+            if MOE_SWITCH.match(key) and not value:
+                out[key] = True
+            continue
+        elif not isinstance(value, int):
             continue
         elif "vocab" in key and value > TINY["vocab_size"]:
             out[key] = TINY["vocab_size"]  # per-layer / padded vocabularies too
