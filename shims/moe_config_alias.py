@@ -34,11 +34,13 @@ EXPERT_COUNT_NAMES = ("num_local_experts", "n_routed_experts", "moe_num_experts"
 # what a config class must declare for trl to turn the load-balancing loss on
 AUX_LOSS_FIELDS = ("output_router_logits", "router_aux_loss_coef")
 _READS_NUM_EXPERTS = re.compile(r"config\.num_experts\b")
-# the config classes of transformers 5.24 that need the alias (scan_affected() finds them; the tests keep this whole)
+# the config classes that need the alias on some 5.x (scan_affected() finds them per version; the tests keep this
+# whole): those of 5.24, and gpt_oss, whose config gained the alias upstream after 5.5
 _CONFIGS = (
     ("transformers.models.deepseek_v4.configuration_deepseek_v4", "DeepseekV4Config"),
     ("transformers.models.glm4v_moe.configuration_glm4v_moe", "Glm4vMoeTextConfig"),
     ("transformers.models.glm5_next.configuration_glm5_next", "Glm5NextTextConfig"),
+    ("transformers.models.gpt_oss.configuration_gpt_oss", "GptOssConfig"),
     ("transformers.models.granitemoe.configuration_granitemoe", "GraniteMoeConfig"),
     ("transformers.models.granitemoe_swa.configuration_granitemoe_swa", "GraniteMoeSWAConfig"),
     ("transformers.models.granitemoehybrid.configuration_granitemoehybrid", "GraniteMoeHybridConfig"),
