@@ -81,6 +81,12 @@ def foreign_entries(store: Path, arch: str, quant: str) -> list[Path]:
     transformers 5.x reads 4.57 checkpoints (it fuses per-expert tensors at load); the reverse is not a
     supported path, so a 4.57 cell only looks at 4.57 entries.
     """
+    mine = _major(_versions()["transformers"])
+    return [entry for entry, meta in _other_cells_entries(store, arch, quant) if _major(meta["transformers"]) <= mine]
+
+
+def _other_cells_entries(store: Path, arch: str, quant: str) -> list[tuple[Path, dict]]:
+    """(entry, its meta) of every complete publication for this case by another (transformers, peft) pair."""
     mine = _versions()
     folder = store / f"{arch}-{quant}"
     if not folder.is_dir():
@@ -91,11 +97,8 @@ def foreign_entries(store: Path, arch: str, quant: str) -> list[Path]:
         if entry.name.startswith(".") or not meta_path.exists():
             continue
         meta = json.loads(meta_path.read_text())
-        if (meta["transformers"], meta["peft"]) == (mine["transformers"], mine["peft"]):
-            continue
-        if _major(meta["transformers"]) > _major(mine["transformers"]):
-            continue
-        out.append(entry)
+        if (meta["transformers"], meta["peft"]) != (mine["transformers"], mine["peft"]):
+            out.append((entry, meta))
     return out
 
 
@@ -152,21 +155,7 @@ def fused_entries(store: Path, arch: str, quant: str) -> list[Path]:
     """Published adapters of other (transformers, peft) pairs whose expert LoRA is fused (``target_parameters``, as
     transformers 5.x trains it): what a cell with per-expert experts must convert to read (stage per_expert_adapters).
     Decided on each adapter's own files, not on the publisher's version."""
-    mine = _versions()
-    folder = store / f"{arch}-{quant}"
-    if not folder.is_dir():
-        return []
-    out = []
-    for entry in sorted(folder.iterdir()):
-        meta_path = entry / "meta.json"
-        if entry.name.startswith(".") or not meta_path.exists():
-            continue
-        meta = json.loads(meta_path.read_text())
-        if (meta["transformers"], meta["peft"]) == (mine["transformers"], mine["peft"]):
-            continue
-        if _has_fused_expert_lora(entry / "adapter"):
-            out.append(entry)
-    return out
+    return [entry for entry, _ in _other_cells_entries(store, arch, quant) if _has_fused_expert_lora(entry / "adapter")]
 
 
 def _has_fused_expert_lora(adapter_dir: Path) -> bool:

@@ -35,11 +35,13 @@ def _flags(dims: dict) -> list[str]:
     return out
 
 
-def _run(prefix: list[str], args: list[str], timeout_s: float) -> dict:
+def run_case_process(prefix: list[str], module: str, args: list[str], timeout_s: float) -> dict:
+    """Run ``python -m module args`` with this repo importable; its ``BENCH_RESULT`` JSON line (+ wall_s), or
+    ``{"error": ...}`` naming the exception, the exit code or the timeout."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     start = time.monotonic()
     try:
-        proc = subprocess.run([*prefix, "-m", "cases.bench_model", *args], cwd=REPO, env=env, capture_output=True,
+        proc = subprocess.run([*prefix, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=timeout_s, check=False)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout_s:.0f} s"}
@@ -48,8 +50,23 @@ def _run(prefix: list[str], args: list[str], timeout_s: float) -> dict:
             result = json.loads(line.split(" ", 1)[1])
             result["wall_s"] = round(time.monotonic() - start, 1)
             return result
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-    return {"error": f"exit {proc.returncode}: " + " | ".join(tail)[-600:]}
+    return {"error": f"exit {proc.returncode}: {error_line(proc.stderr or proc.stdout)}",
+            "wall_s": round(time.monotonic() - start, 1)}
+
+
+def error_line(output: str) -> str:
+    """The exception line of a traceback (or the last lines of the output when there is none), shortened."""
+    import re
+
+    lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line):
+            return line[:400]
+    return " | ".join(lines[-3:])[-400:]
+
+
+def _run(prefix: list[str], args: list[str], timeout_s: float) -> dict:
+    return run_case_process(prefix, "cases.bench_model", args, timeout_s)
 
 
 def run_bench(interpreters: dict[str, list[str]], dims: dict, run_opts: dict, work: Path,

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import platform
 import shlex
-import subprocess
 import time
 from pathlib import Path
 
+from .bench import run_case_process
 from .results import write_json_atomic, write_text_atomic
 
-REPO = Path(__file__).resolve().parent.parent
 GIB = 1024 ** 3
 
 QWEN3_30B_A3B = ["--hidden", "2048", "--experts", "128", "--top-k", "8", "--moe-intermediate", "768",
@@ -84,34 +82,6 @@ def peer_plan(full: bool) -> list[dict]:
     ]
 
 
-def _run(python: list[str], args: list[str], timeout_s: float) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
-    start = time.monotonic()
-    try:
-        proc = subprocess.run([*python, "-m", "cases.bench_depth", *args], cwd=REPO, env=env, capture_output=True,
-                              text=True, timeout=timeout_s, check=False)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s"}
-    for line in proc.stdout.splitlines():
-        if line.startswith("BENCH_RESULT "):
-            result = json.loads(line.split(" ", 1)[1])
-            result["wall_s"] = round(time.monotonic() - start, 1)
-            return result
-    return {"error": f"exit {proc.returncode}: {_error_line(proc.stderr or proc.stdout)}",
-            "wall_s": round(time.monotonic() - start, 1)}
-
-
-def _error_line(output: str) -> str:
-    """The exception line of a traceback (or the last lines of the output when there is none), shortened."""
-    import re
-
-    lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
-    for line in reversed(lines):
-        if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b", line):
-            return line[:400]
-    return " | ".join(lines[-3:])[-400:]
-
-
 def _needed_build(step: dict) -> str | None:
     """The build a run reads its checkpoint from (None: it builds its own model)."""
     return "build-hub" if "HUB" in step["args"] else "build" if "CKPT" in step["args"] else None
@@ -146,7 +116,7 @@ def run_all(pythons: dict[str, list[str]], device: str, full: bool, work: Path, 
             results[step["name"]] = {"error": f"not run: no {step.get('interp')} interpreter given"}
             continue
         args = [fill.get(a, a) for a in step["args"]] + ["--device", device]
-        results[step["name"]] = _run(python, args, timeout_s)
+        results[step["name"]] = run_case_process(python, "cases.bench_depth", args, timeout_s)
         shutil.rmtree(work / "export", ignore_errors=True)  # a 24-layer bf16 export is 31 GB of disk
         if after_each is not None:
             after_each(doc)

@@ -5,7 +5,7 @@ import pytest
 
 pytest.importorskip("pandas")
 
-from harness import bench_depth  # noqa: E402
+from harness import bench, bench_depth  # noqa: E402
 
 GIB = 1024 ** 3
 
@@ -66,5 +66,5 @@ def test_merge_refuses_runs_of_different_devices():
 
 def test_error_line_names_the_exception():
     out = "Traceback (most recent call last):\n  File x\n    y\ntorch.OutOfMemoryError: CUDA out of memory.\n"
-    assert bench_depth._error_line(out) == "torch.OutOfMemoryError: CUDA out of memory."
+    assert bench.error_line(out) == "torch.OutOfMemoryError: CUDA out of memory."
     assert bench_depth._short("exit 1: ^^^ | torch.OutOfMemoryError: CUDA out") == "torch.OutOfMemoryError: CUDA out"
