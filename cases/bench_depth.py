@@ -63,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--loss-chunk", type=int, default=512, help="tokens per loss chunk (levers)")
     p.add_argument("--cap-gib", type=float, default=None, help="GPU memory cap (per-process fraction)")
     p.add_argument("--export", default=None, help="write shims.save_merged here after training; measure its peaks")
+    p.add_argument("--profile", action="store_true", help="after the timed steps, profile one more step: the ops "
+                                                          "with the most device time")
     add_dim_flags(p, dict(hidden=64, experts=8, top_k=2, moe_intermediate=48, vocab=512, heads=4, kv_heads=2,
                           head_dim=16, layers=2))
     return p.parse_args(argv)
@@ -433,18 +435,15 @@ def run(args) -> dict:
         for step in range(args.steps + 1):
             mem.torch.cuda.synchronize() if cuda else None
             t = time.perf_counter()
-            with autocast:
-                loss = (chunked_causal_lm_loss(model, ids, args.loss_chunk) if levers
-                        else model(input_ids=ids, labels=ids).loss)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = _train_step(model, ids, opt, levers, args.loss_chunk, autocast)
             mem.torch.cuda.synchronize() if cuda else None
             losses.append(float(loss.detach()))
             if step >= 1:
                 times.append(time.perf_counter() - t)
     out.update(train_peak=train_peak, step_s=times, step_median_s=statistics.median(times),
                tokens_per_s=args.batch * args.seq / statistics.median(times), losses=losses)
+    if args.profile:
+        out["profile"] = _profile_step(lambda: _train_step(model, ids, opt, levers, args.loss_chunk, autocast), cuda)
     if args.config.startswith("shims"):
         out["dequant_layer_s"] = _dequant_layer_s(model, cuda)
     if args.export:
@@ -460,6 +459,36 @@ def run(args) -> dict:
                          "host_before_bytes": host_before, **{k: v for k, v in counts.items() if k != "path"},
                          "shard_bytes": _largest_shard(Path(args.export)), "layer_bytes": _bf16_layer_bytes(model)}
     return out
+
+
+def _train_step(model, ids, opt, levers: bool, loss_chunk: int, autocast):
+    with autocast:
+        loss = chunked_causal_lm_loss(model, ids, loss_chunk) if levers else model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def _profile_step(step, cuda: bool, top: int = 25) -> dict:
+    """One train step under torch.profiler: wall time, total device (or CPU) self time, and the ``top`` ops by it."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    torch.cuda.synchronize() if cuda else None
+    t = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        torch.cuda.synchronize() if cuda else None
+    wall = time.perf_counter() - t
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    events.sort(key=lambda e: getattr(e, key), reverse=True)
+    return {"wall_s": wall, "clock": "device" if cuda else "cpu",
+            "total_ms": sum(getattr(e, key) for e in events) / 1000,
+            "ops": [{"name": e.key[:90], "calls": e.count, "ms": round(getattr(e, key) / 1000, 3)}
+                    for e in events[:top]]}
 
 
 def _dequant_layer_s(model, cuda: bool, repeats: int = 5) -> float:

@@ -43,10 +43,10 @@ def plan(full: bool) -> list[dict]:
         {"name": f"shims-levers-{deep}", "args": ["run", "CKPT", "--config", "shims-levers", *cap, *common],
          "what": f"{deep} layers, shims 4-bit + levers, under the cap"},
         {"name": f"shims-levers-{half}", "args": ["run", "CKPT", "--config", "shims-levers", "--run-layers", half,
-                                                  *cap, "--export", "EXPORT", *common],
+                                                  *cap, "--export", "EXPORT", "--profile", *common],
          "what": f"{half} layers, shims 4-bit + levers, then shims.save_merged of the whole model"},
         {"name": f"bf16-levers-{half}", "args": ["run", "CKPT", "--config", "bf16-levers", "--run-layers", half,
-                                                 *common],
+                                                 "--profile", *common],
          "what": f"{half} layers, bf16 weights + the same levers (no cap: bf16 does not fit one)"},
         {"name": f"shims-recipe-{deep}", "args": ["run", "CKPT", "--config", "shims-recipe", *cap, *common],
          "what": f"{deep} layers, the tutorial recipe without the levers, under the cap"},
@@ -189,11 +189,11 @@ def _notes(doc: dict) -> list[str]:
     shims, bf16 = res.get(f"shims-levers-{half}", {}), res.get(f"bf16-levers-{half}", {})
     if shims.get("step_median_s") and bf16.get("step_median_s") and shims.get("dequant_layer_s"):
         gap = shims["step_median_s"] - bf16["step_median_s"]
-        dequant = 3 * int(shims["layers"]) * shims["dequant_layer_s"]
-        out.append(f"- step time: the 4-bit experts are dequantized three times per layer and step (forward, the "
-                   f"checkpointing recompute, backward; nothing float is kept for backward): 3 x {shims['layers']} x "
-                   f"{1000 * shims['dequant_layer_s']:.2f} ms = {1000 * dequant:.0f} ms of the {1000 * gap:.0f} ms "
-                   "gap to bf16 (median steps); the rest was not broken down here. "
+        dequant = 2 * int(shims["layers"]) * shims["dequant_layer_s"]
+        out.append(f"- step time: the 4-bit experts are dequantized twice per layer and step (forward, and the "
+                   "checkpointing recompute, whose stacks the backward then uses): 2 x "
+                   f"{shims['layers']} x {1000 * shims['dequant_layer_s']:.2f} ms = {1000 * dequant:.0f} ms of the "
+                   f"{1000 * gap:.0f} ms gap to bf16 (median steps); the profiled step below breaks down the rest. "
                    "Step times vary by up to ~20 % between runs on the same GPU (min / median / max above).")
     deep_run = res.get(f"shims-levers-{deep}", {})
     if doc["device"] == "cuda" and _peak(deep_run, "train_peak", "gpu_reserved"):
@@ -272,6 +272,7 @@ def render(doc: dict) -> str:
         "## Training", "", pd.DataFrame(_train_rows(doc)).to_markdown(index=False) if _train_rows(doc) else "no runs",
         "", "## Targets", "", pd.DataFrame(_targets(doc)).to_markdown(index=False), "",
         "## Where a target is missed, and what fits", "", *(_notes(doc) or ["(nothing to explain)"]), "",
+        *_profile_section(doc),
         "## DeepSeek-V3-sized MoE layer", "", _huge_table(huge), "",
         *[f"- earlier attempt, {name}: {res[name].get('error', 'no error')}" for name in res
           if name.startswith("huge-layer (run")], "",
@@ -281,6 +282,28 @@ def render(doc: dict) -> str:
         "", *_peer_ratios(doc), "",
     ]
     return "\n".join(lines)
+
+
+def _profile_section(doc: dict) -> list[str]:
+    """The ops of one profiled train step per run that has one (the same step, side by side): self time per op."""
+    import pandas as pd
+
+    profiled = {name: r["profile"] for name, r in doc["results"].items() if isinstance(r.get("profile"), dict)}
+    if not profiled:
+        return []
+    ops = {}
+    for name, prof in profiled.items():
+        for op in prof["ops"]:
+            ops.setdefault(op["name"], {"op": op["name"]})[name] = f"{op['ms']:.1f} ({op['calls']})"
+    first = next(iter(profiled))
+    order = {op["name"]: -op["ms"] for op in profiled[first]["ops"]}
+    rows = sorted(ops.values(), key=lambda r: order.get(r["op"], 0.0))
+    clock = next(iter(profiled.values()))["clock"]
+    return ["## Where a step's time goes (one more step of each run, under torch.profiler)", "",
+            *[f"- {name}: step {1000 * p['wall_s']:.0f} ms wall (profiler on), {p['total_ms']:.0f} ms {clock} "
+              "self time in all ops" for name, p in profiled.items()], "",
+            f"Self {clock} time in ms (calls), the top ops of each run:", "",
+            pd.DataFrame(rows).fillna("").to_markdown(index=False), ""]
 
 
 def _huge_table(huge: dict) -> str:

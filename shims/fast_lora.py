@@ -9,7 +9,10 @@ When shims are applied, the OUTERMOST ``ParamWrapper`` of a chain whose base is 
 
 - tokens are grouped by expert (only experts that received tokens do any work);
 - the base projection uses the layer's dequantized expert stack, dequantized transiently inside an autograd
-  function that keeps NOTHING float for backward: backward dequantizes again (as bitsandbytes' 4-bit matmul does);
+  function that keeps nothing float for backward: backward dequantizes again (as bitsandbytes' 4-bit matmul does).
+  The one exception is a gradient-checkpointing recompute (:func:`recomputing`): this layer's backward follows it at
+  once, so the recomputed stack is kept for that backward and dropped there (one dequantization fewer per projection
+  and step, at the cost of one layer's float stacks during its backward);
 - the LoRA term per expert e is ``scaling * (x_e @ rhs_e^T) @ lhs_e^T`` (``x_e @ lhs_e @ rhs_e`` for transposed
   experts), with ``delta_e = lhs_e @ rhs_e`` exactly peft's ``ParamWrapper.get_delta_weight`` convention: A rows
   ``e*r:(e+1)*r``, B columns ``e::E``; ``_did_swap_in_out_features`` decides which factor is on which side.
@@ -35,6 +38,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import weakref
 from dataclasses import dataclass, field
 
 from .lora_layout import SWAP_FLAG_TARGET, did_swap_in_out_features
@@ -168,6 +172,38 @@ def _lora_term(x_parts, wrapper, adapter, transposed: bool, dtype):
     return outs
 
 
+def recomputing() -> bool:
+    """True while autograd's engine runs a backward pass: a forward running then is a checkpoint recompute (reentrant
+    or not), whose saved tensors are unpacked by this layer's backward right after. Feature-detected: torch's graph
+    task id (-1 outside a backward); without it, never."""
+    import torch
+
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+# Stacks dequantized by a checkpoint recompute, for the backward that follows: experts module -> {tensor name: stack}.
+# Not saved through autograd: non-reentrant checkpointing requires a recompute to save exactly what the first forward
+# saved, and the first forward must keep nothing float (it cannot tell whether a recompute will follow).
+_RECOMPUTED = weakref.WeakKeyDictionary()
+
+
+def _keep_if_recomputing(base, name: str, weight) -> None:
+    if recomputing():
+        _RECOMPUTED.setdefault(base, {})[name] = weight
+
+
+def _take_recomputed(base, name: str):
+    """The stack kept by this tensor's recompute (removed: the backward uses it once), or None."""
+    return _RECOMPUTED.get(base, {}).pop(name, None)
+
+
+def _weight_for_backward(ctx, dtype):
+    """The float stack for backward: kept by a checkpoint recompute, else dequantized again."""
+    kept = _take_recomputed(ctx.base, ctx.name)
+    return kept.to(dtype) if kept is not None else dequantize_param(ctx.base, ctx.name).to(dtype)
+
+
 def _routed_matmul_class():
     import torch
 
@@ -181,6 +217,7 @@ def _routed_matmul_class():
                 weight = dequantize_param(base, name).to(x_sorted.dtype)
                 parts = [x_e @ (weight[e] if transposed else weight[e].t())
                          for e, x_e in enumerate(x_sorted.split(counts)) if counts[e]]
+            _keep_if_recomputing(base, name, weight)
             out_dim = weight.shape[2] if transposed else weight.shape[1]
             del weight
             return torch.cat(parts) if parts else x_sorted.new_zeros(0, out_dim)
@@ -188,8 +225,9 @@ def _routed_matmul_class():
         @staticmethod
         def backward(ctx, grad_out):
             if not ctx.needs_input_grad[0]:
+                _take_recomputed(ctx.base, ctx.name)
                 return None, None, None, None, None
-            weight = dequantize_param(ctx.base, ctx.name).to(grad_out.dtype)
+            weight = _weight_for_backward(ctx, grad_out.dtype)
             parts = [g_e @ (weight[e].t() if ctx.transposed else weight[e])
                      for e, g_e in enumerate(grad_out.split(ctx.counts)) if ctx.counts[e]]
             in_dim = weight.shape[1] if ctx.transposed else weight.shape[2]
@@ -240,7 +278,10 @@ def routed_lora_forward(plan: FastPlan, hidden_states, top_k_index, top_k_weight
     expert_ids = top_k_index.reshape(-1)
     expert_sorted, order = torch.sort(expert_ids, stable=True)
     token_sorted = order // top_k
-    counts = torch.bincount(expert_ids, minlength=E)[:E]
+    # bincount sizes its output from the largest id (a device-to-host sync on CUDA); a scatter into fixed bins does
+    # not. Ids >= E (experts not on this module) count in a spare bin that is dropped, as bincount(...)[:E] did.
+    counts = torch.zeros(E + 1, dtype=torch.long, device=expert_ids.device).scatter_add_(
+        0, expert_ids.clamp(max=E), torch.ones_like(expert_ids))[:E]
     x_sorted = x[token_sorted]
 
     if plan.kernel == "grouped":
@@ -359,18 +400,20 @@ def _grouped_classes():
 
         @staticmethod
         def forward(ctx, x_sorted, offs, base, name, transposed):
-            ctx.save_for_backward(offs)
             ctx.base, ctx.name, ctx.transposed = base, name, transposed
             with torch.no_grad():
                 weight = dequantize_param(base, name).to(x_sorted.dtype)
+                ctx.save_for_backward(offs)
+                _keep_if_recomputing(base, name, weight)
                 return _gmm(x_sorted, weight if transposed else weight.transpose(-2, -1), offs)
 
         @staticmethod
         def backward(ctx, grad_out):
             if not ctx.needs_input_grad[0]:
+                _take_recomputed(ctx.base, ctx.name)
                 return None, None, None, None, None
-            (offs,) = ctx.saved_tensors
-            weight = dequantize_param(ctx.base, ctx.name).to(grad_out.dtype)
+            offs = ctx.saved_tensors[0]
+            weight = _weight_for_backward(ctx, grad_out.dtype)
             grad = _gmm(grad_out, weight.transpose(-2, -1) if ctx.transposed else weight, offs)
             return grad, None, None, None, None
 

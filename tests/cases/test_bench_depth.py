@@ -86,8 +86,10 @@ def test_chunked_loss_is_the_models_loss(builds):
 
 def test_levers_run_trains_and_exports(builds, tmp_path):
     args = bench_depth.parse_args(["run", str(builds / "nf4"), "--config", "shims-levers", "--seq", "32",
-                                   "--steps", "2", "--export", str(tmp_path / "merged"), *DIMS])
+                                   "--steps", "2", "--export", str(tmp_path / "merged"), "--profile", *DIMS])
     out = bench_depth.run(args)
+    prof = out["profile"]
+    assert prof["clock"] == "cpu" and prof["wall_s"] > 0 and prof["ops"] and prof["total_ms"] >= prof["ops"][0]["ms"] > 0
     assert out["lora_dtypes"] == ["bfloat16"]
     assert out["experts_quantized"] == out["experts_expert_tensors"] == 4
     assert len(out["step_s"]) == 2 and out["losses"][-1] < out["losses"][0]

@@ -68,3 +68,14 @@ def test_error_line_names_the_exception():
     out = "Traceback (most recent call last):\n  File x\n    y\ntorch.OutOfMemoryError: CUDA out of memory.\n"
     assert bench.error_line(out) == "torch.OutOfMemoryError: CUDA out of memory."
     assert bench_depth._short("exit 1: ^^^ | torch.OutOfMemoryError: CUDA out") == "torch.OutOfMemoryError: CUDA out"
+
+
+def test_profiled_steps_render_side_by_side():
+    prof = {"wall_s": 0.5, "clock": "device", "total_ms": 480.0,
+            "ops": [{"name": "kDequantizeBlockwise", "calls": 96, "ms": 40.0}, {"name": "gemm", "calls": 10, "ms": 9.0}]}
+    bf16 = {**prof, "ops": [{"name": "gemm", "calls": 12, "ms": 11.0}]}
+    text = bench_depth.render(_doc({"shims-levers-24": _run([0.5] * 3, 10.0, layers=24, profile=prof),
+                                    "bf16-levers-24": _run([0.45] * 3, 30.0, profile=bf16)}))
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith(("| gemm", "| kDequant"))}
+    assert rows == {"kDequantizeBlockwise": ["40.0 (96)", ""], "gemm": ["9.0 (10)", "11.0 (12)"]}

@@ -254,3 +254,37 @@ def test_grouped_matmul_equals_per_group_matmuls(dtype):
     torch.testing.assert_close(x.grad, xr.grad, **exact)
     torch.testing.assert_close(w_t.grad, wr.grad, **exact)
     assert torch.equal(w_t.grad[1], torch.zeros_like(w_t.grad[1]))  # an empty group's weight gets exactly zero
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_checkpoint_recompute_keeps_its_stack_for_backward(reentrant, q4_checkpoint, fast_shims, monkeypatch):
+    """With gradient checkpointing each projection dequantizes twice per step (forward, recompute; the recompute's
+    stack serves the backward), as often as without checkpointing (forward, backward), and the gradients are equal."""
+    import torch
+
+    from shims import fast_lora
+
+    q4_requires_fused()
+    calls = []
+    dequantize = fast_lora.dequantize_param
+    monkeypatch.setattr(fast_lora, "dequantize_param", lambda m, n: calls.append(n) or dequantize(m, n))
+
+    def step(checkpointing):
+        model = q4_load(q4_checkpoint("qwen3_moe"))
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+            model.enable_input_require_grads()
+        pm = _peft(model)
+        pm.train()  # transformers checkpoints only in training mode
+        assert set(fast_lora.expert_lora_paths(pm).values()) == {KERNELS["auto"]}
+        calls.clear()
+        _, grads, _ = _step(pm, q4_ids())
+        assert not any(fast_lora._RECOMPUTED.values())  # every kept stack was used and dropped by its backward
+        return grads, len(calls) / (2 * model.config.num_hidden_layers)
+
+    plain, plain_calls = step(False)
+    checkpointed, checkpointed_calls = step(True)
+    assert plain_calls == 2 and checkpointed_calls == 2  # before the recompute kept its stack: 3 with checkpointing
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=0, atol=0, msg=name)
