@@ -596,12 +596,16 @@ def expert_targets(model) -> dict[str, list[str]]:
     for mod_name, module in model.named_modules():
         if not measure.is_expert_module(mod_name, module):
             continue
-        for pname in measure.expert_tensor_names(module):
-            # getattr, not named_parameters: a parametrized (e.g. 4-bit) tensor is not a direct parameter
-            value = getattr(module, pname, None)
-            if isinstance(value, torch.Tensor) and value.dim() == 3:
-                parts = mod_name.split(".")
-                params.add(".".join(parts[-2:] + [pname]))
+        # getattr, not named_parameters: a parametrized (e.g. 4-bit) tensor is not a direct parameter
+        values = {p: getattr(module, p, None) for p in measure.expert_tensor_names(module)}
+        values = {p: v for p, v in values.items() if isinstance(v, torch.Tensor)}
+        stacks = [p for p, v in values.items() if v.dim() == 3]
+        if not stacks and not isinstance(module, torch.nn.Linear) and len(values) >= 2 and all(
+                v.dim() == 2 for v in values.values()) and len({tuple(v.shape) for v in values.values()}) == 1:
+            stacks = list(values)  # stacks flattened to 2D (E * F, H): dbrx's experts.mlp w1 / v1 / w2
+        for pname in stacks:
+            parts = mod_name.split(".")
+            params.add(".".join(parts[-2:] + [pname]))
         leaf = mod_name.rsplit(".", 1)[-1]
         if isinstance(module, torch.nn.Linear) and mod_name.rsplit(".", 2)[-2].isdigit():
             linear_names.add(leaf)
@@ -645,18 +649,25 @@ class _CallCounter:
 
 
 def first_experts_module(model):
-    """The first MoE block: the parent of the first ``experts`` (a fused module on 5.x, a ModuleList on 4.57
-    that is iterated, never called, hence its parent)."""
-    for name, _ in model.named_modules():
+    """The module whose forward calls count how often the first MoE layer ran: the parent of the first ``experts``
+    (a fused module on 5.x, a ModuleList on 4.57 that is iterated, never called, hence its parent). Where that parent
+    is the checkpointed layer itself (gemma4 keeps ``router`` and ``experts`` in its decoder layer), the ``experts``
+    module: transformers 5.24 checkpoints a layer's ``forward``, not its ``__call__`` as 5.6.2 did, so the layer's
+    own hooks run outside the checkpoint, once, while its children's run again in the recomputation."""
+    for name, experts in model.named_modules():
         if name.endswith(".experts"):
-            return model.get_submodule(name.rpartition(".")[0])
+            parent = model.get_submodule(name.rpartition(".")[0])
+            return experts if _is_checkpointed_layer(parent) else parent
     return None
+
+
+def _is_checkpointed_layer(module) -> bool:
+    return isinstance(getattr(module, "gradient_checkpointing", None), bool)
 
 
 def _checkpointing_flags(model) -> dict[str, bool]:
     """transformers checkpoints a layer when its ``gradient_checkpointing`` flag is set (and it is training)."""
-    return {name: bool(m.gradient_checkpointing) for name, m in model.named_modules()
-            if isinstance(getattr(m, "gradient_checkpointing", None), bool)}
+    return {name: bool(m.gradient_checkpointing) for name, m in model.named_modules() if _is_checkpointed_layer(m)}
 
 
 def _set_checkpointing(model, flags: dict[str, bool]) -> None:
