@@ -330,12 +330,15 @@ def _peer_ratios(doc: dict) -> list[str]:
     """Each peer's train peak, median step and resident memory relative to 5.x + shims of the same run."""
     res, key = doc["results"], "gpu" if doc["device"] == "cuda" else "host"
     peers = [s["name"] for s in doc["plan"] if s.get("peer")]
-    ours = {res[n].get("run"): n for n in peers if n.startswith("peer-shims")}
+    ours = {res[n].get("run"): n for n in peers if n.startswith("peer-shims") and n in res}
     lines = []
     for name in peers:
         if name.startswith("peer-shims"):
             continue
         r = res.get(name, {})
+        if not r:  # planned, not run (yet: the report is rewritten after every run)
+            lines.append(f"- {name}: not run")
+            continue
         ref_name = ours.get(r.get("run"))
         ref = res.get(ref_name, {})
         if not r or "error" in r or not ref or "error" in ref:

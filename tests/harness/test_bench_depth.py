@@ -79,3 +79,11 @@ def test_profiled_steps_render_side_by_side():
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in text.splitlines() if line.startswith(("| gemm", "| kDequant"))}
     assert rows == {"kDequantizeBlockwise": ["40.0 (96)", ""], "gemm": ["9.0 (10)", "11.0 (12)"]}
+
+
+def test_partial_run_renders():
+    """The report is rewritten after every run: a plan whose peers have not run yet still renders."""
+    doc = _doc({"build": {"format": "nf4", "layers": 48}})
+    doc["plan"] = [{k: s[k] for k in ("name", "what", "peer") if k in s} for s in bench_depth.plan(True)]
+    text = bench_depth.render(doc)
+    assert "- peer-e4b-8: not run" in text
