@@ -15,6 +15,19 @@ all_linear_moe (Bug C)
     A string cannot name v4 expert modules one by one, so there is nothing for that remap to do: the patch
     skips it for string ``target_modules`` and peft's ordinary string handling (all-linear expansion, regex
     matching) runs unchanged.
+
+adapter_model_keys
+    peft >= 0.19 passes every adapter it loads on transformers 5.x through the model's checkpoint conversion
+    (``convert_peft_adapter_state_dict_for_transformers``), renamings included. Those renamings are written for the
+    original checkpoint names, but peft saves adapters in the model's own names; a renaming whose pattern also matches
+    a name the model already uses rewrites a correct key into one no LoRA parameter has. transformers 5.24's
+    inkling2_text / inkling2_loop_text renaming of ``sconv.weight_proj`` to ``sconv.weight_proj.weight`` (for the
+    original checkpoint's bare ``weight_proj`` tensor; its pattern is not anchored at the key's end) turns the
+    saved LoRA keys ``...sconv.weight_proj.lora_A.weight``
+    into ``...sconv.weight_proj.weight.lora_A.default.weight``: peft only warns about missing keys and the reloaded
+    adapter keeps its fresh init there (lora_B = 0), so it computes something else than the trained model. The patch
+    passes keys that already name a LoRA tensor of the model through unchanged and converts only the others (v4
+    per-expert keys, keys of the original checkpoint's naming).
 """
 
 from __future__ import annotations
@@ -160,6 +173,76 @@ def _install_all_linear():
     return chain_undo([swap_attr(module, "_convert_peft_config_moe", convert_moe_keeping_strings)])
 
 
+# --------------------------------------------------------------------------------------------------
+# adapter_model_keys
+# --------------------------------------------------------------------------------------------------
+_ADAPTER_CONVERT = "convert_peft_adapter_state_dict_for_transformers"
+
+
+class AdapterKeyConflict(ValueError):
+    """An adapter holds a key in the model's naming and another key that converts to the same name."""
+
+
+def _adapter_convert_module():
+    import importlib
+
+    return importlib.import_module(_PEFT_CONVERSION)
+
+
+def _adapter_model_keys_needed() -> str | None:
+    try:
+        module = _adapter_convert_module()
+    except ImportError:
+        return "peft has no transformers v5 weight conversion module"
+    fn = getattr(module, _ADAPTER_CONVERT, None)
+    if fn is None:
+        return "peft does not pass loaded adapters through transformers' checkpoint conversion"
+    if getattr(fn, "__shims_patched__", False):
+        return "the installed conversion already loads keys in the model's naming as saved"
+    # Whether a renaming hits a model name depends on the arch's conversion table, known only at load time: where
+    # none does, the wrapper converts exactly what peft converts.
+    return None
+
+
+def serialized_lora_keys(model, adapter_name: str) -> set[str]:
+    """The names peft saves the model's LoRA tensors of ``adapter_name`` under: the model's names without the
+    adapter-name component after a ``lora_*`` component (``...q_proj.lora_A.default.weight`` ->
+    ``...q_proj.lora_A.weight``, ``...lora_embedding_A.default`` -> ``...lora_embedding_A``)."""
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    names += [n for n, _ in model.named_buffers(remove_duplicate=False)]
+    keys = set()
+    for name in names:
+        parts = name.split(".")
+        kept = [part for i, part in enumerate(parts)
+                if not (part == adapter_name and i > 0 and parts[i - 1].startswith("lora_"))]
+        if len(kept) < len(parts):
+            keys.add(".".join(kept))
+    return keys
+
+
+def _install_adapter_model_keys():
+    module = _adapter_convert_module()
+    original = getattr(module, _ADAPTER_CONVERT)
+
+    @functools.wraps(original)
+    def convert_keeping_model_keys(model, peft_config, adapter_state_dict, adapter_name="default", *args, **kwargs):
+        model_keys = serialized_lora_keys(model, adapter_name)
+        kept = {k: v for k, v in adapter_state_dict.items() if k in model_keys}
+        if not kept:
+            return original(model, peft_config, adapter_state_dict, adapter_name, *args, **kwargs)
+        rest = {k: v for k, v in adapter_state_dict.items() if k not in kept}
+        converted = original(model, peft_config, rest, adapter_name, *args, **kwargs) if rest else {}
+        clash = sorted(set(converted) & set(kept))
+        if clash:
+            raise AdapterKeyConflict(f"adapter holds {clash[0]!r} and other keys that convert to it "
+                                     f"({len(clash)} such keys); which one to load is ambiguous")
+        log.debug("shims: %d adapter keys already in the model's naming loaded without conversion", len(kept))
+        return {**converted, **kept}
+
+    convert_keeping_model_keys.__shims_patched__ = True
+    return chain_undo([swap_attr(module, _ADAPTER_CONVERT, convert_keeping_model_keys)])
+
+
 PATCHES = (
     Patch(
         name="weight_converter_kwargs",
@@ -178,5 +261,15 @@ PATCHES = (
         optional_targets=(Target(_PEFT_CONVERSION, "_convert_peft_config_moe"),),
         needed=_all_linear_needed,
         install=_install_all_linear,
+    ),
+    Patch(
+        name="adapter_model_keys",
+        summary="adapter keys already in the model's naming load unconverted (peft applied transformers' checkpoint "
+                "renamings to them: inkling2's weight_proj LoRA was lost on reload)",
+        targets=(),
+        optional_targets=(Target(_PEFT_CONVERSION, _ADAPTER_CONVERT,
+                                 expects=("model", "peft_config", "adapter_state_dict", "adapter_name")),),
+        needed=_adapter_model_keys_needed,
+        install=_install_adapter_model_keys,
     ),
 )
