@@ -190,11 +190,13 @@ def _notes(doc: dict) -> list[str]:
     if shims.get("step_median_s") and bf16.get("step_median_s") and shims.get("dequant_layer_s"):
         gap = shims["step_median_s"] - bf16["step_median_s"]
         dequant = 2 * int(shims["layers"]) * shims["dequant_layer_s"]
-        out.append(f"- step time: the 4-bit experts are dequantized twice per layer and step (forward, and the "
-                   "checkpointing recompute, whose stacks the backward then uses): 2 x "
-                   f"{shims['layers']} x {1000 * shims['dequant_layer_s']:.2f} ms = {1000 * dequant:.0f} ms of the "
-                   f"{1000 * gap:.0f} ms gap to bf16 (median steps); the profiled step below breaks down the rest. "
-                   "Step times vary by up to ~20 % between runs on the same GPU (min / median / max above).")
+        out.append(f"- step time at {shims['layers']} layers: shims {1000 * shims['step_median_s']:.0f} ms, bf16 "
+                   f"{1000 * bf16['step_median_s']:.0f} ms (medians; {1000 * gap:+.0f} ms). The 4-bit experts are "
+                   "dequantized twice per layer and step (forward, and the checkpointing recompute, whose stacks the "
+                   f"backward then uses): 2 x {shims['layers']} x {1000 * shims['dequant_layer_s']:.2f} ms = "
+                   f"{1000 * dequant:.0f} ms; bf16 pays instead for peft's W + delta of every expert (see the "
+                   "profiled step below). Step times vary by up to ~20 % between runs on the same GPU "
+                   "(min / median / max above), so only ratios within one run are compared.")
     deep_run = res.get(f"shims-levers-{deep}", {})
     if doc["device"] == "cuda" and _peak(deep_run, "train_peak", "gpu_reserved"):
         out.append(f"- a 24 GB card: {deep} layers train with {_gib(_peak(deep_run, 'train_peak', 'gpu'))} GiB "
@@ -271,7 +273,7 @@ def render(doc: dict) -> str:
         f"- checkpoint: {_describe_build(build)}", "",
         "## Training", "", pd.DataFrame(_train_rows(doc)).to_markdown(index=False) if _train_rows(doc) else "no runs",
         "", "## Targets", "", pd.DataFrame(_targets(doc)).to_markdown(index=False), "",
-        "## Where a target is missed, and what fits", "", *(_notes(doc) or ["(nothing to explain)"]), "",
+        "## How the targets are met or missed, and what fits", "", *(_notes(doc) or ["(nothing to explain)"]), "",
         *_profile_section(doc),
         "## DeepSeek-V3-sized MoE layer", "", _huge_table(huge), "",
         *[f"- earlier attempt, {name}: {res[name].get('error', 'no error')}" for name in res
