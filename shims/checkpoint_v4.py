@@ -160,7 +160,10 @@ def _make_op_class():
             target = target_patterns[0]
             grouped = self._grouped(input_dict)
             if not any(stat for stats in grouped.values() for stat in stats):
+                # the model's ops find their inputs by the model's source patterns (Concatenate orders gate, up by
+                # them), not by this twin's spellings, which the loader passes as source_patterns
                 out = {base: grouped[base][""] for base in self.bases}
+                kwargs["source_patterns"] = list(self.bases)
                 for op in self.operations:
                     out = op.convert(out, *args, target_patterns=target_patterns, **kwargs)
                 return out
