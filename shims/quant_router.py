@@ -17,8 +17,11 @@ A router is found by STRUCTURE, next to an experts module (any stack family, :mo
 same parent holding a 2D ``weight`` whose rows equal an expert group's count (or routed + shared, inkling), with only
 per-expert statistics besides it (a bias, a score correction: laguna, ernie4_5_moe, deepseek_v4); nn.Linear
 subclasses (phimoe, llama4) count, since bitsandbytes converts only exact nn.Linear. Routers that are an nn.Linear
-inside a gating module (afmoe ``router.gate``, hunyuan ``gate.wg``, jetmoe ``router.layer``, gemma4 ``router.proj``)
-or an nn.Linear child become bitsandbytes' own Linear4bit: they are counted, never re-stored by the shims. Keep
+inside a gating module (afmoe ``router.gate``, hunyuan ``gate.wg``, jetmoe ``router.layer``, gemma4 ``router.proj``),
+the layers of a gating network (zaya: ``gate.down_proj``, ``gate.router_mlp.fc1`` / ``fc2`` / ``out_proj``, scoring
+its experts + 1 skip expert) or an nn.Linear child become bitsandbytes' own Linear4bit: they are counted, never
+re-stored by the shims (:func:`is_router_path` sees routers at most two levels below the MoE block: the ones the
+shims store or reload themselves). Keep
 routers in 16/32-bit as on 4.x: list them in ``llm_int8_skip_modules`` (e.g. ``["gate"]``, ``["router"]``).
 Pre-quantized checkpoints are loaded as saved (see :mod:`shims.checkpoint`); float routers in them stay float.
 """
@@ -128,26 +131,51 @@ def router_shape(module) -> tuple | None:
     return shape
 
 
-def _nested_linear_router(module, counts) -> str | None:
-    """The relative path of the one linear layer inside a router container (afmoe ``router.gate``, hunyuan
-    ``gate.wg``, jetmoe ``router.layer``, gemma4 ``router.proj``) when it is the container's only 2D weight and has
-    as many outputs as an expert group next to it; None otherwise."""
+def _scores_expert_classes(container, rows: int, counts) -> bool:
+    """True when a layer with ``rows`` outputs inside ``container`` scores the expert classes: as many as an expert
+    group, or more (experts that compute nothing: zaya's skip expert, longcat_flash's zero experts) with a per-class
+    statistic of exactly that length held by the container itself (zaya ``balancing_biases``, longcat_flash
+    ``e_score_correction_bias``)."""
+    if rows in counts:
+        return True
+    if not counts or rows <= min(counts):
+        return False
+    own = list(container.parameters(recurse=False)) + list(container.buffers(recurse=False))
+    return any(t is not None and t.is_floating_point() and t.dim() == 1 and t.numel() == rows for t in own)
+
+
+def _router_linears(module, counts) -> list[str]:
+    """The relative paths of the linear layers of a router container, or [] when ``module`` is none.
+
+    A router container holds only linear layers as matrices (norms, scales and statistics besides), and exactly one of
+    them is its output layer (no other of its layers reads that many features), which scores the expert classes
+    (:func:`_scores_expert_classes`). Most hold that one layer (afmoe ``router.gate``, hunyuan ``gate.wg``, jetmoe
+    ``router.layer``, gemma4 ``router.proj``, longcat_flash ``router.classifier``); zaya's router is a small network
+    (``down_proj``, then ``router_mlp.fc1`` / ``fc2`` / ``out_proj`` over experts + 1 skip expert), every layer of
+    which is a router weight."""
     import torch
 
-    matrices = [(n, p) for n, p in module.named_parameters() if p.dim() >= 2 or type(p).__name__ == "Params4bit"]
-    if len(matrices) != 1 or not matrices[0][0].endswith("." + ROUTER_WEIGHT):
-        return None
-    path = matrices[0][0].rpartition(".")[0]
-    linear = module.get_submodule(path)
-    if not isinstance(linear, torch.nn.Linear) or linear.out_features not in counts:
-        return None
-    return path
+    matrices = [n for n, p in module.named_parameters() if p.dim() >= 2 or type(p).__name__ == "Params4bit"]
+    if not matrices:
+        return []
+    linears = {}
+    for name in matrices:
+        path, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(path) if path else module
+        if not path or leaf != ROUTER_WEIGHT or not isinstance(owner, torch.nn.Linear):
+            return []
+        linears[path] = owner
+    outputs = [path for path, linear in linears.items()
+               if not any(other.in_features == linear.out_features for p, other in linears.items() if p != path)]
+    if len(outputs) != 1 or not _scores_expert_classes(module, linears[outputs[0]].out_features, counts):
+        return []
+    return list(linears)
 
 
 def routers_of(parent, expert_counts=()) -> list[tuple[str, object]]:
     """(relative path, module) of every router next to an experts module directly under ``parent``: a child whose
     2D weight has as many rows as an expert group (:func:`router_shape`), an nn.Linear child with that many outputs
-    (bitsandbytes quantizes it as Linear4bit), or the one linear layer inside a router container."""
+    (bitsandbytes quantizes it as Linear4bit), or the linear layers of a router container (:func:`_router_linears`)."""
     children = dict(parent.named_children())
     experts, counts = _expert_counts(children, expert_counts)
     if not counts:
@@ -165,9 +193,7 @@ def routers_of(parent, expert_counts=()) -> list[tuple[str, object]]:
             if shape[0] in counts:
                 found.append((name, child))
             continue
-        inner = _nested_linear_router(child, counts)
-        if inner is not None:
-            found.append((f"{name}.{inner}", child.get_submodule(inner)))
+        found.extend((f"{name}.{inner}", child.get_submodule(inner)) for inner in _router_linears(child, counts))
     return found
 
 
@@ -188,8 +214,10 @@ def _routers_under(model, parent_path: str, counts) -> list:
 
 
 def is_router_path(model, module_path: str) -> bool:
-    """True when ``module_path`` is a router of ``model`` (a child of an experts module's parent, or the linear
-    layer inside such a child)."""
+    """True when ``module_path`` is a router of ``model`` (a child of an experts module's parent, or a linear layer
+    inside such a child). Deeper layers of a router network (zaya's ``gate.router_mlp.*``) are not looked for: they
+    are bitsandbytes' own Linear4bit, which the shims neither store nor reload, and every level more would scan a
+    larger part of the model for each weight loaded."""
     parts = module_path.split(".")
     for depth in (1, 2):
         parent_path, relative = ".".join(parts[:-depth]), ".".join(parts[-depth:])
