@@ -15,14 +15,12 @@ affected. A class needs it when its ``__init__`` assigns ``self.model`` and neve
 
 from __future__ import annotations
 
-import importlib.util
 import inspect
 import logging
 import re
 import textwrap
-from pathlib import Path
 
-from .registry import Patch, Target, chain_undo, swap_attr
+from .registry import Patch, Target, chain_undo, package_source_matches, present_holders, swap_attr
 
 log = logging.getLogger("shims")
 
@@ -34,11 +32,7 @@ _FUSED_HEAD_BACKBONE = re.compile(r"backbone_attr\s*=\s*\"base_model\"")
 
 def trl_fused_head_uses_base_model() -> bool:
     """True when the installed trl's fused LM head calls the model's ``base_model`` (from its files, no import)."""
-    spec = importlib.util.find_spec("trl")
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    utils = Path(list(spec.submodule_search_locations)[0]) / "trainer" / "utils.py"
-    return utils.exists() and bool(_FUSED_HEAD_BACKBONE.search(utils.read_text(encoding="utf-8", errors="replace")))
+    return package_source_matches("trl", "trainer/utils.py", _FUSED_HEAD_BACKBONE)
 
 
 def backbone_missing(cls: type) -> bool:
@@ -55,15 +49,7 @@ def backbone_missing(cls: type) -> bool:
 
 
 def affected_classes() -> list[type]:
-    out = []
-    for target in TARGETS:
-        try:
-            cls, _ = target.locate()
-        except LookupError:  # a model this transformers does not have
-            continue
-        if backbone_missing(cls):
-            out.append(cls)
-    return out
+    return [cls for _, cls in present_holders(TARGETS) if backbone_missing(cls)]
 
 
 def _decoder(self):

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
 import inspect
 import logging
 import re
 from pathlib import Path
 
-from .registry import Patch, Target, chain_undo, swap_attr
+from .registry import Patch, Target, chain_undo, package_source_matches, present_holders, swap_attr
 
 log = logging.getLogger("shims")
 
@@ -52,14 +51,8 @@ TARGETS = tuple(Target(module, f"{cls}.attribute_map") for module, cls in _CONFI
 
 
 def trl_reads_num_experts() -> bool:
-    """True when the installed trl's trainer code reads ``<config>.num_experts`` (from its files, without importing
-    trl, which is slow and may not be wanted by the caller)."""
-    spec = importlib.util.find_spec("trl")
-    if spec is None or not spec.submodule_search_locations:
-        return False
-    trainer = Path(list(spec.submodule_search_locations)[0]) / "trainer"
-    return any(_READS_NUM_EXPERTS.search(f.read_text(encoding="utf-8", errors="replace"))
-               for f in sorted(trainer.glob("*.py")))
+    """True when the installed trl's trainer code reads ``<config>.num_experts`` (from its files, no import)."""
+    return package_source_matches("trl", "trainer/*.py", _READS_NUM_EXPERTS)
 
 
 def declared(cls: type) -> set[str]:
@@ -109,16 +102,7 @@ def scan_affected() -> list[tuple[str, str]]:
 
 def affected_classes() -> list[tuple[type, str]]:
     """(config class, the attribute its ``num_experts`` alias reads) for the declared classes that need it here."""
-    out = []
-    for target in TARGETS:
-        try:
-            cls, _ = target.locate()
-        except LookupError:  # a model this transformers does not have
-            continue
-        alias = alias_target(cls)
-        if alias is not None:
-            out.append((cls, alias))
-    return out
+    return [(cls, alias) for _, cls in present_holders(TARGETS) if (alias := alias_target(cls)) is not None]
 
 
 def _needed() -> str | None:

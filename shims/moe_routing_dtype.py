@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import ast
 import functools
-import importlib
 import inspect
 import logging
 import textwrap
 
-from .registry import Patch, Target, chain_undo, swap_attr
+from .registry import Patch, Target, chain_undo, present_holders, swap_attr
 
 log = logging.getLogger("shims")
 
@@ -31,13 +30,7 @@ _BLOCKS = (
     ("transformers.models.deepseek_v3.modeling_deepseek_v3", "DeepseekV3MoE"),
     ("transformers.models.glm4_moe.modeling_glm4_moe", "Glm4MoeMoE"),
 )
-
-
-def _block(module: str, cls: str):
-    try:
-        return getattr(importlib.import_module(module), cls, None)
-    except ImportError:
-        return None
+TARGETS = tuple(Target(module, f"{cls}.moe") for module, cls in _BLOCKS)
 
 
 def accumulates_in_routing_dtype(moe_fn) -> bool:
@@ -58,13 +51,7 @@ def accumulates_in_routing_dtype(moe_fn) -> bool:
 
 
 def _affected_blocks() -> list:
-    blocks = []
-    for module, name in _BLOCKS:
-        cls = _block(module, name)
-        moe = getattr(cls, "moe", None)
-        if moe is not None and accumulates_in_routing_dtype(moe):
-            blocks.append(cls)
-    return blocks
+    return [cls for _, cls in present_holders(TARGETS) if accumulates_in_routing_dtype(cls.moe)]
 
 
 def _needed() -> str | None:
@@ -97,7 +84,7 @@ PATCHES = (
                 "bf16 autocast + Linear4bit experts (the QLoRA recipe) do not fail in index_add_",
         targets=(),
         # Optional: transformers 5.x has no per-expert moe() loop; needed() says so.
-        optional_targets=tuple(Target(module, f"{cls}.moe") for module, cls in _BLOCKS),
+        optional_targets=TARGETS,
         needed=_needed,
         install=_install,
     ),

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import inspect
 import logging
+import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 log = logging.getLogger("shims")
@@ -365,3 +368,29 @@ def _code_names(code, name: str) -> bool:
     # ``self.x`` compiles to a name in co_names; nested functions and comprehensions are code objects in co_consts.
     return name in code.co_names or any(_code_names(const, name) for const in code.co_consts
                                         if inspect.iscode(const))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# feature detection shared by the patches that fix a list of declared upstream classes
+
+
+def present_holders(targets: Iterable[Target]) -> Iterator[tuple[Target, object]]:
+    """(target, the object holding its symbol) for each declared target this installation has; targets of models
+    (or modules) the installed library lacks are skipped, since declared lists span several versions."""
+    for target in targets:
+        try:
+            holder, _ = target.locate()
+        except LookupError:
+            continue
+        yield target, holder
+
+
+def package_source_matches(package: str, files: str, pattern: re.Pattern) -> bool:
+    """True when a file of the installed ``package`` matching the glob ``files`` (relative to its folder) contains
+    ``pattern``. Read from its files without importing it: importing trl, say, is slow and may not be wanted."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    folder = Path(list(spec.submodule_search_locations)[0])
+    return any(pattern.search(path.read_text(encoding="utf-8", errors="replace"))
+               for path in sorted(folder.glob(files)))

@@ -180,3 +180,28 @@ def test_without_bitsandbytes_quantization_reports_why_and_others_apply(monkeypa
     assert sum("bitsandbytes is not installed" in s.reason for s in loaders) == 1
     others = [s for n, s in statuses.items() if n in ("weight_converter_kwargs", "all_linear_moe")]
     assert others and all(s.reason for s in others)
+
+
+def test_present_holders_skips_what_this_installation_lacks():
+    from shims.registry import Target, present_holders
+
+    targets = (Target("json", "JSONDecoder.decode"), Target("json", "NoSuchClass.decode"),
+               Target("no_such_module_here", "X.y"))
+    assert [(t.qualname, h) for t, h in present_holders(targets)] == [("JSONDecoder.decode", __import__("json").JSONDecoder)]
+
+
+def test_package_source_matches_reads_files_without_importing(tmp_path, monkeypatch):
+    import re
+    import sys
+
+    from shims.registry import package_source_matches
+
+    pkg = tmp_path / "probe_pkg_for_shims"
+    (pkg / "trainer").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("raise RuntimeError('must not be imported')\n")
+    (pkg / "trainer" / "utils.py").write_text("x = config.num_experts\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert package_source_matches("probe_pkg_for_shims", "trainer/*.py", re.compile(r"config\.num_experts\b"))
+    assert not package_source_matches("probe_pkg_for_shims", "trainer/*.py", re.compile(r"base_model"))
+    assert not package_source_matches("no_such_package_here", "*.py", re.compile("x"))
+    assert "probe_pkg_for_shims" not in sys.modules
