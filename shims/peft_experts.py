@@ -16,6 +16,18 @@ Three upstream behaviours break LoRA on parametrized (4-bit) expert tensors, pef
    parametrizations; peft 0.21 may register a ``_LoraFactorsProxy`` instead, which then stays and piles up on every
    forward. For quantized tensors we remove the topmost non-4-bit parametrization, which is the one peft just added,
    and never our own.
+
+A fourth, for expert stacks stored flattened (patch ``wrapped_tensor_reads``, float or 4-bit): dbrx keeps each
+projection of all experts as one 2D ``(E * F, H)`` parameter on ``experts.mlp`` and its experts module reads them as
+``self.mlp.w1`` from OUTSIDE that module's forward. Once peft wraps ``experts.mlp`` in ParamWrappers, that read raises
+AttributeError (a ParamWrapper does not forward attribute reads), and even if it reached the tensor, the LoRA is only
+registered while the wrapper's own forward runs: it would be silently skipped. The patch makes a tensor of the
+wrapped module read through its wrapper chain return what the model would compute with: the tensor plus the LoRA of
+every wrapper of it that is active, not merged, not disabled (and not already registered by a running forward); plain
+number / string attributes of the wrapped module (its sizes, which 4.57's dbrx reads the same way) read as they are.
+peft adapts a 2D parameter as one matrix (``delta = B @ A``, B (E * F, r), A (r, H)): expert ``e``'s update is
+``B[e * F:(e + 1) * F] @ A``, its own rows of B and one A shared by the experts of that projection; save, reload,
+merge and export are peft's 2D LoRA unchanged.
 """
 
 from __future__ import annotations
@@ -189,6 +201,86 @@ def _install():
     ])
 
 
+# --------------------------------------------------------------------------------------------------------------
+# wrapped_tensor_reads
+
+
+class WrappedTensorReadError(RuntimeError):
+    """A LoRA delta that does not fit the tensor it adapts, read through its ParamWrapper."""
+
+
+def _wrapped_tensor(module, name: str) -> bool:
+    """Whether ``module`` itself holds a tensor ``name`` (a parameter, a buffer or a parametrized tensor)."""
+    return (name in module.__dict__.get("_parameters", {}) or name in module.__dict__.get("_buffers", {})
+            or name in (module.__dict__.get("_modules", {}).get("parametrizations") or {}))
+
+
+def _lora_registered(module, name: str) -> bool:
+    """A running ParamWrapper forward has registered its LoRA on ``module.<name>`` (any parametrization that is not
+    the shims' 4-bit one)."""
+    import torch.nn.utils.parametrize as P
+
+    return P.is_parametrized(module, name) and any(not is_4bit_parametrization(p)
+                                                   for p in module.parametrizations[name])
+
+
+def adapted_read(wrapper, name: str):
+    """``wrapper.<name>`` for a tensor of the module the ParamWrapper chain wraps: the tensor (read through the
+    inner wrappers, which add their own LoRA) plus this wrapper's active LoRA when ``name`` is its parameter."""
+    value = getattr(wrapper.base_layer, name)
+    if name != wrapper.parameter_name or wrapper.disable_adapters or wrapper.merged:
+        return value
+    adapters = [a for a in wrapper.active_adapters if a in wrapper.lora_A]
+    if not adapters or _lora_registered(wrapper.get_base_layer(), name):
+        return value
+    for adapter in adapters:
+        delta = wrapper.get_delta_weight(adapter)
+        if tuple(delta.shape) != tuple(value.shape):
+            raise WrappedTensorReadError(f"{type(wrapper.get_base_layer()).__name__}.{name}: LoRA delta "
+                                         f"{tuple(delta.shape)} does not fit the tensor {tuple(value.shape)}")
+        value = value + delta
+    return value
+
+
+def _reads_need_forwarding() -> str | None:
+    try:
+        from peft.tuners.lora.layer import ParamWrapper
+    except ImportError:
+        return "this peft has no ParamWrapper (no LoRA on nn.Parameter targets)"
+    import torch
+
+    if ParamWrapper.__getattr__ is not torch.nn.Module.__getattr__:
+        return "peft's ParamWrapper resolves attribute reads itself"
+    return None
+
+
+def _install_wrapped_tensor_reads():
+    import torch
+    from peft.tuners.lora.layer import ParamWrapper
+
+    module_getattr = torch.nn.Module.__getattr__
+
+    def __getattr__(self, name: str):
+        try:
+            return module_getattr(self, name)
+        except AttributeError:
+            base_layer = self.__dict__.get("_modules", {}).get("base_layer")
+            if base_layer is None or name.startswith("_"):  # private and special names stay the wrapper's own
+                raise
+            inner = base_layer
+            while isinstance(inner, ParamWrapper):
+                inner = inner.__dict__["_modules"]["base_layer"]
+            if _wrapped_tensor(inner, name):
+                return adapted_read(self, name)
+            value = inner.__dict__.get(name)
+            if isinstance(value, (bool, int, float, str)):
+                return value  # its sizes (transformers 4.57's DbrxExperts reads self.mlp.moe_num_experts too)
+            raise
+
+    __getattr__.__shims_patched__ = True
+    return swap_attr(ParamWrapper, "__getattr__", __getattr__)
+
+
 PATCHES: tuple = (
     Patch(
         name="peft_quantized_experts",
@@ -209,5 +301,18 @@ PATCHES: tuple = (
         ),
         needed=needs_4bit_expert_lora,
         install=_install,
+    ),
+    Patch(
+        name="wrapped_tensor_reads",
+        summary="a tensor of a module peft wraps in ParamWrappers, read through the wrapper (dbrx's experts read "
+                "their flattened w1/v1/w2 as self.mlp.w1), is found and carries its active LoRA (natively: "
+                "AttributeError)",
+        targets=(
+            Target("peft.tuners.lora.layer", "ParamWrapper.__getattr__"),  # nn.Module's until the patch replaces it
+            Target("peft.tuners.lora.layer", "ParamWrapper.get_delta_weight", ("adapter_name",)),
+            Target("peft.tuners.lora.layer", "ParamWrapper.parameter_name", on_instances=True),
+        ),
+        needed=_reads_need_forwarding,
+        install=_install_wrapped_tensor_reads,
     ),
 )
