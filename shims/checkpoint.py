@@ -21,7 +21,8 @@ moves that into the router's 4-bit storage (a router is no Linear4bit: its forwa
 
 Packed (non-float) expert data without its quantization state is refused with an error naming the tensor: it is
 never loaded as weights. Fused expert keys are kept out of transformers' reverse weight conversion on save (which
-would otherwise split the packed bytes per expert as if they were a float (E, 2I, H) tensor).
+would otherwise split the packed bytes per expert as if they were a float (E, 2I, H) tensor), and so are bitsandbytes
+``Linear4bit`` modules that the reversal would concatenate into one key (:func:`unmerged_4bit_modules`, lara_mini).
 """
 
 from __future__ import annotations
@@ -306,6 +307,36 @@ def load_only_converters_left_out(model):
             model._weight_conversions = conversions
 
 
+def unmerged_4bit_modules(model) -> set[str]:
+    """Paths of the modules whose tensors are saved under their own names, not merged by the reverse conversion.
+
+    transformers reverts a one-to-many load conversion (lara_mini: ``linear_attn.in_proj`` split into
+    ``in_proj_qkv`` / ``in_proj_z`` / ``in_proj_b`` / ``in_proj_a``) by concatenating the targets on save. On
+    bitsandbytes ``Linear4bit`` targets that concatenates their packed data, absmax and serialized QuantStates into
+    one key that no loader can read (transformers 5.24, shims or not). Every module of such a group with a 4-bit
+    member is left out of the reversal: its keys stay in the model's names, which the load-time converter does not
+    match (its pattern ends on a name boundary), so transformers and bitsandbytes load them as they are.
+    """
+    conversions = [c.reverse_transform() for c in getattr(model, "_weight_conversions", None) or ()
+                   if len(getattr(c, "target_patterns", ()) or ()) > 1 and not _is_load_only(c)]
+    if not conversions:
+        return set()
+    from bitsandbytes.nn import Linear4bit
+
+    groups: dict[tuple, list] = {}
+    for path, module in model.named_modules():
+        weight = module._parameters.get("weight")
+        if weight is None:
+            continue
+        for index, conversion in enumerate(conversions):
+            merged_key, pattern = conversion.rename_source_key(f"{path}.weight")
+            if pattern is not None:
+                groups.setdefault((index, merged_key), []).append((path, isinstance(module, Linear4bit)))
+                break
+    return {path for members in groups.values() if any(four_bit for _, four_bit in members)
+            for path, _ in members}
+
+
 _STATE_KEY = re.compile(r"^(.+)\.([^.]+)\.quant_state\.bitsandbytes__(?:nf4|fp4)$")
 
 
@@ -342,7 +373,8 @@ def _saved_shape(f, key: str) -> tuple:
             f"{key}: not one saved quantization state ({exc}); a checkpoint whose save merged several 4-bit tensors "
             "into one key (transformers 5.x's reverse weight conversion concatenates Linear4bit packed data and "
             "their states, e.g. lara_mini in_proj_qkv / z / b / a -> linear_attn.in_proj) cannot be loaded; "
-            "save the model unquantized or with shims.save_merged") from exc
+            "save the 4-bit model with the shims applied (they keep such modules unmerged), unquantized, or with "
+            "shims.save_merged") from exc
 
 
 def keeping_fused_experts(quantizer, checkpoint_files):
@@ -415,7 +447,10 @@ def _install():
     @wraps(original_revert)
     def revert_weight_conversion(model, state_dict, *args, **kwargs):
         owned = {f"{prefix}{name}": None for prefix, _, name, _ in _quantized_tensors(model)}
-        kept = {k: state_dict[k] for k in list(state_dict) if _is_quantized_expert_key(k, owned)}
+        unmerged = unmerged_4bit_modules(model)
+        kept = {k: state_dict[k] for k in list(state_dict)
+                if _is_quantized_expert_key(k, owned) or k.rpartition(".")[0] in unmerged
+                or split_stat_key(k)[0].rpartition(".")[0] in unmerged}
         rest = {k: v for k, v in state_dict.items() if k not in kept}
         result = revert_without_load_only(model, rest, *args, **kwargs)
         result.update(kept)

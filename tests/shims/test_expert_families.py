@@ -335,8 +335,8 @@ def test_dbrx_flattened_stacks_are_4bit_reload_exactly_and_compute_the_dequantiz
                                                                                          family_shims, tmp_path):
     """dbrx keeps each projection of all experts as one 2D (E * F, H) parameter (``experts.mlp.w1`` / ``v1`` /
     ``w2``): the expert count comes from the config. All three are stored 4-bit, the forward equals the float model
-    holding the dequantized weights, and a saved 4-bit checkpoint reloads bit-exact. (LoRA on them is not possible
-    with peft, shims or not: DbrxExperts reads ``self.mlp.v1`` through the module peft wraps.)"""
+    holding the dequantized weights, and a saved 4-bit checkpoint reloads bit-exact. (LoRA on them:
+    tests/shims/test_flat_expert_lora.py.)"""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -399,16 +399,40 @@ def test_a_partly_4bit_experts_module_is_an_error_and_lone_stacks_are_named():
     assert storage.check_whole_modules(model) == ["bank.query"]
 
 
-def test_a_4bit_checkpoint_whose_save_merged_linear4bit_states_is_refused_with_the_cause(family_checkpoint,
-                                                                                         family_shims, tmp_path):
-    """lara_mini: transformers' reverse weight conversion concatenates the 4-bit in_proj_qkv / z / b / a (packed data
-    AND their QuantState JSON) into ``linear_attn.in_proj`` on save, shims or not; the reload names that cause
-    instead of upstream's generic conversion error. Fails (and should be revisited) once upstream saves it right."""
+def test_lara_mini_4bit_save_keeps_its_split_projections_unmerged_and_a_merged_one_is_refused(family_checkpoint,
+                                                                                               family_shims, tmp_path):
+    """lara_mini: transformers reverts the load-time split of ``linear_attn.in_proj`` (into in_proj_qkv / z / b / a)
+    by concatenating them on save; on Linear4bit that merges their packed data AND their QuantState JSON into one key
+    no loader reads (natively the reload fails). With the shims those modules keep their own names in the checkpoint
+    and the reload is bit-exact; a checkpoint saved without them is refused naming that cause."""
     import torch
+    from safetensors import safe_open
     from transformers import AutoModelForCausalLM
 
-    q4_load(family_checkpoint("lara_mini")).save_pretrained(tmp_path)
+    from cases.measure import keep_bnb_compute_dtype
     from shims import storage
 
+    def keys(path):
+        with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+            return {k for k in f.keys() if ".linear_attn.in_proj" in k}
+
+    path, ids = family_checkpoint("lara_mini"), q4_ids()
+    model = q4_load(path)
+    keep_bnb_compute_dtype(model)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    model.save_pretrained(tmp_path / "shims")
+    saved = keys(tmp_path / "shims")
+    assert "model.layers.0.linear_attn.in_proj_qkv.weight.quant_state.bitsandbytes__nf4" in saved
+    assert not any(".linear_attn.in_proj.weight" in k for k in saved)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "shims", dtype=torch.float32).eval()
+    keep_bnb_compute_dtype(reloaded)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, logits)
+
+    family_shims.restore()  # the same save natively: transformers merges the four Linear4bit
+    q4_load(path).save_pretrained(tmp_path / "native")
+    family_shims.apply(only=_SHIMS)
+    assert "model.layers.0.linear_attn.in_proj.weight.quant_state.bitsandbytes__nf4" in keys(tmp_path / "native")
     with pytest.raises(storage.ExpertQuantError, match=r"linear_attn\.in_proj\.weight\.quant_state.*not one saved"):
-        AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+        AutoModelForCausalLM.from_pretrained(tmp_path / "native", dtype=torch.float32)
