@@ -34,7 +34,7 @@ from .bnb_config import QuantSettings, is_bnb_4bit, is_skipped, settings_of, ski
 from .forward import PARAMETRIZE_CACHE_TARGETS
 from .loader_generation import V5, targets_for, transformers_loader
 from .loader_v5 import AFTER_LOAD_TARGET, SET_PARAM_TARGET, WARMUP_SIZE_TARGET, loader_hooks, v5_loader_needed
-from .registry import Patch, chain_undo
+from .registry import Patch, chain_undo, swap_attr
 from .storage import (
     ExpertQuantError,
     base_module,
@@ -144,6 +144,20 @@ def _scores_expert_classes(container, rows: int, counts) -> bool:
     return any(t is not None and t.is_floating_point() and t.dim() == 1 and t.numel() == rows for t in own)
 
 
+def _matrices(module):
+    """(owner path, tensor name) of every matrix under ``module``: 2D or more, bitsandbytes' packed Params4bit, and
+    a shim 4-bit tensor under its logical name (``x.parametrizations.weight.original`` is ``x``'s ``weight``)."""
+    for name, param in module.named_parameters():
+        if param.dim() < 2 and type(param).__name__ != "Params4bit":
+            continue
+        parts = name.split(".")
+        if "parametrizations" in parts:
+            at = parts.index("parametrizations")
+            yield ".".join(parts[:at]), parts[at + 1]
+        else:
+            yield ".".join(parts[:-1]), parts[-1]
+
+
 def _router_linears(module, counts) -> list[str]:
     """The relative paths of the linear layers of a router container, or [] when ``module`` is none.
 
@@ -155,12 +169,11 @@ def _router_linears(module, counts) -> list[str]:
     which is a router weight."""
     import torch
 
-    matrices = [n for n, p in module.named_parameters() if p.dim() >= 2 or type(p).__name__ == "Params4bit"]
+    matrices = list(_matrices(module))
     if not matrices:
         return []
     linears = {}
-    for name in matrices:
-        path, _, leaf = name.rpartition(".")
+    for path, leaf in matrices:
         owner = module.get_submodule(path) if path else module
         if not path or leaf != ROUTER_WEIGHT or not isinstance(owner, torch.nn.Linear):
             return []
@@ -323,6 +336,78 @@ def router_storage(model) -> dict:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# routers whose gating module reads the linear layer's weight itself
+
+
+def reads_weight_as_tensor(container, child: str) -> bool:
+    """True when ``container``'s class reads ``self.<child>.weight`` itself instead of calling that layer
+    (longcat_flash's router: ``F.linear(hidden_states.type(torch.float32), self.classifier.weight.type(...))``); a
+    Linear4bit there hands over its packed bytes and the 4-bit forward fails. Read from the source of the class and
+    its bases up to nn.Module: upstream calling the layer instead turns this off. A class without source (made at run
+    time) is taken as calling its layers."""
+    import inspect
+    import re
+
+    import torch
+
+    pattern = re.compile(rf"\bself\.{re.escape(child)}\.{ROUTER_WEIGHT}\b")
+    for cls in type(container).__mro__:
+        if cls is torch.nn.Module:
+            break
+        try:
+            source = inspect.getsource(cls)
+        except (OSError, TypeError):
+            continue
+        if pattern.search(source):
+            return True
+    return False
+
+
+def linear4bit_routers_read_as_tensors(model) -> list[tuple[str, object]]:
+    """(path, Linear4bit) of every router that bitsandbytes stored as its own Linear4bit while its gating module reads
+    the weight as a tensor (:func:`reads_weight_as_tensor`)."""
+    from bitsandbytes.nn import Linear4bit
+
+    found = []
+    for path, module in iter_routers(model):
+        container_path, _, child = path.rpartition(".")
+        if not isinstance(module, Linear4bit) or "." in child or not container_path:
+            continue
+        if reads_weight_as_tensor(model.get_submodule(container_path), child):
+            found.append((path, module))
+    return found
+
+
+def restore_router_read_as_tensor(model, path: str, linear4bit) -> None:
+    """Replace the Linear4bit router at ``path`` by an nn.Linear whose ``weight`` is the shims' 4-bit storage of the
+    same packed bytes and QuantState (nothing re-quantized): reading it dequantizes, so the gating module's own
+    ``F.linear(x, self.<child>.weight)`` gets the float weight, and calling the layer works as before."""
+    import torch
+
+    weight = linear4bit.weight
+    state = getattr(weight, "quant_state", None)
+    if state is None:
+        raise ExpertQuantError(f"{path}.{ROUTER_WEIGHT}: a Linear4bit router without its quantization state")
+    linear = torch.nn.Linear(linear4bit.in_features, linear4bit.out_features, bias=linear4bit.bias is not None,
+                             device="meta", dtype=state.dtype)
+    if linear4bit.bias is not None:
+        linear.bias = linear4bit.bias
+    install_packed_param(linear, ROUTER_WEIGHT, weight.data, state, owner=path)
+    linear._is_hf_initialized = True  # loaded: transformers must not initialise it again
+    container_path, _, child = path.rpartition(".")
+    setattr(model.get_submodule(container_path), child, linear)
+    log.debug("router %s: read as a tensor by its gating module, stored by the shims (4-bit, dequantized on read)",
+              path)
+
+
+def restore_routers_read_as_tensors(model) -> int:
+    found = linear4bit_routers_read_as_tensors(model)
+    for path, module in found:
+        restore_router_read_as_tensor(model, path, module)
+    return len(found)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # the patch
 
 
@@ -357,6 +442,33 @@ def _install():
         lambda quantizer, model, name: four_bit_router_weight(quantizer, model, name) is not None))
 
 
+def _install_weight_reads():
+    from functools import wraps
+
+    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
+
+    original_after = Bnb4BitHfQuantizer._process_model_after_weight_loading
+
+    @wraps(original_after)
+    def process_model_after_weight_loading(self, model, **kwargs):
+        if is_bnb_4bit(self):  # a fresh 4-bit load and a saved 4-bit checkpoint alike
+            n = restore_routers_read_as_tensors(model)
+            if n:
+                log.info("%d routers read as tensors by their gating module: stored by the shims (router_weight_reads)",
+                         n)
+        return original_after(self, model, **kwargs)
+
+    return chain_undo([swap_attr(Bnb4BitHfQuantizer, "_process_model_after_weight_loading",
+                                 process_model_after_weight_loading)])
+
+
+def _weight_reads_needed() -> str | None:
+    if transformers_loader() != V5:
+        return ("transformers 4.x's loader is not hooked for it: a router whose gating module reads its Linear4bit's "
+                "weight (longcat_flash) fails there as upstream; keep it float with llm_int8_skip_modules")
+    return v5_loader_needed()
+
+
 PATCHES: tuple = (
     Patch(
         name="quantize_moe_routers",
@@ -368,5 +480,14 @@ PATCHES: tuple = (
                       optional=(WARMUP_SIZE_TARGET,)),
         needed=_router_needed,
         install=_install,
+    ),
+    Patch(
+        name="router_weight_reads",
+        summary="a router whose gating module reads its linear layer's weight as a tensor (longcat_flash: "
+                "F.linear(h, self.classifier.weight)) is stored by the shims (same 4-bit bytes, dequantized on read) "
+                "instead of as a Linear4bit, whose weight is packed bytes",
+        **targets_for(V5, required=(AFTER_LOAD_TARGET,) + PARAMETRIZE_CACHE_TARGETS),
+        needed=_weight_reads_needed,
+        install=_install_weight_reads,
     ),
 )

@@ -297,11 +297,14 @@ def expert_weight_names(module, siblings=None, expert_counts=()) -> tuple[str, .
     By STRUCTURE, whatever the names: every direct 3D tensor of a module holding two or more of them with the same
     leading (expert) dimension (transformers' fused ``gate_up_proj``/``down_proj``, nemotron_h ``up_proj``, inkling's
     shared ``gate_proj``/``up_proj``/``down_proj``), or a module's single 3D stack next to a sibling module holding one
-    with as many experts (jetmoe; ``siblings``: the other children of the module's parent). All of a module's stacks
-    or none: a module is never partly an experts module. Without 3D tensors, 2D stacks flattened over the experts
-    (dbrx, :func:`flat_stacks`; ``expert_counts`` from the model config). Per-expert nn.Linear experts
-    (transformers 4.x) hold no 3D tensor and do not qualify. Raises ExpertQuantError when fused tensors named ``down_proj`` and ``gate_up_proj`` /
-    ``up_proj`` exist but are not 3D, or look packed without a quantization state.
+    with as many experts (jetmoe; ``siblings``: the other children of the module's parent). Stacks of different
+    leading sizes are one group only when the smallest is an expert count the model config declares (longcat_flash
+    allocates ``gate_up_proj`` for its routed + zero experts, ``down_proj`` for the routed ones; its forward reads the
+    first ones of both). All of a module's stacks or none: a module is never partly an experts module. Without 3D
+    tensors, 2D stacks flattened over the experts (dbrx, :func:`flat_stacks`; ``expert_counts`` from the model
+    config). Per-expert nn.Linear experts (transformers 4.x) hold no 3D tensor and do not qualify. Raises
+    ExpertQuantError when fused tensors named ``down_proj`` and ``gate_up_proj`` / ``up_proj`` exist but are not 3D,
+    or look packed without a quantization state.
     """
     torch, _ = _torch_nn()
     known = [n for n in EXPERT_WEIGHT_NAMES if isinstance(raw_tensor(module, n), torch.Tensor)]
@@ -316,7 +319,8 @@ def expert_weight_names(module, siblings=None, expert_counts=()) -> tuple[str, .
     stacks = candidate_stacks(module)
     if not stacks:
         return flat_stacks(module, expert_counts)
-    if len({_stack_shape(module, n)[0] for n in stacks}) != 1:
+    leading = {_stack_shape(module, n)[0] for n in stacks}
+    if len(leading) != 1 and min(leading) not in expert_counts:
         return ()  # 3D tensors of different leading sizes: not one expert group
     if len(stacks) == 1 and not _single_stack_experts(module, siblings):
         return ()
