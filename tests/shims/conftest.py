@@ -104,22 +104,29 @@ def q4_requires_fused():
         _pytest_lx.skip("bitsandbytes is not installed")
 
 
-@_pytest_lx.fixture(scope="session")
-def q4_checkpoint(tmp_path_factory):
-    """model_type -> directory of a saved tiny fp32 model (non-square: 2*I != H), built once per session."""
+def saved_checkpoints(tmp_path_factory, prefix: str, build):
+    """model_type -> directory holding ``build(model_type)`` saved with save_pretrained, built once per model type
+    for the fixture that calls this (session- or module-scoped)."""
     cache = {}
 
     def checkpoint(model_type):
         if model_type not in cache:
-            import torch
-
-            model = lx_build_tiny_moe(model_type, dtype=torch.float32)
-            path = tmp_path_factory.mktemp(f"q4_{model_type}")
+            model = build(model_type)  # may skip the test: no folder then
+            path = tmp_path_factory.mktemp(f"{prefix}_{model_type}")
             model.save_pretrained(path)
             cache[model_type] = str(path)
         return cache[model_type]
 
     return checkpoint
+
+
+@_pytest_lx.fixture(scope="session")
+def q4_checkpoint(tmp_path_factory):
+    """model_type -> directory of a saved tiny fp32 model (non-square: 2*I != H), built once per session."""
+    import torch
+
+    return saved_checkpoints(tmp_path_factory, "q4", lambda model_type: lx_build_tiny_moe(model_type,
+                                                                                          dtype=torch.float32))
 
 
 @_pytest_lx.fixture
