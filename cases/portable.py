@@ -107,21 +107,26 @@ def _major(version: str) -> int:
 
 
 def _target_layout(adapter_dir: Path, base) -> str | None:
-    """What shims.convert_adapter must produce for the installed peft and this base, or None if nothing."""
+    """The layout shims.convert_adapter must produce from a fused adapter for the installed peft and this base, or
+    None if nothing (4.x per-expert adapters: the shims' adapter_layout_on_load converts them inside from_pretrained)."""
     from shims import adapter_convert, lora_layout
-    from shims.storage import iter_expert_modules
 
-    per_expert = _is_per_expert_adapter(adapter_dir)
-    fused_base = any(True for _ in iter_expert_modules(base))
-    if per_expert and not fused_base:
-        return None  # 4.57 -> 4.57: nothing to convert
     # decided on this base's experts modules: peft's convention follows their is_transposed attribute, which
     # gpt_oss has on 5.x and lacks on 4.57
     wanted = lora_layout.expected_layout(base)
-    if per_expert:
-        return f"fused:{wanted}"
     found = {e.layout for e in adapter_convert.detect_adapter_layout(adapter_dir, base.config).values()}
     return None if found == {wanted} else wanted
+
+
+def _convert_for_here(adapter: Path, base, dest: Path) -> tuple[Path, str | None]:
+    import shims
+
+    target = _target_layout(adapter, base)
+    if target is None:
+        return adapter, None
+    shutil.rmtree(dest, ignore_errors=True)
+    shims.convert_adapter(adapter, dest, to=target, base_config=base.config)
+    return dest, target
 
 
 def _is_per_expert_adapter(adapter_dir: Path) -> bool:
@@ -140,7 +145,12 @@ def try_foreign(entry: Path, load_base, shims_on: bool, work: Path) -> dict:
     try:
         base = load_base(Path(meta["base_dir"]))
         adapter = entry / "adapter"
-        if shims_on:
+        if shims_on and _is_per_expert_adapter(adapter):
+            # a 4.x adapter loads as a user loads it: the shims' adapter_layout_on_load converts it inside
+            from shims.adapter_load import conversion_for
+
+            outcome["converted"] = conversion_for(adapter, base)
+        elif shims_on:
             adapter, outcome["converted"] = _convert_for_here(adapter, base, work / entry.name)
         model = PeftModel.from_pretrained(base, adapter)
         batch = {"input_ids": ref["input_ids"], "attention_mask": ref["attention_mask"]}
@@ -249,15 +259,3 @@ def try_per_expert(entry: Path, load_base, shims_on: bool, work: Path) -> dict:
     return outcome
 
 
-def _convert_for_here(adapter: Path, base, dest: Path) -> tuple[Path, str | None]:
-    import shims
-
-    target = _target_layout(adapter, base)
-    if target is None:
-        return adapter, None
-    shutil.rmtree(dest, ignore_errors=True)
-    if target.startswith("fused:"):
-        shims.convert_adapter(adapter, dest, to="fused", layout=target.split(":", 1)[1], base_config=base.config)
-    else:
-        shims.convert_adapter(adapter, dest, to=target, base_config=base.config)
-    return dest, target
