@@ -120,6 +120,35 @@ def saved_checkpoints(tmp_path_factory, prefix: str, build):
     return checkpoint
 
 
+def tiny_from_config(model_type: str, check_forward: bool = False, **config):
+    """The random float model of ``model_type`` built from ``config`` (seed 0). Skips the test where this
+    transformers has no such model type or, with ``check_forward``, cannot run one forward of the tiny model."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        built = AutoConfig.for_model(model_type, **config)
+    except (ValueError, KeyError) as exc:
+        _pytest_lx.skip(f"this transformers has no {model_type}: {exc}")
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(built)
+    if check_forward:
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+        except RuntimeError as exc:  # e.g. transformers 5.6.2's dbrx needs ffn_hidden_size == d_model
+            _pytest_lx.skip(f"this transformers' {model_type} does not run its tiny float model: {exc}")
+    return model
+
+
+def saved_tiny(tmp_path_factory, model_type: str, check_forward: bool = False, **config) -> str:
+    """Directory of :func:`tiny_from_config`'s model saved with save_pretrained."""
+    model = tiny_from_config(model_type, check_forward, **config)  # may skip the test: no folder then
+    path = tmp_path_factory.mktemp(model_type)
+    model.save_pretrained(path)
+    return str(path)
+
+
 @_pytest_lx.fixture(scope="session")
 def q4_checkpoint(tmp_path_factory):
     """model_type -> directory of a saved tiny fp32 model (non-square: 2*I != H), built once per session."""

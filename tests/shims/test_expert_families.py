@@ -12,7 +12,7 @@ References are exact: the float model holding the 4-bit model's dequantized weig
 
 import pytest
 
-from conftest import q4_ids, q4_load, q4_reference, q4_requires_fused, saved_checkpoints
+from conftest import q4_ids, q4_load, q4_reference, q4_requires_fused, saved_checkpoints, tiny_from_config
 
 pytestmark = pytest.mark.needs_ml
 
@@ -78,24 +78,9 @@ def family_checkpoint(tmp_path_factory):
 
 
 def _family_model(model_type):
-    """The tiny float model of ``model_type`` (CONFIGS), after one forward; skips where this transformers lacks or
-    cannot run it."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        common = {} if model_type == "dbrx" else _COMMON  # dbrx names its sizes differently
-        config = AutoConfig.for_model(model_type, **common, **CONFIGS[model_type])
-    except (ValueError, KeyError) as exc:
-        pytest.skip(f"this transformers has no {model_type}: {exc}")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.zeros(1, 4, dtype=torch.long))
-    except RuntimeError as exc:  # transformers 5.6.2's dbrx needs ffn_hidden_size == d_model (float, no shims)
-        pytest.skip(f"this transformers' {model_type} does not run its tiny float model: {exc}")
-    return model
+    """The tiny float model of ``model_type`` (CONFIGS), after one forward."""
+    common = {} if model_type == "dbrx" else _COMMON  # dbrx names its sizes differently
+    return tiny_from_config(model_type, check_forward=True, **common, **CONFIGS[model_type])
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import contextlib
 
 import pytest
 
-from conftest import q4_ids, q4_load, q4_reference, q4_requires_fused
+from conftest import q4_ids, q4_load, q4_reference, q4_requires_fused, saved_tiny
 
 pytestmark = pytest.mark.needs_ml
 
@@ -42,22 +42,7 @@ def installed():
 
 @pytest.fixture(scope="module")
 def dbrx_checkpoint(tmp_path_factory):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.for_model("dbrx", **DBRX)
-    except (ValueError, KeyError) as exc:
-        pytest.skip(f"this transformers has no dbrx: {exc}")
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.zeros(1, 4, dtype=torch.long))
-    except RuntimeError as exc:  # transformers 5.6.2's dbrx needs ffn_hidden_size == d_model
-        pytest.skip(f"this transformers' dbrx does not run its tiny float model: {exc}")
-    path = tmp_path_factory.mktemp("dbrx")
-    model.save_pretrained(path)
-    return str(path)
+    return saved_tiny(tmp_path_factory, "dbrx", check_forward=True, **DBRX)
 
 
 def _lora(model, seed=1):

@@ -7,7 +7,7 @@ so a float router network could not have been told from a 4-bit one."""
 
 import pytest
 
-from conftest import q4_load, q4_requires_fused
+from conftest import q4_load, q4_requires_fused, saved_tiny
 
 pytestmark = pytest.mark.needs_ml
 
@@ -20,17 +20,7 @@ NETWORK = ("down_proj", "router_mlp.fc1", "router_mlp.fc2", "router_mlp.out_proj
 
 @pytest.fixture(scope="module")
 def zaya_checkpoint(tmp_path_factory):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.for_model("zaya", **ZAYA)
-    except (ValueError, KeyError) as exc:
-        pytest.skip(f"this transformers has no zaya: {exc}")
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("zaya")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    return str(path)
+    return saved_tiny(tmp_path_factory, "zaya", **ZAYA)
 
 
 @pytest.fixture

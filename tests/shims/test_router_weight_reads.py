@@ -9,7 +9,7 @@ References are exact: the float model holding the 4-bit model's dequantized weig
 
 import pytest
 
-from conftest import q4_ids, q4_load, q4_reference, q4_requires_fused
+from conftest import q4_ids, q4_load, q4_reference, q4_requires_fused, saved_tiny
 
 pytestmark = pytest.mark.needs_ml
 
@@ -22,17 +22,7 @@ _BASE = ("quantize_fused_experts", "quantize_moe_routers", "prequantized_experts
 
 @pytest.fixture(scope="module")
 def longcat_checkpoint(tmp_path_factory):
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    try:
-        config = AutoConfig.for_model("longcat_flash", **LONGCAT)
-    except (ValueError, KeyError) as exc:
-        pytest.skip(f"this transformers has no longcat_flash: {exc}")
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("longcat")
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
-    return str(path)
+    return saved_tiny(tmp_path_factory, "longcat_flash", **LONGCAT)
 
 
 @pytest.fixture
