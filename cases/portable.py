@@ -129,13 +129,6 @@ def _convert_for_here(adapter: Path, base, dest: Path) -> tuple[Path, str | None
     return dest, target
 
 
-def _is_per_expert_adapter(adapter_dir: Path) -> bool:
-    from safetensors import safe_open
-
-    with safe_open(str(adapter_dir / "adapter_model.safetensors"), "pt") as fh:
-        return any(".experts.0." in k for k in fh.keys())
-
-
 def try_foreign(entry: Path, load_base, shims_on: bool, work: Path) -> dict:
     from peft import PeftModel
 
@@ -145,10 +138,10 @@ def try_foreign(entry: Path, load_base, shims_on: bool, work: Path) -> dict:
     try:
         base = load_base(Path(meta["base_dir"]))
         adapter = entry / "adapter"
-        if shims_on and _is_per_expert_adapter(adapter):
-            # a 4.x adapter loads as a user loads it: the shims' adapter_layout_on_load converts it inside
-            from shims.adapter_load import conversion_for
+        from shims.adapter_load import conversion_for, is_per_expert_adapter  # structure only: they patch nothing
 
+        if shims_on and is_per_expert_adapter(adapter):
+            # a 4.x adapter loads as a user loads it: the shims' adapter_layout_on_load converts it inside
             outcome["converted"] = conversion_for(adapter, base)
         elif shims_on:
             adapter, outcome["converted"] = _convert_for_here(adapter, base, work / entry.name)
@@ -169,9 +162,11 @@ def fused_entries(store: Path, arch: str, quant: str) -> list[Path]:
 
 
 def _has_fused_expert_lora(adapter_dir: Path) -> bool:
+    from shims.adapter_load import is_per_expert_adapter  # structure only: it patches nothing
+
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     return any(".experts." in f".{t}" for t in config.get("target_parameters") or ()) \
-        and not _is_per_expert_adapter(adapter_dir)
+        and not is_per_expert_adapter(adapter_dir)
 
 
 def has_fused_experts(model) -> bool:
