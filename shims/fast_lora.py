@@ -400,10 +400,10 @@ def _grouped_classes():
 
         @staticmethod
         def forward(ctx, x_sorted, offs, base, name, transposed):
+            ctx.save_for_backward(offs)
             ctx.base, ctx.name, ctx.transposed = base, name, transposed
             with torch.no_grad():
                 weight = dequantize_param(base, name).to(x_sorted.dtype)
-                ctx.save_for_backward(offs)
                 _keep_if_recomputing(base, name, weight)
                 return _gmm(x_sorted, weight if transposed else weight.transpose(-2, -1), offs)
 
@@ -412,7 +412,7 @@ def _grouped_classes():
             if not ctx.needs_input_grad[0]:
                 _take_recomputed(ctx.base, ctx.name)
                 return None, None, None, None, None
-            offs = ctx.saved_tensors[0]
+            (offs,) = ctx.saved_tensors
             weight = _weight_for_backward(ctx, grad_out.dtype)
             grad = _gmm(grad_out, weight.transpose(-2, -1) if ctx.transposed else weight, offs)
             return grad, None, None, None, None
