@@ -180,3 +180,80 @@ def grad_norm(params) -> float:
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ------------------------------------------------------------------------------------- the float32 twin (recipe)
+class TwinError(AssertionError):
+    """The trained model's tensors do not map one to one onto a float32 copy of its architecture."""
+
+
+def _dequantized(stored, state) -> torch.Tensor:
+    """A 4-bit tensor's value as bitsandbytes decodes it: the flat decode (the blocks run over the flattened tensor;
+    bitsandbytes 0.50.2 on CPU mis-decodes some 3D shapes, never the flat one), reshaped to the logical shape."""
+    import copy
+
+    import bitsandbytes.functional as bnbf
+
+    flat = copy.copy(state)
+    numel = 1
+    for d in state.shape:
+        numel *= d
+    flat.shape = torch.Size([numel])
+    return bnbf.dequantize_4bit(stored.data, flat).reshape(state.shape)
+
+
+def base_tensor_values(model) -> dict[str, torch.Tensor]:
+    """Every base parameter of a (peft-wrapped) model under its plain transformers name, at the value the model
+    computes with: 4-bit tensors (bitsandbytes Params4bit, or stored under a parametrization with a QuantState)
+    decoded by bitsandbytes, float ones as stored. LoRA factors and peft's wrapper prefixes are left out."""
+    values = {}
+    for mod_name, module in model.named_modules():
+        parts = mod_name.split(".")
+        if any(p.startswith("lora_") or p == "parametrizations" for p in parts):
+            continue
+        clean = ".".join(p for p in parts if p != "base_layer")
+        names = [n for n, p in module._parameters.items() if p is not None]
+        names += list(getattr(module, "parametrizations", None) or {})
+        for pname in names:
+            stored, _, state = _stored(module, pname)
+            if state is not None:
+                value = _dequantized(stored, state)
+            elif stored.is_floating_point():
+                value = stored.detach()
+            else:
+                raise TwinError(f"{mod_name}.{pname}: {stored.dtype} data without a quantization state")
+            values[f"{clean}.{pname}" if clean else pname] = value
+    return values
+
+
+def float32_twin(peft_model, plain_model):
+    """``plain_model`` (the same architecture, loaded in float32 without quantization) turned into the trained
+    ``peft_model`` computing in float32: its base tensors replaced by the trained model's values cast exactly (bf16 and
+    dequantized values are exact in float32), the same LoRA config and factors. The exact reference of a merged
+    float32 export of a model trained with bf16 compute: what it computes without bf16 rounding of activations."""
+    import copy
+
+    from peft import get_peft_model
+
+    values = base_tensor_values(peft_model.get_base_model())
+    params = dict(plain_model.named_parameters())
+    missing = sorted(set(params) - set(values))
+    if missing:
+        raise TwinError(f"{len(missing)} parameter(s) of the float32 copy have no trained value: {missing[:4]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            value = values[name]
+            if tuple(value.shape) != tuple(p.shape):
+                raise TwinError(f"{name}: trained value {tuple(value.shape)} vs float32 copy {tuple(p.shape)}")
+            p.copy_(value.to(device=p.device, dtype=torch.float32))
+    adapter = peft_model.active_adapter
+    twin = get_peft_model(plain_model, copy.deepcopy(peft_model.peft_config[adapter]), adapter_name=adapter)
+    trained = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+    factors = {n: p for n, p in twin.named_parameters() if "lora_" in n}
+    if trained.keys() != factors.keys():
+        raise TwinError(f"LoRA factors differ: only trained {sorted(set(trained) - set(factors))[:3]}, only twin "
+                        f"{sorted(set(factors) - set(trained))[:3]}")
+    with torch.no_grad():
+        for name, p in factors.items():
+            p.copy_(trained[name].detach().to(device=p.device, dtype=torch.float32))
+    return twin.eval()

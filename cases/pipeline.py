@@ -98,6 +98,8 @@ class Case:
     merged: object = None
     batch: dict | None = None
     rounded_export_logits: torch.Tensor | None = None
+    reference_fp32: torch.Tensor | None = None  # the trained model computing in float32 (see _float32_reference)
+    reference_fp32_samples: list | None = None
 
     # -- helpers -------------------------------------------------------------------------------------------
     @property
@@ -335,6 +337,25 @@ class Case:
         self.reference_samples = measure.greedy(self.model, self.tokenizer, tiny.prompts(self.spec.run["prompts"]),
                                                 self.spec.run["new_tokens"])
 
+    def _float32_reference(self) -> None:
+        """The exact reference of a float32 export: the trained model computing in float32. Cases with fp32 compute
+        are their own; the recipe (bf16 compute) gets its float32 twin: the same stored values (4-bit ones as
+        bitsandbytes decodes them) and LoRA factors, cast exactly, in a float32 copy of the architecture."""
+        if self.spec.recipe is None:
+            self.reference_fp32, self.reference_fp32_samples = self.reference, self.reference_samples
+            return
+        from transformers import AutoModelForCausalLM
+
+        plain = self._from_pretrained(AutoModelForCausalLM, self.model_dir, torch.float32, **_placement(self.spec.run))
+        twin = measure.float32_twin(self.model, plain)
+        self.reference_fp32 = measure.logits(twin, self.batch)
+        self.reference_fp32_samples = measure.greedy(twin, self.tokenizer, tiny.prompts(self.spec.run["prompts"]),
+                                                     self.spec.run["new_tokens"])
+        # what bf16 compute alone does to the trained model (reported: it depends on the CPU's bf16 kernels)
+        self.metrics["kl_recipe_bf16_vs_fp32"] = measure.kl(self.reference_fp32, self.reference,
+                                                            self.batch["attention_mask"])
+        del twin, plain
+
     def save_adapter(self) -> None:
         self.model.save_pretrained(self.work / "adapter")
         if not self.spec.shims_on and self.spec.store_dir:
@@ -347,6 +368,7 @@ class Case:
         if self.spec.shims_on:
             import shims
 
+            self._float32_reference()
             counts = shims.save_merged(self.model, dest, dtype=torch.bfloat16)
             self.metrics["export_applied"] = counts.get("applied")
             self.metrics["export_attempted"] = counts.get("attempted")
@@ -356,11 +378,15 @@ class Case:
             shutil.rmtree(exact, ignore_errors=True)
             shims.save_merged(self.model, exact, dtype=torch.float32)
             reloaded = self._load_checkpoint(exact)
-            self.metrics["kl_export_fp32"] = measure.kl(self.reference, measure.logits(reloaded, self.batch),
-                                                        self.batch["attention_mask"])
+            exact_logits = measure.logits(reloaded, self.batch)
+            # against the trained model computing in float32 (for the recipe its float32 twin): exact references
+            self.metrics["kl_export_fp32"] = measure.kl(self.reference_fp32, exact_logits, self.batch["attention_mask"])
             samples = measure.greedy(reloaded, self.tokenizer, tiny.prompts(self.spec.run["prompts"]),
                                      self.spec.run["new_tokens"])
-            self.metrics["samples_export_fp32"] = measure.agreement(self.reference_samples, samples)
+            self.metrics["samples_export_fp32"] = measure.agreement(self.reference_fp32_samples, samples)
+            if self.spec.recipe is not None:  # the same export against the bf16-computing trained model: reported
+                self.metrics["kl_export_fp32_vs_bf16"] = measure.kl(self.reference, exact_logits,
+                                                                    self.batch["attention_mask"])
             from shims.export import kept_float32
 
             keep = kept_float32(reloaded, torch.bfloat16)  # tensors the bf16 export keeps in float32
@@ -370,7 +396,7 @@ class Case:
                         p.copy_(p.to(torch.bfloat16).to(p.dtype))
             self.rounded_export_logits = measure.logits(reloaded, self.batch)
             # the bf16 rounding of W + delta alone (computed in fp32): one of the two noises of a 16-bit export
-            self.metrics["kl_export_rounded"] = measure.kl(self.reference, self.rounded_export_logits,
+            self.metrics["kl_export_rounded"] = measure.kl(self.reference_fp32, self.rounded_export_logits,
                                                            self.batch["attention_mask"])
         else:
             self.merged.save_pretrained(dest)

@@ -315,7 +315,15 @@ def _failures(df: pd.DataFrame) -> str:
 
 def _rules() -> str:
     table = pd.DataFrame([{"rule": r.name, "holds when": r.description} for r in verdict.RULES])
-    return table.to_markdown(index=False)
+    reported = pd.DataFrame([{"value": k, "what it is": v, "gated": "never"} for k, v in verdict.REPORTED_ONLY.items()]
+                            + [{"value": k, "what it is": v, "gated": "only where compute is float32 (rules kl_merged, "
+                                "kl_export)"} for k, v in verdict.REPORTED_WHERE_NOT_FP32.items()])
+    return "\n".join([
+        "Every rule compares with an exact reference (the trained model's own logits, in float32 for float32 exports; "
+        "stored bytes; gradients) or with a quantity measured in the same run (an ordering against the base, a "
+        "code-gap bound); none bounds bf16 noise with a constant. Values that depend on a CPU's bf16 kernels, a seed "
+        "or the sharpness of training are reported only:", "",
+        table.to_markdown(index=False), "", reported.to_markdown(index=False)])
 
 
 def _problems(problems: list[Problem]) -> str:

@@ -24,16 +24,30 @@ KL_EXPORT_FP32_MAX = 1e-6  # the same export in float32: the merge itself must b
 KL_MERGED_MAX = 1e-4       # in-place merge into float experts (4-bit merges re-quantize: reported, not bounded)
 LOSS_FALL_RATIO = 0.9      # mean of the last 3 logged losses <= 0.9 x mean of the first 3
 GC_GRAD_MAX_ABS = 0.0      # gradient checkpointing recomputes the same ops: first-step LoRA gradients identical
-# QLoRA recipe (quant "nf4-recipe"): the trained model computes in bf16, so no export can match it exactly. The
-# exact merge is proven where compute is fp32 (kl_export_fp32 <= 1e-6 on nf4/bf16 cases); here the float32 export
-# (exact W + delta, computed in fp32) must sit within bf16 compute noise of the trained model. Measured
-# KL(trained || float32 export) on the six tiny archs, 2026-12-01: 2.8e-5 .. 2.7e-3 (CPU, transformers 5.24 / 4.57;
-# H200, 5.17), while a merge that loses or misplaces the expert deltas lands near KL(trained || base) = 0.5 .. 3.7.
-# The bound is ~4x the largest measured noise. The 16-bit export itself is the float32 one rounded to bf16 (rule
-# export_rounding); its KL in bf16 (kl_export, adding bf16 rounding of W + delta and a bf16 residual stream:
-# 9e-5 .. 1.9e-2 measured) is reported, and bounded only for native exports, which have no float32 export.
-RECIPE_BF16_NOISE_MAX = 1e-2
+# QLoRA recipe (quant "nf4-recipe"): the trained model computes in bf16, and bf16 kernels differ between CPUs (measured
+# KL(trained || float32 export) 0.0006-0.0096 on one machine, 0.013-0.016 on another, same code and versions), so no
+# bound on a bf16 value is machine-independent. The recipe's exact check is kl_export_fp32 against the trained model's
+# float32 twin (the same stored values and LoRA factors, cast exactly, computing in float32), held as tightly as the fp32
+# cases. Every bf16 KL is reported, never gated (REPORTED_ONLY); a native export, which has no float32 twin to match,
+# must carry the adapter: closer to the trained model than the base is (an exact ordering, not a measured margin).
 RECIPE_OPTIMIZERS_8BIT = ("paged_adamw_8bit", "adamw_bnb_8bit")
+
+# Values the cases record that no rule bounds: each depends on bf16 kernels, a seed or how sharp training made the
+# logits, so a bound on it would be a constant tuned to one machine. The report lists them beside the rules.
+REPORTED_ONLY: dict[str, str] = {
+    "kl_export_rounded": "KL(trained in float32 || float32 export rounded to bf16, computed in float32)",
+    "kl_export_fp32_vs_bf16": "recipe: KL(trained, bf16 compute || float32 export): bf16 compute noise",
+    "kl_recipe_bf16_vs_fp32": "recipe: KL(float32 twin || trained model computing in bf16): bf16 compute noise",
+    "kl_base": "KL(trained || base without the adapter): how much the adapter changed the model (only ordered "
+               "against: merge_moves_4bit, export_carries_adapter)",
+    "rl_max_merged_kl": "merge/unmerge cycles: KL of the re-quantized merge (its bytes are checked exactly)",
+}
+# Gated only where the compute is float32 and the result must be exact (rules kl_merged, kl_export); elsewhere reported.
+REPORTED_WHERE_NOT_FP32: dict[str, str] = {
+    "kl_export": "shims exports and the recipe: KL(trained || 16-bit export), bf16 rounding of W + delta (recipe: and "
+                 "bf16 compute)",
+    "kl_merged": "4-bit merges: KL(trained || merged), one re-quantization of W + delta",
+}
 
 PASS, FAIL, ERROR, NA = "pass", "fail", "error", "n/a"
 # stage statuses that mean the harness stopped the case rather than the case failing by itself
@@ -170,10 +184,10 @@ def _gc_grads_equal(case: dict) -> bool:
     return (m.get("gc_grad_tensors") or 0) > 0 and recomputed and _le("gc_grad_max_abs", GC_GRAD_MAX_ABS)(case)
 
 
-def _recipe_export_within_noise(case: dict) -> bool:
-    # shims: the exact float32 export; native: its own 16-bit export, the only one there is
-    key = "kl_export_fp32" if _shims_export(case) else "kl_export"
-    return _le(key, RECIPE_BF16_NOISE_MAX)(case)
+def _export_carries_adapter(case: dict) -> bool:
+    m = case.get("metrics", {})
+    export, base = _num(m, "kl_export"), _num(m, "kl_base")
+    return export is not None and base is not None and math.isfinite(export) and export < base
 
 
 def _optimizer_8bit(case: dict) -> bool:
@@ -241,22 +255,23 @@ RULES: tuple[Rule, ...] = (
     Rule("samples_export", "native export: greedy samples of the reload match the trained model's",
          lambda c: _ran("export_reload")(c) and not _shims_export(c) and not _recipe(c), _samples("samples_export"),
          metrics=("samples_export", "export_attempted")),
-    Rule("kl_export_fp32", f"shims export written in float32: KL(trained || reload) <= {KL_EXPORT_FP32_MAX:g} "
-         "(the merge itself is exact; recipe: the bf16-computed reference is not, see kl_export_recipe)",
-         lambda c: _ran("export")(c) and _shims_export(c) and not _recipe(c),
+    Rule("kl_export_fp32", f"shims export written in float32: KL(trained model in float32 || reload) <= "
+         f"{KL_EXPORT_FP32_MAX:g}: the merge itself is exact (recipe: against the trained model's float32 twin, its "
+         "stored values and LoRA factors cast exactly, as bf16 compute is not reproducible across CPUs)",
+         lambda c: _ran("export")(c) and _shims_export(c),
          _le("kl_export_fp32", KL_EXPORT_FP32_MAX),
          metrics=("kl_export_fp32", "export_attempted")),
-    Rule("samples_export_fp32", "shims export in float32: greedy samples match the trained model's",
-         lambda c: _ran("export")(c) and _shims_export(c) and not _recipe(c), _samples("samples_export_fp32"),
+    Rule("samples_export_fp32", "shims export in float32: greedy samples match the trained model's in float32",
+         lambda c: _ran("export")(c) and _shims_export(c), _samples("samples_export_fp32"),
          metrics=("samples_export_fp32", "export_attempted")),
     Rule("export_rounding", "shims 16-bit export == the float32 export rounded to bf16 (max |d logits| == 0); "
          "its KL to the trained model, bf16 rounding of W + delta only, is reported",
          lambda c: _ran("export_reload")(c) and _shims_export(c), _le("export_rounding_max_abs", 0.0),
          metrics=("export_rounding_max_abs", "export_attempted")),
-    Rule("kl_export_recipe", f"QLoRA recipe (bf16 compute): KL(trained || float32 export) <= "
-         f"{RECIPE_BF16_NOISE_MAX:g}, bf16 compute noise (native: its 16-bit export)",
-         lambda c: _recipe(c) and _ran("export_reload")(c), _recipe_export_within_noise,
-         metrics=("kl_export", "kl_export_fp32")),
+    Rule("export_carries_adapter", "native QLoRA recipe export (bf16 compute, no float32 twin to match): "
+         "KL(trained || export) < KL(trained || base), the export carries the adapter (the bf16 KL is reported)",
+         lambda c: _recipe(c) and _ran("export_reload")(c) and not _shims_export(c), _export_carries_adapter,
+         metrics=("kl_export", "kl_base", "export_attempted")),
     Rule("gc_grads_equal", "4-bit loads: gradient checkpointing recomputes each layer (2 forward calls vs 1) and the "
          f"first step's LoRA gradients with and without it agree (max |d| <= {GC_GRAD_MAX_ABS:g})",
          lambda c: _four_bit(c) and _ran("gc_grads")(c), _gc_grads_equal,

@@ -30,7 +30,10 @@ with the same math. ``KERNEL = "loop"`` forces the loop (comparisons, benchmarks
 
 Fallback rule (documented, logged at debug, inspectable with :func:`path_of`): peft's path is used whenever the chain
 is not understood: experts not 4-bit, several or no active adapters, merged or disabled adapters, expert parallelism,
-an unknown tensor name or call signature, missing experts flags, or ``ENABLED = False``.
+an unknown tensor name or call signature, missing experts flags, or ``ENABLED = False``. Also, and logged at info
+once per class and listed in ``shims.status()`` details (:func:`why_not_understood`): an experts class whose forward
+is not transformers' experts-implementation dispatch (ergo's ErgoExperts overrides it), or a module holding tensors
+or submodules beyond what the flags describe (ergo's per-expert norm).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from dataclasses import dataclass, field
 
 from .lora_layout import SWAP_FLAG_TARGET, did_swap_in_out_features
 from .peft_experts import needs_4bit_expert_lora
-from .registry import Patch, Target, swap_attr
+from .registry import Patch, Target, chain_undo, swap_attr
 from .storage import dequantize_param, quantized_parametrization
 
 log = logging.getLogger("shims")
@@ -85,6 +88,10 @@ def plan_of(wrapper) -> FastPlan | str:
         return f"experts module {type(base).__name__} lacks {missing} (not a transformers 5.x experts class)"
     if getattr(base, "_is_expert_parallel", False):
         return "expert parallelism"
+    refusal = why_not_understood(base)
+    if refusal is not None:
+        _report_refusal(base, refusal)
+        return refusal
     gate_name = "gate_up_proj" if base.has_gate else "up_proj"
     if not base.has_gate and not hasattr(base, "act_fn"):
         return "non-gated experts without act_fn"
@@ -119,6 +126,98 @@ def plan_of(wrapper) -> FastPlan | str:
     why_not = _why_not_grouped(plan)
     plan.kernel = "grouped" if why_not is None else f"loop: {why_not}"
     return plan
+
+
+# --------------------------------------------------------------------------------------------------------------
+# which experts modules the fast path understands
+#
+# The fast path stands in for the experts-implementation DISPATCH that transformers' ``use_experts_implementation``
+# installs as the class's forward (grouped_mm / batched_mm / eager all compute the same thing from the flags). A class
+# that puts its own forward over that dispatch (ergo's ErgoExperts repeats each token per route and applies a
+# per-expert RMSNorm before summing) computes something else, and so does a module holding tensors the flags do not
+# describe: for those the fast path would be silently wrong, so peft's path runs (which calls the module's forward).
+
+# Direct children an experts module may have besides its stacks: torch's parametrization container (the 4-bit
+# storage, and peft's LoRA while active) and the activation the fast path calls itself.
+_KNOWN_CHILDREN = ("parametrizations", "act_fn")
+_REFUSED: dict = {}  # "module.qualname" of an experts class -> why the fast path refused it (status() details)
+
+
+@functools.cache
+def _dispatch_code():
+    """The code object of the forward ``use_experts_implementation`` installs, or None where this transformers has
+    no such decorator. Found by decorating a private probe class: every decorated class's forward is a closure over
+    that one code object, so this identifies the dispatch without reading transformers' source or version."""
+    import torch
+
+    try:
+        from transformers.integrations.moe import use_experts_implementation
+    except ImportError:
+        return None
+
+    class _DispatchProbe(torch.nn.Module):
+        def forward(self, hidden_states, top_k_index, top_k_weights):
+            return hidden_states
+
+    return getattr(use_experts_implementation(_DispatchProbe).forward, "__code__", None)
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_refusal(cls: type) -> str | None:
+    """Why ``cls``'s forward is not the experts-implementation dispatch (the forward the fast path emulates)."""
+    owner = next((k for k in cls.__mro__ if "forward" in vars(k)), None)
+    dispatch = _dispatch_code()
+    if dispatch is None:
+        return "this transformers has no use_experts_implementation dispatch to emulate"
+    if owner is None or getattr(vars(owner)["forward"], "__code__", None) is not dispatch:
+        where = owner.__qualname__ if owner is not None else cls.__qualname__
+        return (f"{where} defines its own forward over the experts-implementation dispatch (the fast path only "
+                "stands in for that dispatch)")
+    return None
+
+
+def _unknown_state(base) -> list[str]:
+    """Names of the direct children, parameters and buffers of ``base`` the fast path would not apply: anything but
+    the stacks (parametrized when 4-bit, plain parameters when float), the activation, biases (``has_bias``) and the
+    post-expert norm (``has_post_expert_norm``)."""
+    stacks = ("gate_up_proj" if base.has_gate else "up_proj", "down_proj")
+    known = set(_KNOWN_CHILDREN) | set(stacks)
+    if getattr(base, "has_post_expert_norm", False):
+        known.add("post_expert_norm")
+    if base.has_bias:
+        known |= {f"{name}_bias" for name in stacks}
+    found = list(base._modules) + list(base._parameters) + list(base._buffers)
+    return sorted(name for name in found if name not in known)
+
+
+def _experts_class(base) -> type:
+    """``base``'s model class: torch's parametrize gives every parametrized module a class of its own on top."""
+    return next(k for k in type(base).__mro__ if not k.__module__.startswith("torch."))
+
+
+def why_not_understood(base) -> str | None:
+    """None when the fast path computes exactly what ``base``'s own forward does (given its flags), else why not."""
+    refusal = _forward_refusal(_experts_class(base))
+    if refusal is not None:
+        return refusal
+    unknown = _unknown_state(base)
+    if unknown:
+        return f"{_experts_class(base).__name__} holds {unknown} beyond its expert stacks (e.g. a per-expert norm)"
+    return None
+
+
+def _report_refusal(base, reason: str) -> None:
+    """Record (for status()) and log, once per experts class, that the fast path refused it."""
+    cls = _experts_class(base)
+    key = f"{cls.__module__}.{cls.__qualname__}"
+    if _REFUSED.get(key) != reason:
+        _REFUSED[key] = reason
+        log.info("fast_expert_lora: %s runs on peft's path: %s", key, reason)
+
+
+def refused_classes() -> dict[str, str]:
+    """{experts class: why the fast path refused it} for every class refused so far in this process."""
+    return dict(_REFUSED)
 
 
 def path_of(module) -> str:
@@ -495,7 +594,8 @@ def _install():
 
     forward.__wrapped__ = original_forward
     forward.__doc__ = original_forward.__doc__
-    return swap_attr(ParamWrapper, "forward", forward)
+    # the refusals are reported while the patch is applied: forget them with it
+    return chain_undo([_REFUSED.clear, swap_attr(ParamWrapper, "forward", forward)])
 
 
 PATCHES: tuple = (
@@ -511,5 +611,6 @@ PATCHES: tuple = (
         optional_targets=(SWAP_FLAG_TARGET,),
         needed=needs_4bit_expert_lora,
         install=_install,
+        details=lambda: {"refused_experts_classes": refused_classes()},
     ),
 )

@@ -14,6 +14,7 @@ wrapper since (undoing then would silently drop that code's wrapper).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -120,6 +121,8 @@ class Patch:
     needed: Callable[[], str | None]
     install: Callable[[], Undo]
     optional_targets: tuple[Target, ...] = ()
+    # What an applied patch found at run time (e.g. modules it declined), read when status() is asked: {key: value}.
+    details: Callable[[], dict] | None = None
 
 
 @dataclass
@@ -129,6 +132,7 @@ class PatchStatus:
     applied: bool
     reason: str
     drift: dict[str, str] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {
@@ -137,6 +141,7 @@ class PatchStatus:
             "applied": self.applied,
             "reason": self.reason,
             "drift": dict(self.drift),
+            "details": dict(self.details),
         }
 
 
@@ -242,11 +247,17 @@ class Registry:
         out = []
         for patch in self.patches:
             if patch.name in self._status:
-                out.append(self._status[patch.name])
+                out.append(self._with_details(patch, self._status[patch.name]))
             else:
                 drift = {t.symbol: t.drift() for t in patch.targets + patch.optional_targets}
                 out.append(PatchStatus(patch.name, patch.summary, False, "not applied: apply() not called", drift))
         return out
+
+    def _with_details(self, patch: Patch, status: PatchStatus) -> PatchStatus:
+        # read now, not at apply(): details describe what the installed patch met since (models loaded later)
+        if not (status.applied and patch.details):
+            return status
+        return dataclasses.replace(status, details=dict(patch.details()))
 
     def is_applied(self, name: str) -> bool:
         return any(installed.name == name for installed in self._installed)

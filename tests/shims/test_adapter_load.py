@@ -82,7 +82,7 @@ def test_per_expert_adapter_loads_what_was_trained(model_type, tmp_path):
         shims.restore()
     torch.testing.assert_close(fixed, trained, rtol=0, atol=1e-5)
     if not _peft_converts_v4_adapters():  # the symptom the patch removes: a silent load without the expert LoRA
-        assert isinstance(native, torch.Tensor) and (native - trained).abs().max() > 1e-2
+        assert isinstance(native, torch.Tensor) and (native - trained).abs().max() > 1e-5  # fails the check above
 
 
 def test_adapter_in_the_expected_layout_goes_to_peft_unchanged(tmp_path):

@@ -17,7 +17,9 @@ transformers = pytest.importorskip("transformers")
 
 from shims import export  # noqa: E402
 
-KL_MAX = 1e-4
+# fp32 exactness: logits of these tiny models are O(10), where one fp32 ulp is ~1e-6; a merge that is exact up to the
+# order of float sums stays within a few ulps, a dropped or misplaced delta moves them by O(0.1..1) (asserted per arch)
+FP32_MAX_ABS = 1e-4
 ARCHS = ["qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3", "glm4_moe", "qwen3_5_moe_text"]
 _FUSED = int(transformers.__version__.split(".")[0]) >= 5
 
@@ -60,13 +62,18 @@ def _reference_logits(model, ids):
         return ref(ids).logits, ref
 
 
-def _bf16_rounding_floor(ref, want, ids):
-    """KL of the best possible bf16 export: peft's own fp32 merge, rounded to bf16."""
-    merged = copy.deepcopy(ref).merge_and_unload()
-    for p in merged.parameters():
-        p.data = p.data.to(torch.bfloat16).float()
-    with torch.no_grad():
-        return _kl(want, merged(ids).logits)
+def _base_logits(ref, ids):
+    with ref.disable_adapter():
+        return ref(ids).logits
+
+
+def _saved_tensors(path):
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for f in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(str(f)))
+    return tensors
 
 
 def _snapshot(model):
@@ -87,28 +94,26 @@ def test_export_matches_trained_model(tmp_path, tiny_moe, lora_targets, model_ty
     n_wrappers = sum(1 for m in model.modules() if hasattr(m, "lora_A") and "default" in m.lora_A)
     assert counts["applied"] == counts["attempted"] == n_wrappers
     assert counts["experts"] > 0 and counts["attention"] > 0
-    reloaded = _reload(tmp_path / "out")
-    with torch.no_grad():
-        got = reloaded(ids).logits
-    kl = _kl(want, got)
-    floor = _bf16_rounding_floor(ref, want, ids)
-    print(f"{model_type}: KL={kl:.3e} (bf16 rounding floor {floor:.3e}) max|d logits|="
-          f"{(want - got).abs().max().item():.3e}")
-    # KL_MAX, unless rounding the exactly merged weights to bf16 alone costs more (gpt_oss: ~1.0e-4)
-    assert kl <= max(KL_MAX, 1.05 * floor)
-    # the LoRA matters: the base alone is much further away than the export is
-    with ref.disable_adapter(), torch.no_grad():
-        assert _kl(want, ref(ids).logits) > max(100 * kl, 10 * KL_MAX)
-    # the merge itself is exact: the same export in float32 matches to rounding of the additions
+    # the merge itself is exact: the same export in float32 matches the PeftModel's own fp32 logits to fp32 rounding
     export.save_merged(model, tmp_path / "out32", dtype=torch.float32)
+    reloaded32 = _reload(tmp_path / "out32")
     with torch.no_grad():
-        got32 = _reload(tmp_path / "out32")(ids).logits
+        got32 = reloaded32(ids).logits
+        base_logits = _base_logits(ref, ids)
     d32 = (want - got32).abs().max().item()
     print(f"{model_type}: fp32 export KL={_kl(want, got32):.3e} max|d logits|={d32:.3e}")
-    assert d32 < 1e-4 and abs(_kl(want, got32)) < 1e-6  # KL of equal models: float noise only
+    assert d32 < FP32_MAX_ABS and abs(_kl(want, got32)) < 1e-6  # KL of equal models: float noise only
+    # the check above can see a dropped LoRA: the base alone is further from the trained model than the bound allows
+    assert (want - base_logits).abs().max().item() > FP32_MAX_ABS
+    # the 16-bit export is exactly the float32 one rounded to its dtype, tensor by tensor (bf16 rounding of W + delta
+    # is all that separates it from the trained model; how much that costs depends on the CPU and the seed: not gated)
+    exact, rounded = _saved_tensors(tmp_path / "out32"), _saved_tensors(tmp_path / "out")
+    assert exact.keys() == rounded.keys()
+    assert all(torch.equal(rounded[k], exact[k].to(rounded[k].dtype)) for k in exact)
     gen_kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
-        assert torch.equal(ref.generate(input_ids=ids[:1], **gen_kw), reloaded.generate(input_ids=ids[:1], **gen_kw))
+        assert torch.equal(ref.generate(input_ids=ids[:1], **gen_kw),
+                           reloaded32.generate(input_ids=ids[:1], **gen_kw))
 
     cfg = json.loads((tmp_path / "out/config.json").read_text())
     assert "quantization_config" not in cfg
@@ -152,10 +157,10 @@ def test_wrong_merge_with_contiguous_b_slicing_is_caught(tmp_path, tiny_moe, lor
         return torch.stack([p if flag else p.T for p in per]) * self.scaling[adapter]
 
     monkeypatch.setattr(ParamWrapper, "get_delta_weight", contiguous_b)
-    export.save_merged(model, tmp_path / "wrong")
+    export.save_merged(model, tmp_path / "wrong", dtype=torch.float32)
     with torch.no_grad():
-        kl = _kl(want, _reload(tmp_path / "wrong")(ids).logits)
-    assert kl > KL_MAX, kl  # the check in test_export_matches_trained_model would fail
+        d = (want - _reload(tmp_path / "wrong")(ids).logits).abs().max().item()
+    assert d > FP32_MAX_ABS, d  # the fp32 check in test_export_matches_trained_model would fail
 
 
 def _small_export_model(tiny_moe, lora_targets):
@@ -249,9 +254,9 @@ def test_export_from_4bit_per_expert_linear4bit(tmp_path, tiny_moe, lora_targets
     assert counts["applied"] == counts["attempted"] > 0
     with torch.no_grad():
         got = _reload(tmp_path / "out")(ids).logits
-    kl = _kl(want, got)
-    print(f"4.57 Linear4bit: KL={kl:.3e} max|d logits|={(want - got).abs().max().item():.3e}")
-    assert kl <= KL_MAX
+    d = (want - got).abs().max().item()
+    print(f"4.57 Linear4bit: KL={_kl(want, got):.3e} max|d logits|={d:.3e}")
+    assert d < FP32_MAX_ABS  # dequantized W + delta in float32 is what the live fp32-compute model computes
     assert "quantization_config" not in json.loads((tmp_path / "out/config.json").read_text())
 
 

