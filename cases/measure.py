@@ -187,19 +187,23 @@ class TwinError(AssertionError):
     """The trained model's tensors do not map one to one onto a float32 copy of its architecture."""
 
 
-def _dequantized(stored, state) -> torch.Tensor:
-    """A 4-bit tensor's value as bitsandbytes decodes it: the flat decode (the blocks run over the flattened tensor;
-    bitsandbytes 0.50.2 on CPU mis-decodes some 3D shapes, never the flat one), reshaped to the logical shape."""
+def _dequantized(stored, state, *, flat: bool) -> torch.Tensor:
+    """A 4-bit tensor's value as the module holding it computes with it. ``flat``: the shims' decode (over the flat
+    tensor, reshaped); otherwise bitsandbytes' Linear4bit's own (``dequantize_4bit`` with the logical shape), which on
+    CPU (0.50.2) decodes weights whose last dim is not a multiple of 64 differently from the flat decode (measured:
+    deepseek_v3's q_b_proj, 32 inputs): the trained model computes with that value, so its twin does too."""
     import copy
 
     import bitsandbytes.functional as bnbf
 
-    flat = copy.copy(state)
+    if not flat:
+        return bnbf.dequantize_4bit(stored.data, state)
+    flat_state = copy.copy(state)
     numel = 1
     for d in state.shape:
         numel *= d
-    flat.shape = torch.Size([numel])
-    return bnbf.dequantize_4bit(stored.data, flat).reshape(state.shape)
+    flat_state.shape = torch.Size([numel])
+    return bnbf.dequantize_4bit(stored.data, flat_state).reshape(state.shape)
 
 
 def base_tensor_values(model) -> dict[str, torch.Tensor]:
@@ -217,7 +221,7 @@ def base_tensor_values(model) -> dict[str, torch.Tensor]:
         for pname in names:
             stored, _, state = _stored(module, pname)
             if state is not None:
-                value = _dequantized(stored, state)
+                value = _dequantized(stored, state, flat=pname not in module._parameters)
             elif stored.is_floating_point():
                 value = stored.detach()
             else:

@@ -20,7 +20,9 @@ import time
 import traceback
 from importlib import metadata
 
-RECORDED_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "moe-shims")
+# what a verdict may depend on: the report names those that moved since the previous run
+RECORDED_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "moe-shims",
+                     "huggingface-hub", "tokenizers", "safetensors", "numpy", "kernels")
 
 
 class EventLog:

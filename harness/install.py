@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from .matrix import Cell, pin
+from .matrix import SUPPORT_PACKAGES, Cell, pin
 
 UNRESOLVABLE_MARKERS = (
     "No solution found", "we can conclude", "not found in the package registry", "no version of",
@@ -51,8 +51,14 @@ def find_links() -> list[str]:
 
 def requirements(cell: Cell, environment: dict) -> list[str]:
     torch_req = os.environ.get("MOE_SHIMS_TORCH") or pin("torch", environment["torch"])
-    extra = [pin(p, environment[p]) for p in ("bitsandbytes", "accelerate", "datasets")]
+    extra = [pin("bitsandbytes", environment["bitsandbytes"])]
+    extra += [pin(p, getattr(cell, p) or environment[p]) for p in SUPPORT_PACKAGES]
     return [torch_req, *cell.requirements(), *extra]
+
+
+def exclude_newer(cell: Cell, environment: dict) -> str | None:
+    """The index date a fixed release lane resolves its unpinned dependencies at (None: the cell floats)."""
+    return environment.get("fixed_index_date") if cell.fixed else None
 
 
 def uv_executable() -> str:
@@ -72,6 +78,9 @@ def install(python: str, cell: Cell, environment: dict, timeout_s: float) -> dic
     cmd = [uv_executable(), "pip", "install", "--python", python]
     for folder in find_links():
         cmd += ["--find-links", folder]
+    date = exclude_newer(cell, environment)
+    if date:
+        cmd += ["--exclude-newer", date]
     cmd += reqs
     start = time.monotonic()
     try:
@@ -82,7 +91,8 @@ def install(python: str, cell: Cell, environment: dict, timeout_s: float) -> dic
         message = _clean(proc.stderr or proc.stdout)
         status = "unresolvable" if any(m in message for m in UNRESOLVABLE_MARKERS) else "install_failed"
         raise InstallError(status, message)
-    return {"requirements": reqs, "find_links": find_links(), "seconds": round(time.monotonic() - start, 1)}
+    return {"requirements": reqs, "find_links": find_links(), "exclude_newer": date,
+            "seconds": round(time.monotonic() - start, 1)}
 
 
 def _clean(text: str) -> str:

@@ -12,6 +12,7 @@ MATRIX_FILE = Path(__file__).with_name("matrix.toml")
 LATEST = "latest"
 _VERSION = re.compile(r"^\d+(\.\d+){0,3}([a-z]+\d*)?$")
 PACKAGES = ("transformers", "peft", "trl")
+SUPPORT_PACKAGES = ("accelerate", "datasets")  # pinned by a fixed lane itself, else taken from [environment]
 MODES = ("off", "on")
 
 
@@ -37,10 +38,21 @@ class Cell:
     trl: str
     trl_why: str = ""
     lane: bool = False
+    accelerate: str = ""  # "" = [environment]'s
+    datasets: str = ""
 
     def __post_init__(self):
         for package in PACKAGES:
             check_version(package, getattr(self, package))
+        for package in SUPPORT_PACKAGES:
+            if getattr(self, package):
+                check_version(package, getattr(self, package))
+
+    @property
+    def fixed(self) -> bool:
+        """A release lane whose every version is exact: it is installed as the index stood on fixed_index_date."""
+        return self.lane and all(getattr(self, p) != LATEST for p in PACKAGES) and all(
+            getattr(self, p) not in ("", LATEST) for p in SUPPORT_PACKAGES)
 
     @property
     def name(self) -> str:
@@ -51,7 +63,8 @@ class Cell:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "transformers": self.transformers, "peft": self.peft, "trl": self.trl,
-                "trl_why": self.trl_why, "lane": self.lane}
+                "trl_why": self.trl_why, "lane": self.lane, "fixed": self.fixed,
+                **{p: getattr(self, p) for p in SUPPORT_PACKAGES if getattr(self, p)}}
 
 
 @dataclass(frozen=True)

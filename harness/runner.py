@@ -35,6 +35,22 @@ def shims_version(repo: Path = REPO) -> str:
     raise LookupError("shims/__init__.py defines no __version__")
 
 
+# The code a verdict depends on: the shims, the cases that exercise them and the rules that judge them. Its digest goes
+# into every results file, so the report can tell a verdict that moved with the code from one that moved with a version.
+VERDICT_CODE = ("shims", "cases", "harness/verdict.py", "harness/matrix.toml")
+
+
+def code_digest(repo: Path = REPO) -> str:
+    """sha256 (first 12 hex digits) over the paths and bytes of every .py / .toml file of VERDICT_CODE."""
+    digest = hashlib.sha256()
+    for entry in VERDICT_CODE:
+        root = repo / entry
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in (".py", ".toml"))
+        for path in files:
+            digest.update(path.relative_to(repo).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
 def child_env() -> dict:
     """The environment of a process that runs cases/ in a cell's venv: this repo first on its path."""
     pythonpath = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
@@ -350,6 +366,6 @@ def write_install_failure(cell: Cell, status: str, message: str, results_dir: Pa
 def _document(cell: Cell, mode: str, status: str, started: float, install: dict | None) -> dict:
     return {
         "kind": KIND, "schema": SCHEMA_VERSION, "cell": cell.as_dict(), "mode": mode, "status": status,
-        "shims_version": shims_version(), "machine": machine_label(), "started": started,
+        "shims_version": shims_version(), "code_digest": code_digest(), "machine": machine_label(), "started": started,
         "seconds": round(time.time() - started, 1), "install": install or {},
     }

@@ -7,9 +7,28 @@ from harness.matrix import Cell, MatrixError, check_version, load_matrix
 def test_release_lanes_cover_the_required_combinations(matrix):
     combos = {(c.transformers, c.peft) for c in matrix.lanes}
     for required in [("4.57.6", "0.18.1"), ("4.57.6", "0.19.1"), ("5.5.0", "0.18.1"), ("5.5.0", "0.19.1"),
-                     ("5.6.2", "0.18.1"), ("5.6.2", "0.19.1"), ("5.6.2", "latest"), ("latest", "latest")]:
+                     ("5.6.2", "0.18.1"), ("5.6.2", "0.19.1"), ("5.6.2", "0.22.0"), ("latest", "latest")]:
         assert required in combos
     assert all(c.trl_why for c in matrix.lanes), "every lane records why its trl was chosen"
+
+
+def test_only_the_newest_lane_floats(matrix):
+    """Every other release lane pins each package it installs (its own, accelerate, datasets) and resolves the rest
+    as the index stood on fixed_index_date, so its verdicts can only move with the code."""
+    floating = [c.name for c in matrix.lanes if not c.fixed]
+    assert floating == ["tflatest-peftlatest-trllatest"]
+    assert matrix.environment["fixed_index_date"]
+
+
+def test_a_fixed_lane_installs_exact_pins_under_the_index_date(matrix):
+    from harness import install
+
+    fixed = next(c for c in matrix.lanes if c.fixed)
+    reqs = install.requirements(fixed, matrix.environment)
+    assert all("==" in r for r in reqs), reqs
+    assert install.exclude_newer(fixed, matrix.environment) == matrix.environment["fixed_index_date"]
+    newest = next(c for c in matrix.lanes if not c.fixed)
+    assert install.exclude_newer(newest, matrix.environment) is None
 
 
 def test_full_cross_product_is_4x3x3_and_marks_lanes(matrix):
