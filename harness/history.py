@@ -27,9 +27,14 @@ def key(cell: str, mode: str, case: str) -> str:
     return f"{cell} | {mode} | {case}"
 
 
-def make_record(verdicts: dict[str, str], shims_versions: list[str], title: str) -> dict:
+def make_record(verdicts: dict[str, str], shims_versions: list[str], title: str,
+                versions: dict[str, dict[str, str]] | None = None, code: list[str] | None = None) -> dict:
+    """``versions``: cell name -> the package versions its venv had; ``code``: the code digests of the results files
+    (harness/runner.py code_digest). Both are what a verdict change is attributed to."""
     return {"kind": KIND, "t": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "report": title,
-            "shims_version": ", ".join(sorted(set(shims_versions))), "verdicts": dict(sorted(verdicts.items()))}
+            "shims_version": ", ".join(sorted(set(shims_versions))), "verdicts": dict(sorted(verdicts.items())),
+            "versions": {c: dict(sorted(v.items())) for c, v in sorted((versions or {}).items())},
+            "code": ", ".join(sorted(set(code or [])))}
 
 
 def read(path: Path) -> list[dict]:
@@ -53,7 +58,7 @@ def read(path: Path) -> list[dict]:
 
 
 def _same_state(a: dict, b: dict) -> bool:
-    return a["verdicts"] == b["verdicts"] and a.get("shims_version") == b.get("shims_version")
+    return all(a.get(k) == b.get(k) for k in ("verdicts", "shims_version", "versions", "code"))
 
 
 def append_line(path: Path, record: dict) -> None:
@@ -90,10 +95,25 @@ class Changes:
     other: list[tuple[str, str, str]] = field(default_factory=list)        # e.g. fail -> error, n/a -> pass
     appeared: list[str] = field(default_factory=list)
     disappeared: list[str] = field(default_factory=list)
+    moved: dict[str, dict[str, tuple]] = field(default_factory=dict)  # cell -> package -> (before, now)
+    code: tuple[str, str] | None = None                                # (before, now) digests when the code changed
+    known: bool = True        # the previous record has versions and a code digest to compare with
 
     @property
     def any(self) -> bool:
-        return bool(self.newly_red or self.newly_green or self.other or self.appeared or self.disappeared)
+        return bool(self.newly_red or self.newly_green or self.other or self.appeared or self.disappeared
+                    or self.moved or self.code)
+
+    def cause(self, key_: str) -> str:
+        """Why one row's verdict changed: the versions its cell moved, the code, both, or neither (then the verdict is
+        not reproducible: same code, same packages, another result)."""
+        if not self.known:
+            return "cause unknown: the previous run recorded no versions / code digest"
+        cell = key_.split(" | ", 1)[0]
+        reasons = [f"{pkg} {a} -> {b}" for pkg, (a, b) in sorted(self.moved.get(cell, {}).items())]
+        if self.code:
+            reasons.append(f"code {self.code[0]} -> {self.code[1]}")
+        return "; ".join(reasons) if reasons else "NOT REPRODUCIBLE: same versions and code, another verdict"
 
 
 def _is_red(value: str) -> bool:
@@ -105,7 +125,16 @@ def diff(previous: dict | None, current: dict) -> Changes | None:
     if previous is None:
         return None
     before, now = previous["verdicts"], current["verdicts"]
-    changes = Changes(previous_t=previous.get("t"))
+    changes = Changes(previous_t=previous.get("t"), known="versions" in previous and "code" in previous)
+    if changes.known:
+        old_versions, new_versions = previous.get("versions") or {}, current.get("versions") or {}
+        for cell in sorted(set(old_versions) & set(new_versions)):
+            a, b = old_versions[cell], new_versions[cell]
+            moved = {pkg: (a.get(pkg), b.get(pkg)) for pkg in sorted(set(a) | set(b)) if a.get(pkg) != b.get(pkg)}
+            if moved:
+                changes.moved[cell] = moved
+        if previous.get("code") != current.get("code"):
+            changes.code = (previous.get("code") or "?", current.get("code") or "?")
     for k in sorted(set(before) | set(now)):
         if k not in before:
             changes.appeared.append(k)
@@ -128,11 +157,22 @@ def render(changes: Changes | None) -> str:
     if not changes.any:
         return f"No change since the previous run ({changes.previous_t})."
     lines = [f"Compared with the previous distinct run ({changes.previous_t}):", ""]
+    if changes.known:
+        lines.append(f"**Code**: {'changed ' + ' -> '.join(changes.code) if changes.code else 'unchanged'} "
+                     "(digest of shims/, cases/, harness/verdict.py, harness/matrix.toml)")
+        lines.append("")
+        if changes.moved:
+            lines.append(f"**Versions moved** ({len(changes.moved)} cell(s)):")
+            lines += [f"- {cell}: " + ", ".join(f"{pkg} {a} -> {b}" for pkg, (a, b) in moved.items())
+                      for cell, moved in changes.moved.items()]
+        else:
+            lines.append("**Versions moved**: none (every cell installed what it installed before)")
+        lines.append("")
     for title, entries in (("Newly red", changes.newly_red), ("Newly green", changes.newly_green),
                            ("Other verdict changes", changes.other)):
         if entries:
             lines.append(f"**{title}** ({len(entries)}):")
-            lines += [f"- {k}: {a} -> {b}" for k, a, b in entries]
+            lines += [f"- {k}: {a} -> {b} ({changes.cause(k)})" for k, a, b in entries]
             lines.append("")
     for title, keys in (("New rows", changes.appeared), ("Rows gone", changes.disappeared)):
         if keys:

@@ -348,6 +348,15 @@ def _second_pass_seconds(doc: dict) -> float:
     return round(sum(float(p.get("seconds") or 0) for p in doc.get("second_pass") or []), 1)
 
 
+def cell_versions(docs: list[dict]) -> dict[str, dict[str, str]]:
+    """cell name -> package -> the version its venv had (both modes' processes agree; where not, both are named)."""
+    out: dict[str, dict[str, set]] = {}
+    for doc in docs:
+        for pkg, version in (doc.get("versions") or {}).items():
+            out.setdefault(doc["cell"]["name"], {}).setdefault(pkg, set()).add(str(version))
+    return {cell: {pkg: ",".join(sorted(v)) for pkg, v in pkgs.items()} for cell, pkgs in out.items()}
+
+
 def default_heatmap(out: Path) -> Path:
     out = Path(out)
     return out.with_name("heatmap.png" if out.stem == "COMPAT" else f"heatmap-{out.stem}.png")
@@ -365,7 +374,9 @@ def write_report(results: Path | Iterable[Path], out: Path, title: str = "releas
     df = frame(merged, load_matrix(), title)
     history_path = Path(history_path) if history_path else out.with_name("history.jsonl")
     heatmap_path = Path(heatmap_path) if heatmap_path else default_heatmap(out)
-    record = history.make_record(verdict_map(df), [d.get("shims_version", "?") for d in merged.docs], title)
+    record = history.make_record(verdict_map(df), [d.get("shims_version", "?") for d in merged.docs], title,
+                                 versions=cell_versions(merged.docs),
+                                 code=[d["code_digest"] for d in merged.docs if d.get("code_digest")])
     _appended, previous = history.update(history_path, record)
     heatmap = None
     if not df.empty:

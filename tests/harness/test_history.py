@@ -106,3 +106,40 @@ def test_diff_classifies_changes():
     assert changes.newly_green == [("b", "fail", "pass")]
     assert changes.other == [("c", "fail", "error")]
     assert changes.appeared == ["new"] and changes.disappeared == ["gone"]
+
+
+def _write_versioned(folder, *, nf4_ok=True, torch_version="2.13.0", digest="aaaa"):
+    nf4 = passing_case(quant="nf4")
+    if not nf4_ok:
+        nf4["metrics"]["experts_quantized"] = 0
+    doc = results_doc(CELL, "on", [nf4])
+    doc["versions"]["torch"] = torch_version
+    doc["code_digest"] = digest
+    write_json_atomic(folder / results_name(CELL.name, "on"), doc)
+
+
+@pytest.mark.parametrize("torch_version,digest,cause", [
+    ("2.14.1", "aaaa", "torch 2.13.0 -> 2.14.1"),
+    ("2.13.0", "bbbb", "code aaaa -> bbbb"),
+    ("2.14.1", "bbbb", "torch 2.13.0 -> 2.14.1; code aaaa -> bbbb"),
+    ("2.13.0", "aaaa", "NOT REPRODUCIBLE"),
+])
+def test_each_verdict_change_is_attributed_to_versions_or_code(tmp_path, torch_version, digest, cause):
+    results = tmp_path / "results"
+    _write_versioned(results)
+    report(tmp_path, results)
+    _write_versioned(results, nf4_ok=False, torch_version=torch_version, digest=digest)
+    section = changes_section(report(tmp_path, results)[0])
+    assert f"- {NF4.replace('qwen3_moe/nf4', 'qwen3_moe/nf4')}: pass -> fail ({cause}" in section, section
+
+
+def test_versions_that_moved_are_listed_even_when_no_verdict_changed(tmp_path):
+    results = tmp_path / "results"
+    _write_versioned(results)
+    report(tmp_path, results)
+    _write_versioned(results, torch_version="2.14.1")
+    text, records = report(tmp_path, results)
+    assert len(records) == 2  # a new state: same verdicts, other packages
+    section = changes_section(text)
+    assert f"- {CELL.name}: torch 2.13.0 -> 2.14.1" in section and "Newly red" not in section
+    assert "**Code**: unchanged" in section
