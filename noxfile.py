@@ -9,6 +9,8 @@
     nox -j auto -s lanes            every release lane in parallel (own venv, work folder, results file each),
                                     then the report; set MOE_SHIMS_JOBS=1 so cells x modes do not oversubscribe
     nox -s gate                     release gate: reports/results vs reports/baseline.json (exit 0/1/2)
+    nox -s reproduce                the newest lane's nf4 / recipe cases under two CPU kernel sets + thread counts:
+                                    identical verdicts and rule outcomes, or exit 1 -> reports/REPRODUCE.md
     nox -s baseline                 accept reports/results as the new baseline (explicit, never a side effect)
     nox -s release                  the gate, then sdist + wheel with `python -m build` into dist/
     nox -s tests                    unit and fault-injection tests, in each test lane's venv
@@ -189,6 +191,34 @@ def mutations(session: nox.Session) -> None:
     mut.write_score(score, REPO / "reports" / "mutations.json")
     session.log(f"mutations caught: {score['caught']} / {score['planted']}")
     session.notify("report", [])
+
+
+@nox.session(python=PYTHON, default=False)
+def reproduce(session: nox.Session) -> None:
+    """The kernel-variation check (harness/reproduce.py): -- [--arch a,b] [--quant q] [--transformers X --peft Y
+    --trl Z]; default: the newest release lane's nf4 and nf4-recipe cases."""
+    from harness import reproduce as repro
+
+    opts = _options(session)
+    cell = LANES[MATRIX.lanes[-1].name]
+    if any(getattr(opts, p) is not None for p in ("transformers", "peft", "trl")):
+        try:
+            cell = cli.adhoc_cell(opts)
+        except MatrixError as exc:
+            session.error(str(exc))
+    python = _venv_python(session)
+    try:
+        info = install.install(python, cell, MATRIX.environment, float(MATRIX.run["install_timeout_s"]))
+    except install.InstallError as exc:
+        session.error(f"cannot install {cell.name}: {exc.message}")
+    quants = opts.quant if "--quant" in session.posargs else list(repro.DEFAULT_QUANTS)
+    work = WORK / "reproduce"
+    import shutil
+
+    shutil.rmtree(work, ignore_errors=True)
+    code = repro.run(cell, python, MATRIX, work, REPO / "reports" / "REPRODUCE.md", opts.arch, quants, info)
+    if code != repro.EXIT_SAME:
+        session.error(f"verdicts depend on the CPU kernels or thread count (exit {code}): see reports/REPRODUCE.md")
 
 
 @nox.session(python=PYTHON, default=False)
