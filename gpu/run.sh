@@ -5,9 +5,15 @@
 #   bash gpu/run.sh depth  OUT [--only a,b]        the full-depth benchmark -> OUT/BENCH-depth.md (+ JSON)
 set -euo pipefail
 what=$1; out=$2; shift 2
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site457 .whl/tf457/*.whl
+if [ -d .whl/tf457 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site457 .whl/tf457/*.whl
+fi
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/siteextra .whl/extra/*.whl
 export PYTHONPATH="$PWD:/tmp/siteextra:$PWD/.whl/site" PYTHONUNBUFFERED=1
+if [ -d .whl/tf5 ]; then  # a newer transformers than the image's (gpu/fetch_wheels.sh TF5=...), first on the path
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/sitetf5 .whl/tf5/*.whl
+  export PYTHONPATH="$PWD:/tmp/sitetf5:/tmp/siteextra:$PWD/.whl/site"
+fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 python3 -c "import torch, transformers, peft, bitsandbytes as b; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'bitsandbytes', b.__version__)" | tee -a "$out/gpu.txt"
 case "$what" in
