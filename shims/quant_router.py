@@ -29,6 +29,7 @@ Pre-quantized checkpoints are loaded as saved (see :mod:`shims.checkpoint`); flo
 from __future__ import annotations
 
 import logging
+import re
 
 from .bnb_config import QuantSettings, is_bnb_4bit, is_skipped, settings_of, skip_patterns
 from .forward import PARAMETRIZE_CACHE_TARGETS
@@ -251,14 +252,39 @@ def _model_dtype(model):
     return None if weight is None else weight.dtype
 
 
-def kept_wide(model, module) -> bool:
-    """True for a float router the model keeps wider than its own dtype (deepseek_v3 and glm4_moe build theirs in
-    float32 whatever the load dtype): routing precision chosen by the model's authors, so it is left as is, as
-    transformers 4.x left it. Judged against the input embeddings, which always carry the load dtype."""
+def declared_fp32_strict(model, path: str) -> bool:
+    """True when the model declares the router weight at ``path`` (a module path) float32 in a half-precision load
+    (``_keep_in_fp32_modules_strict``, e.g. ergo's ``mlp.gate.linear.weight``). Matched as transformers matches it:
+    each entry searched in the parameter name, ``*`` for any run of characters."""
+    name = f"{path}.{ROUTER_WEIGHT}"
+    patterns = getattr(model, "_keep_in_fp32_modules_strict", None) or ()
+    return any(re.search(re.escape(p).replace(r"\*", ".*"), name) for p in patterns)
+
+
+def _load_dtype(model):
+    """The dtype the model is loaded in: ``config.dtype``, which from_pretrained sets before any weight loads. Not the
+    embeddings' dtype here: a model may keep those float32 as well (ergo)."""
+    import torch
+
+    dtype = getattr(getattr(model, "config", None), "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def kept_wide(model, module, path: str | None = None) -> bool:
+    """True for a float router the model keeps wider than its own dtype: routing precision chosen by the model's
+    authors, so it is left as is, as transformers 4.x left it. Either the router is wider than the input embeddings
+    (deepseek_v3 and glm4_moe build theirs in float32 whatever the load dtype), or, given its ``path``, the model
+    declares it float32 in a half-precision load (ergo keeps router AND embeddings float32, so only the declaration
+    tells). In a float32 load the declaration changes nothing, as in transformers: the router has the model's dtype."""
+    import torch
+
     weight = module._parameters.get(ROUTER_WEIGHT)
+    if weight is None or not weight.is_floating_point():
+        return False
+    if path is not None and _load_dtype(model) in (torch.float16, torch.bfloat16) and declared_fp32_strict(model, path):
+        return True
     model_dtype = _model_dtype(model)
-    return (weight is not None and model_dtype is not None and weight.is_floating_point()
-            and weight.dtype.itemsize > model_dtype.itemsize)
+    return model_dtype is not None and weight.dtype.itemsize > model_dtype.itemsize
 
 
 def claimed_router_weight(hf_quantizer, model, tensor_path: str):
@@ -279,7 +305,7 @@ def four_bit_router_weight(hf_quantizer, model, tensor_path: str):
     module = model.get_submodule(module_path)
     if is_bnb_linear(module):
         return None  # bitsandbytes' own
-    if is_skipped(module_path, skip_patterns(hf_quantizer)) or kept_wide(model, module):
+    if is_skipped(module_path, skip_patterns(hf_quantizer)) or kept_wide(model, module, module_path):
         return None
     return module_path, module
 
@@ -311,7 +337,8 @@ def quantize_model_routers(model, quantization_config, skip_modules=()) -> int:
         if is_bnb_linear(module):
             continue  # bitsandbytes' own: Linear4bit, or float where its skip list says so
         weight = module._parameters.get(ROUTER_WEIGHT)
-        if weight is None or weight.device.type == "meta" or is_skipped(path, skip_modules) or kept_wide(model, module):
+        if (weight is None or weight.device.type == "meta" or is_skipped(path, skip_modules)
+                or kept_wide(model, module, path)):
             continue
         quantize_router(module, settings, path)
         done += 1
@@ -322,9 +349,9 @@ def router_storage(model) -> dict:
     """How many routers, how many are stored 4-bit (by the shims, or by bitsandbytes as a Linear4bit), how many the
     model keeps wider than its dtype (left float on purpose, see kept_wide), and their stored bytes."""
     counts = dict(routers=0, quantized=0, kept_wide=0, bytes=0)
-    for _, module in iter_routers(model):
+    for path, module in iter_routers(model):
         counts["routers"] += 1
-        counts["kept_wide"] += kept_wide(model, module)
+        counts["kept_wide"] += kept_wide(model, module, path)
         raw = raw_tensor(module, ROUTER_WEIGHT)
         counts["bytes"] += raw.numel() * raw.element_size()
         param = quantized_parametrization(module, ROUTER_WEIGHT)
