@@ -50,7 +50,7 @@ TINY = {
     # composite archs: the adapters between a vision / audio encoder and the text model carry the hidden size
     "adapter_in_dim": HIDDEN, "adapter_input_size": HIDDEN, "adapter_out_dim": HIDDEN,
     # dense layers before the first MoE layer: none, so that both tiny layers route
-    "first_k_dense_replace": 0, "num_dense_layers": 0,
+    "first_k_dense_replace": 0, "num_dense_layers": 0, "num_dense_blocks": 0,
     # hybrids placing layer kinds by period (jamba): every layer routes, the second one attends (a hybrid cache
     # holding no attention layer cannot tell a sequence length: real models always have some)
     "expert_layer_period": 1, "expert_layer_offset": 0, "attn_layer_period": 2, "attn_layer_offset": 1,
@@ -60,6 +60,8 @@ TINY = {
     "linear_head_dim": 16, "linear_num_heads": 4,
     "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 8, "mamba_n_groups": 1, "ssm_state_size": 8,
     "mamba_expand": 2, "n_groups": 1, "kv_channels": 16, "index_head_dim": 16, "index_n_heads": 2,
+    # kolibri1_1 (5.25): at most the query heads of one key head (4 / 2 here)
+    "index_num_heads": 1,
     # not index_topk: a sparse-attention indexer keeping fewer keys than a test sequence has is discontinuous (an
     # exact merge's float rounding flips its choice: dots3_note export KL 0.7); real configs (2048) keep them all
 }
@@ -68,18 +70,39 @@ DENSE_WIDTH = 48
 
 
 def moe_model_types() -> list[str]:
-    """Every model type whose modeling module defines an experts class, in the library's registry order."""
+    """Every model type whose model is an MoE, in the library's registry order: its modeling module defines an experts
+    class, or (a config-only type such as param2moe on 5.25, whose auto mapping names another arch's model) the
+    module of the causal-LM class it maps to does."""
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES, model_type_to_module_name
 
     root = Path(transformers.__file__).parent / "models"
+
+    def defines_experts(module: str) -> bool:
+        source = root / module / f"modeling_{module}.py"
+        return source.exists() and bool(EXPERTS_CLASS.search(source.read_text(encoding="utf-8")))
+
     found = []
     for model_type in CONFIG_MAPPING_NAMES:
         module = model_type_to_module_name(model_type)
-        source = root / module / f"modeling_{module}.py"
-        if source.exists() and EXPERTS_CLASS.search(source.read_text(encoding="utf-8")):
+        if defines_experts(module):
             found.append(model_type)
+        elif not (root / module / f"modeling_{module}.py").exists():
+            borrowed = _causal_lm_module(model_type)
+            if borrowed and defines_experts(borrowed):
+                found.append(model_type)
     return found
+
+
+def _causal_lm_module(model_type: str) -> str | None:
+    """The models/ folder of the class the causal-LM auto mapping names for ``model_type`` (None without one)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    class_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+    cls = getattr(transformers, class_name, None) if class_name else None
+    parts = getattr(cls, "__module__", "").split(".")
+    return parts[2] if len(parts) > 3 and parts[1] == "models" else None
 
 
 def has_causal_lm(model_type: str) -> bool:
@@ -151,6 +174,8 @@ def tiny_overrides(defaults: dict) -> dict:
             out[key] = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[key]
         elif EXPERT_COUNT.match(key) and "shared" not in key:
             out[key] = EXPERTS
+        elif key.endswith("intermediate_size") and key not in out and ("dense" in key or "mlp_only" in key):
+            out[key] = DENSE_WIDTH  # a dense MLP's width beside the experts (ergo's first_dense_intermediate_size)
     if isinstance(defaults.get("per_layer_config"), dict):
         out["per_layer_config"] = {}  # keyed by layer index of the full-depth model
     if "intermediate_size" in defaults:
