@@ -6,7 +6,7 @@ from .registry import Registry
 
 
 def all_patches() -> tuple:
-    from . import (adapter_load, causal_lm_backbone, checkpoint, checkpoint_v4, fast_lora, hub_kernels_offline, loader_v5,
+    from . import (adapter_load, branch_dtype, causal_lm_backbone, checkpoint, checkpoint_v4, fast_lora, hub_kernels_offline, loader_v5,
                    merge, moe_config_alias, moe_routing_dtype, peft_compat, peft_experts, quant_legacy, quant_router)
 
     # loader_v5 ... quant_legacy: 4-bit experts and routers; the checkpoint patch wraps the loader outermost, so it
@@ -15,7 +15,7 @@ def all_patches() -> tuple:
             + tuple(checkpoint.PATCHES) + tuple(checkpoint_v4.PATCHES) + tuple(peft_experts.PATCHES)
             + tuple(merge.PATCHES) + tuple(fast_lora.PATCHES) + tuple(peft_compat.PATCHES) + tuple(adapter_load.PATCHES)
             + tuple(moe_routing_dtype.PATCHES) + tuple(moe_config_alias.PATCHES) + tuple(causal_lm_backbone.PATCHES)
-            + tuple(hub_kernels_offline.PATCHES))
+            + tuple(hub_kernels_offline.PATCHES) + tuple(branch_dtype.PATCHES))
 
 
 def build_registry() -> Registry:
