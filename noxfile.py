@@ -9,6 +9,9 @@
     nox -j auto -s lanes            every release lane in parallel (own venv, work folder, results file each),
                                     then the report; set MOE_SHIMS_JOBS=1 so cells x modes do not oversubscribe
     nox -s gate                     release gate: reports/results vs reports/baseline.json (exit 0/1/2)
+    nox -s sweep -- --transformers 5.0.0..latest --peft 0.19.1,latest   every release in a range -> reports/SWEEP.md
+    nox -s bisect -- --case qwen3_moe/nf4 --mode native --package transformers --good 5.0.0 --bad latest
+                                    the first release where that case's verdict changes, in O(log n) cells
     nox -s reproduce                the newest lane's nf4 / recipe cases under two CPU kernel sets + thread counts:
                                     identical verdicts and rule outcomes, or exit 1 -> reports/REPRODUCE.md
     nox -s baseline                 accept reports/results as the new baseline (explicit, never a side effect)
@@ -219,6 +222,54 @@ def reproduce(session: nox.Session) -> None:
     code = repro.run(cell, python, MATRIX, work, REPO / "reports" / "REPRODUCE.md", opts.arch, quants, info)
     if code != repro.EXIT_SAME:
         session.error(f"verdicts depend on the CPU kernels or thread count (exit {code}): see reports/REPRODUCE.md")
+
+
+SWEEP = REPO / "reports" / "sweep"
+
+
+def _sweep_matrix():
+    return MATRIX.with_run(MATRIX.sweep.get("run", {}))
+
+
+@nox.session(python=PYTHON, default=False)
+def sweep(session: nox.Session) -> None:
+    """Every release in a range, a small case set each (harness/sweep.py) -> reports/SWEEP.md (+ SWEEP.png)."""
+    from harness import sweep as sw
+
+    try:
+        opts = cli.parse_with(cli.sweep_parser(), session.posargs)
+        transformers = sw.select(opts.transformers, sw.published_releases("transformers"), "transformers", opts.minor)
+        peft = sw.select(opts.peft, sw.published_releases("peft"), "peft")
+        archs = MATRIX.check_archs(opts.arch or MATRIX.sweep["archs"])
+        quants = MATRIX.check_quants(opts.quant or MATRIX.sweep["quants"])
+    except MatrixError as exc:
+        session.error(str(exc))
+    session.install(*REPORT_DEPS)
+    cells = sw.cells(transformers, peft, MATRIX.sweep.get("trl", "latest"))
+    publisher = None if opts.no_publisher else MATRIX.sweep_publisher()
+    session.log(f"sweep: {len(cells)} cells ({len(transformers)} transformers x {len(peft)} peft)"
+                f"{' after the publisher ' + publisher.name if publisher else ''}; {', '.join(archs)} x "
+                f"{', '.join(quants)}")
+    venvs = Path(session.virtualenv.location).with_name("sweep-venvs")
+    sw.run(([publisher] if publisher else []) + cells, _sweep_matrix(), venvs, SWEEP / "results", WORK / "sweep",
+           archs, quants, log=session.log)
+    session.run("python", "-m", "harness", "sweep-report", "--results", str(SWEEP / "results"),
+                "--out", str(REPO / "reports" / "SWEEP.md"), env={"PYTHONPATH": str(REPO)})
+
+
+@nox.session(python=PYTHON, default=False)
+def bisect(session: nox.Session) -> None:
+    """The first release where one case's verdict changes (harness/bisect.py); prints every step."""
+    from harness import bisect as bi
+
+    try:
+        opts = cli.parse_with(cli.bisect_parser(), session.posargs)
+        result = bi.bisect(opts.case, opts.mode, opts.package, opts.good, opts.bad, bi.default_pins(opts),
+                           _sweep_matrix(), Path(session.virtualenv.location).with_name("sweep-venvs"),
+                           WORK / "bisect" / "results", WORK / "bisect", log=session.log)
+    except MatrixError as exc:
+        session.error(str(exc))
+    session.log(result.summary())
 
 
 @nox.session(python=PYTHON, default=False)

@@ -40,6 +40,10 @@ def main(argv: list[str] | None = None) -> int:
                       help="a results folder; repeat to merge several (default: reports/results)")
     base.add_argument("--out", type=Path, default=REPO / "reports" / "baseline.json")
     sub.add_parser("list", help="print the release lanes and archs as JSON")
+    sw = sub.add_parser("sweep-report", help="reports/SWEEP.md (+ .png) from sweep results (harness/sweep.py)")
+    sw.add_argument("--results", type=Path, action="append", default=None,
+                    help="a sweep results folder; repeat to merge several (default: reports/sweep/results)")
+    sw.add_argument("--out", type=Path, default=REPO / "reports" / "SWEEP.md")
     bench = sub.add_parser("bench", help="side-by-side benchmark -> reports/BENCH.md")
     bench.add_argument("--interp", action="append", required=True,
                        help="label=command: tf5=<python with transformers 5.x>, tf457=<python with 4.57>")
@@ -99,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
             out = write_report(results, args.out, args.title, history_path=args.history,
                                heatmap_path=args.heatmap)
             print(f"wrote {out}")
+        elif args.command == "sweep-report":
+            from . import sweep as sweep_mod
+
+            folders = args.results or [REPO / "reports" / "sweep" / "results"]
+            print(f"wrote {sweep_mod.write(folders, args.out)}")
         elif args.command == "gate":
             from . import gate as gate_mod
 

@@ -49,3 +49,38 @@ def adhoc_cell(opts: argparse.Namespace) -> Cell:
     if missing:
         raise MatrixError(f"an ad-hoc cell needs {', '.join(missing)} (a version or 'latest')")
     return Cell(opts.transformers, opts.peft, opts.trl, trl_why="ad-hoc cell from the command line")
+
+
+def sweep_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nox -s sweep --", add_help=False)
+    p.add_argument("--transformers", default="5.0.0..latest", help="releases: A..B, a comma list, or both")
+    p.add_argument("--peft", default="0.19.1,latest", help="releases: A..B, a comma list, or both")
+    p.add_argument("--arch", type=_csv, default=None, help="comma-separated archs (default: [sweep] archs)")
+    p.add_argument("--quant", type=_csv, default=None, help="comma-separated quantizations (default: [sweep] quants)")
+    p.add_argument("--minor", action="store_true", help="of each major.minor in a range, its newest patch only")
+    p.add_argument("--no-publisher", action="store_true", help="skip the 4.57 publisher cell ([sweep] publisher)")
+    return p
+
+
+def bisect_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nox -s bisect --", add_help=False)
+    p.add_argument("--case", required=True, help="ARCH/QUANT, e.g. qwen3_moe/nf4")
+    p.add_argument("--mode", required=True, choices=("native", "shims"))
+    p.add_argument("--package", required=True, choices=PACKAGES)
+    p.add_argument("--good", required=True)
+    p.add_argument("--bad", required=True)
+    for package in PACKAGES:
+        p.add_argument(f"--{package}", default=None, dest=package, help=f"{package} for the other cells")
+    return p
+
+
+def parse_with(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv`` with ``parser``; a bad or unknown option raises MatrixError naming it and the allowed ones."""
+    try:
+        opts, unknown = parser.parse_known_args(argv)
+    except SystemExit as exc:
+        raise MatrixError(f"invalid command-line options {' '.join(argv)}") from exc
+    if unknown:
+        allowed = ", ".join(a for action in parser._actions for a in action.option_strings)
+        raise MatrixError(f"unknown option(s) {' '.join(unknown)}; allowed: {allowed}")
+    return opts

@@ -89,6 +89,17 @@ class Matrix:
     mutations: dict = field(default_factory=dict, hash=False, compare=False)
     bench: dict = field(default_factory=dict, hash=False, compare=False)
     archs_settings: dict = field(default_factory=dict, hash=False, compare=False)  # [archs]: the discovered set
+    sweep: dict = field(default_factory=dict, hash=False, compare=False)  # [sweep]: nox -s sweep / bisect
+
+    def with_run(self, overrides: dict) -> "Matrix":
+        """The same matrix with some [run] settings replaced (a shorter run for the sweep or the archs)."""
+        import dataclasses
+
+        return dataclasses.replace(self, run={**self.run, **overrides})
+
+    def sweep_publisher(self) -> Cell | None:
+        pins = self.sweep.get("publisher")
+        return Cell(**pins, trl_why="sweep publisher: 4.x checkpoints and adapters") if pins else None
 
     def on_device(self, device: str) -> "Matrix":
         """The same matrix with its cases placed on ``device`` ("cpu" or "cuda")."""
@@ -178,7 +189,8 @@ def load_matrix(path: Path = MATRIX_FILE) -> Matrix:
         full = {p: [check_version(p, v) for v in data["full"][p]] for p in PACKAGES}
         tests = tuple(Cell(**lane) for lane in data.get("test_lane", []))
         matrix = Matrix(data["environment"], data["run"], lanes, full, data["arch_common"], archs, data["quant"],
-                        tests, data.get("mutations", {}), data.get("bench", {}), data.get("archs", {}))
+                        tests, data.get("mutations", {}), data.get("bench", {}), data.get("archs", {}),
+                        data.get("sweep", {}))
     except (KeyError, TypeError) as exc:
         raise MatrixError(f"{path}: malformed matrix ({type(exc).__name__}: {exc})") from exc
     names = [c.name for c in lanes]
