@@ -266,7 +266,7 @@ def bisect(session: nox.Session) -> None:
         opts = cli.parse_with(cli.bisect_parser(), session.posargs)
         result = bi.bisect(opts.case, opts.mode, opts.package, opts.good, opts.bad, bi.default_pins(opts),
                            _sweep_matrix(), Path(session.virtualenv.location).with_name("sweep-venvs"),
-                           WORK / "bisect" / "results", WORK / "bisect", log=session.log)
+                           WORK / "bisect" / "results", WORK / "bisect", log=session.log, check=opts.check)
     except MatrixError as exc:
         session.error(str(exc))
     session.log(result.summary())

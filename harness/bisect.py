@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .matrix import LATEST, Cell, Matrix, MatrixError
 from .results import results_name
-from .sweep import case_verdict, published_releases, select
+from .sweep import case_verdict, parse_check, published_releases, select
 
 MODES = {"native": "off", "shims": "on", "off": "off", "on": "on"}
 
@@ -55,9 +55,12 @@ def _cell(package: str, release: str, pins: dict[str, str]) -> Cell:
 
 
 def bisect(case: str, mode: str, package: str, good: str, bad: str, pins: dict[str, str], matrix: Matrix,
-           venvs: Path, results: Path, work: Path, log=print, releases: list[str] | None = None) -> Bisection:
+           venvs: Path, results: Path, work: Path, log=print, releases: list[str] | None = None,
+           check: str | None = None) -> Bisection:
     """``pins``: the versions of the other packages (transformers, peft, trl); ``releases``: the candidate
-    releases oldest first (default: PyPI's)."""
+    releases oldest first (default: PyPI's); ``check``: bisect on one stage's status or one rule's outcome
+    ("stage:adapter_reload", "rule:experts_4bit") instead of the case's verdict (natively most cases fail somewhere
+    on every release, so a shim's symptom is found through its own check)."""
     if mode not in MODES:
         raise MatrixError(f"--mode {mode!r}: use native or shims")
     arch, _, quant = case.partition("/")
@@ -66,12 +69,14 @@ def bisect(case: str, mode: str, package: str, good: str, bad: str, pins: dict[s
     span = select(f"{good}..{bad}", releases or published_releases(package), package)
     if len(span) < 2:
         raise MatrixError(f"{package} {good}..{bad} holds {len(span)} release(s): nothing to bisect")
-    out = Bisection(case, mode, package)
+    if check is not None:
+        parse_check(check)  # a malformed --check fails before any cell runs
+    out = Bisection(case if check is None else f"{case} {check}", mode, package)
 
     def probe(index: int) -> Step:
         release = span[index]
         step = Step(release, *_run_one(_cell(package, release, pins), case, MODES[mode], matrix, venvs, results,
-                                       work, arch, quant))
+                                       work, arch, quant, check))
         out.steps.append(step)
         log(f"bisect step {len(out.steps)}: {package} {release}: {step.verdict}"
             f"{' - ' + step.cause if step.cause else ''}")
@@ -93,7 +98,7 @@ def bisect(case: str, mode: str, package: str, good: str, bad: str, pins: dict[s
 
 
 def _run_one(cell: Cell, case: str, mode: str, matrix: Matrix, venvs: Path, results: Path, work: Path, arch: str,
-             quant: str) -> tuple[str, str]:
+             quant: str, check: str | None = None) -> tuple[str, str]:
     import subprocess
 
     from . import install, runner
@@ -109,7 +114,7 @@ def _run_one(cell: Cell, case: str, mode: str, matrix: Matrix, venvs: Path, resu
         return exc.status, exc.message.splitlines()[-1][:200] if exc.message else ""
     path = runner.run_cell(cell, mode, python, matrix, results, work, [arch], [quant], info)
     doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    return case_verdict(doc, case)
+    return case_verdict(doc, case, check)
 
 
 def results_file(results: Path, cell: Cell, mode: str) -> Path:

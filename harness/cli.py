@@ -69,6 +69,7 @@ def bisect_parser() -> argparse.ArgumentParser:
     p.add_argument("--package", required=True, choices=PACKAGES)
     p.add_argument("--good", required=True)
     p.add_argument("--bad", required=True)
+    p.add_argument("--check", default=None, help="stage:NAME or rule:NAME to bisect on (default: the case's verdict)")
     for package in PACKAGES:
         p.add_argument(f"--{package}", default=None, dest=package, help=f"{package} for the other cells")
     return p

@@ -317,12 +317,35 @@ def write(results: Path | list[Path], out: Path, title: str = "transformers 5.x"
     return out
 
 
-def case_verdict(doc: dict, case: str) -> tuple[str, str]:
-    """(verdict, what made it: the first failing stage or rule) of one case in one results document."""
+def case_verdict(doc: dict, case: str, check: str | None = None) -> tuple[str, str]:
+    """(outcome, what made it) of one case in one results document. ``check``: None for the case's verdict (what made
+    it: the first failing stage or rule), "stage:NAME" for that stage's status, "rule:NAME" for that rule's pass /
+    fail / n/a (what made it: the stage's error)."""
+    if check is not None:
+        parse_check(check)
     if doc.get("status") != "ran":
         return doc.get("status", "?"), (doc.get("error") or {}).get("message", "")[:200]
-    for record in doc.get("cases", []):
-        if case_key(record) == case:
-            result, reasons = verdict.judge(record)
-            return result, (reasons[0] if reasons else "")
-    return "missing", f"no case {case} in this run"
+    record = next((r for r in doc.get("cases", []) if case_key(r) == case), None)
+    if record is None:
+        return "missing", f"no case {case} in this run"
+    if check is None:
+        result, reasons = verdict.judge(record)
+        return result, (reasons[0] if reasons else "")
+    kind, _, name = check.partition(":")
+    if kind == "stage":
+        stage = record.get("stages", {}).get(name, {})
+        err = stage.get("error", {})
+        return stage.get("status", "absent"), f"{err.get('type', '')}: {err.get('message', '')}"[:200] if err else ""
+    rule = _RULES[name]
+    if not rule.applies(record):
+        return "n/a", "the rule does not apply (a stage it needs did not run)"
+    return ("pass", "") if rule.holds(record) else ("fail", rule.description[:200])
+
+
+def parse_check(check: str) -> tuple[str, str]:
+    kind, _, name = check.partition(":")
+    if kind == "stage" and name:
+        return kind, name
+    if kind == "rule" and name in _RULES:
+        return kind, name
+    raise MatrixError(f"--check {check!r}: use stage:NAME or rule:NAME (rules: {', '.join(_RULES)})")

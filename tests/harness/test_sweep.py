@@ -80,3 +80,30 @@ def test_bisect_refuses_an_unknown_case(matrix, tmp_path):
     with pytest.raises(MatrixError, match="unknown arch"):
         bisect.bisect("nope/nf4", "native", "transformers", "5.0.0", "5.3.0", {}, matrix, tmp_path, tmp_path,
                       tmp_path, releases=RELEASES)
+
+
+def test_bisect_on_one_stage_finds_a_shims_symptom(monkeypatch, matrix, tmp_path):
+    """Natively the case fails on every release (experts stay bf16); its adapter_reload stage breaks from 5.6.0."""
+    def fake_run(cell, case, mode, matrix_, venvs, results, work, arch, quant, check):
+        native = passing_case(quant="nf4")
+        native["metrics"]["experts_quantized"] = 0
+        if sweep.version_key(cell.transformers) >= (5, 6, 0):
+            native["stages"]["adapter_reload"] = {"status": "failed", "error": {
+                "type": "TypeError", "message": "unexpected keyword argument 'distributed_operation'"}}
+        return sweep.case_verdict(results_doc(cell, "off", [native]), "qwen3_moe/nf4", check)
+
+    monkeypatch.setattr(bisect, "_run_one", fake_run)
+    releases = ["5.5.0", "5.5.4", "5.6.0", "5.6.1", "5.6.2", "5.7.0"]
+    pins = {"transformers": "latest", "peft": "0.19.1", "trl": "1.4.0"}
+    verdicts = bisect.bisect("qwen3_moe/nf4", "native", "transformers", "5.5.0", "5.7.0", pins, matrix, tmp_path,
+                             tmp_path, tmp_path, log=lambda *_: None, releases=releases)
+    assert verdicts.first_bad is None  # the verdict is FAIL at both ends
+    staged = bisect.bisect("qwen3_moe/nf4", "native", "transformers", "5.5.0", "5.7.0", pins, matrix, tmp_path,
+                           tmp_path, tmp_path, log=lambda *_: None, releases=releases, check="stage:adapter_reload")
+    assert staged.first_bad.release == "5.6.0" and "distributed_operation" in staged.first_bad.cause
+
+
+def test_a_malformed_check_is_refused_before_anything_runs(matrix, tmp_path):
+    with pytest.raises(MatrixError, match="stage:NAME or rule:NAME"):
+        bisect.bisect("qwen3_moe/nf4", "native", "transformers", "5.0.0", "5.3.0", {}, matrix, tmp_path, tmp_path,
+                      tmp_path, releases=RELEASES, check="rule:nonsense")
