@@ -233,28 +233,30 @@ def _sweep_matrix():
 
 @nox.session(python=PYTHON, default=False)
 def sweep(session: nox.Session) -> None:
-    """Every release in a range, a small case set each (harness/sweep.py) -> reports/SWEEP.md (+ SWEEP.png)."""
+    """Every release in a range, a small case set each (harness/sweep.py) -> reports/SWEEP.md (+ SWEEP.png).
+    --shard K/N runs a share of the cells (processes or CI jobs side by side; harness sweep-report merges them)."""
     from harness import sweep as sw
 
     try:
         opts = cli.parse_with(cli.sweep_parser(), session.posargs)
-        transformers = sw.select(opts.transformers, sw.published_releases("transformers"), "transformers", opts.minor)
-        peft = sw.select(opts.peft, sw.published_releases("peft"), "peft")
+        cells = [] if opts.publisher_only else cli.shard(sw.cells(
+            sw.select(opts.transformers, sw.published_releases("transformers"), "transformers", opts.minor),
+            sw.select(opts.peft, sw.published_releases("peft"), "peft"), MATRIX.sweep.get("trl", "latest")), opts.shard)
         archs = MATRIX.check_archs(opts.arch or MATRIX.sweep["archs"])
         quants = MATRIX.check_quants(opts.quant or MATRIX.sweep["quants"])
     except MatrixError as exc:
         session.error(str(exc))
     session.install(*REPORT_DEPS)
-    cells = sw.cells(transformers, peft, MATRIX.sweep.get("trl", "latest"))
     publisher = None if opts.no_publisher else MATRIX.sweep_publisher()
-    session.log(f"sweep: {len(cells)} cells ({len(transformers)} transformers x {len(peft)} peft)"
-                f"{' after the publisher ' + publisher.name if publisher else ''}; {', '.join(archs)} x "
-                f"{', '.join(quants)}")
+    results = Path(opts.results) if opts.results else SWEEP / "results"
+    session.log(f"sweep: {len(cells)} cell(s){' after the publisher ' + publisher.name if publisher else ''}; "
+                f"{', '.join(archs)} x {', '.join(quants)} -> {results}")
     venvs = Path(session.virtualenv.location).with_name("sweep-venvs")
-    sw.run(([publisher] if publisher else []) + cells, _sweep_matrix(), venvs, SWEEP / "results", WORK / "sweep",
+    sw.run(([publisher] if publisher else []) + cells, _sweep_matrix(), venvs, results, WORK / "sweep",
            archs, quants, log=session.log)
-    session.run("python", "-m", "harness", "sweep-report", "--results", str(SWEEP / "results"),
-                "--out", str(REPO / "reports" / "SWEEP.md"), env={"PYTHONPATH": str(REPO)})
+    if not (opts.no_report or opts.publisher_only):
+        session.run("python", "-m", "harness", "sweep-report", "--results", str(results),
+                    "--out", str(REPO / "reports" / "SWEEP.md"), env={"PYTHONPATH": str(REPO)})
 
 
 @nox.session(python=PYTHON, default=False)

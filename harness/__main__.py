@@ -40,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
                       help="a results folder; repeat to merge several (default: reports/results)")
     base.add_argument("--out", type=Path, default=REPO / "reports" / "baseline.json")
     sub.add_parser("list", help="print the release lanes and archs as JSON")
+    sc = sub.add_parser("sweep-cells", help="the sweep's cells as JSON (a CI matrix: one job per cell)")
+    sc.add_argument("options", nargs=argparse.REMAINDER, help="--transformers / --peft / --minor as for nox -s sweep")
     sw = sub.add_parser("sweep-report", help="reports/SWEEP.md (+ .png) from sweep results (harness/sweep.py)")
     sw.add_argument("--results", type=Path, action="append", default=None,
                     help="a sweep results folder; repeat to merge several (default: reports/sweep/results)")
@@ -103,6 +105,16 @@ def main(argv: list[str] | None = None) -> int:
             out = write_report(results, args.out, args.title, history_path=args.history,
                                heatmap_path=args.heatmap)
             print(f"wrote {out}")
+        elif args.command == "sweep-cells":
+            from . import cli
+            from . import sweep as sweep_mod
+
+            opts = cli.parse_with(cli.sweep_parser(), [o for o in args.options if o != "--"])
+            cells = sweep_mod.cells(
+                sweep_mod.select(opts.transformers, sweep_mod.published_releases("transformers"), "transformers",
+                                 opts.minor),
+                sweep_mod.select(opts.peft, sweep_mod.published_releases("peft"), "peft"), "latest")
+            print(json.dumps([{"transformers": c.transformers, "peft": c.peft, "id": c.name} for c in cells]))
         elif args.command == "sweep-report":
             from . import sweep as sweep_mod
 

@@ -59,7 +59,24 @@ def sweep_parser() -> argparse.ArgumentParser:
     p.add_argument("--quant", type=_csv, default=None, help="comma-separated quantizations (default: [sweep] quants)")
     p.add_argument("--minor", action="store_true", help="of each major.minor in a range, its newest patch only")
     p.add_argument("--no-publisher", action="store_true", help="skip the 4.57 publisher cell ([sweep] publisher)")
+    p.add_argument("--publisher-only", action="store_true", help="run only the publisher (a CI job before the cells)")
+    p.add_argument("--shard", default=None, help="K/N: run every N-th cell starting at the K-th (parallel processes)")
+    p.add_argument("--results", default=None, help="results folder (default reports/sweep/results)")
+    p.add_argument("--no-report", action="store_true", help="do not render SWEEP.md (a shard of a fan-out)")
     return p
+
+
+def shard(items: list, spec: str | None) -> list:
+    """``spec`` "K/N": every N-th item starting at the K-th (1-based); None: all of them."""
+    if not spec:
+        return items
+    try:
+        k, n = (int(x) for x in spec.split("/"))
+    except ValueError as exc:
+        raise MatrixError(f"--shard {spec!r}: use K/N, e.g. 1/2") from exc
+    if not 1 <= k <= n:
+        raise MatrixError(f"--shard {spec!r}: K must be between 1 and N")
+    return items[k - 1::n]
 
 
 def bisect_parser() -> argparse.ArgumentParser:
