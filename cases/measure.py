@@ -88,6 +88,8 @@ def is_expert_module(name: str, module=None) -> bool:
     parts = name.split(".")
     if any(p in NOT_EXPERT_COMPONENTS for p in parts):
         return False
+    if module is not None and "Norm" in type(module).__name__:
+        return False  # a norm inside an experts module (ergo's per-expert post_expert_norm) holds scales, not weights
     if "experts" in parts:
         return True
     return module is not None and "Expert" in type(module).__name__ and "Router" not in type(module).__name__

@@ -313,12 +313,14 @@ def unmerged_4bit_modules(model) -> set[str]:
     transformers reverts a one-to-many load conversion (lara_mini: ``linear_attn.in_proj`` split into
     ``in_proj_qkv`` / ``in_proj_z`` / ``in_proj_b`` / ``in_proj_a``) by concatenating the targets on save. On
     bitsandbytes ``Linear4bit`` targets that concatenates their packed data, absmax and serialized QuantStates into
-    one key that no loader can read (transformers 5.24, shims or not). Every module of such a group with a 4-bit
+    one key that no loader can read (transformers 5.24, shims or not); a conversion with an operation (ergo on 5.25:
+    its shared experts and router are stored transposed, ``Transpose(0, 1)``) runs it over the packed data and the
+    QuantState keys on save (``IndexError`` on the 1-D absmax). Every module of such a group with a 4-bit
     member is left out of the reversal: its keys stay in the model's names, which the load-time converter does not
     match (its pattern ends on a name boundary), so transformers and bitsandbytes load them as they are.
     """
     conversions = [c.reverse_transform() for c in getattr(model, "_weight_conversions", None) or ()
-                   if len(getattr(c, "target_patterns", ()) or ()) > 1 and not _is_load_only(c)]
+                   if _reshapes(c) and not _is_load_only(c)]
     if not conversions:
         return set()
     from bitsandbytes.nn import Linear4bit
@@ -335,6 +337,11 @@ def unmerged_4bit_modules(model) -> set[str]:
                 break
     return {path for members in groups.values() if any(four_bit for _, four_bit in members)
             for path, _ in members}
+
+
+def _reshapes(conversion) -> bool:
+    """A conversion whose reversal changes tensors, not only names: several targets merged, or any operation."""
+    return len(getattr(conversion, "target_patterns", ()) or ()) > 1 or bool(getattr(conversion, "operations", None))
 
 
 _STATE_KEY = re.compile(r"^(.+)\.([^.]+)\.quant_state\.bitsandbytes__(?:nf4|fp4)$")

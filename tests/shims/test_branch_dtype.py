@@ -81,3 +81,24 @@ def test_not_needed_without_such_a_layer():
     status = {s["name"]: s for s in shims.apply(only=["branch_dtype_4bit"])}["branch_dtype_4bit"]
     shims.restore()
     assert status["reason"] == "not needed: no declared decoder layer reads a linear layer's .weight.dtype in its forward"
+
+
+def test_4bit_ergo_saves_and_reloads_bit_exact(ergo_checkpoint, tmp_path):
+    """ergo's conversion mapping transposes its shared experts (Linear4bit) and router on save: run over packed data
+    and QuantState keys, that raised IndexError (the 1-D absmax); they are saved under their own names instead."""
+    import torch
+
+    import shims
+
+    q4_requires_fused()
+    shims.apply()
+    try:
+        model = q4_load(ergo_checkpoint)
+        want = _forward(model)
+        model.save_pretrained(tmp_path / "q4")
+        reloaded = q4_load(tmp_path / "q4")
+        assert torch.equal(_forward(reloaded), want)
+        shared = reloaded.model.layers[-1].mlp.shared_experts.up_proj
+        assert type(shared).__name__ == "Linear4bit" and shared.weight.dtype == torch.uint8
+    finally:
+        shims.restore()
