@@ -168,6 +168,8 @@ def render(changes: Changes | None) -> str:
         else:
             lines.append("**Versions moved**: none (every cell installed what it installed before)")
         lines.append("")
+    if not (changes.newly_red or changes.newly_green or changes.other):
+        lines += ["**Verdicts**: none changed", ""]
     for title, entries in (("Newly red", changes.newly_red), ("Newly green", changes.newly_green),
                            ("Other verdict changes", changes.other)):
         if entries:
