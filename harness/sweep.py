@@ -258,12 +258,18 @@ def render(docs: list[dict], problems, picture: str | None, title: str) -> str:
         lines += ["## Where each shim is needed", "",
                   "Per peft version, consecutive transformers releases with the same status (harness/necessity.py: "
                   "needed = the native run shows the symptom the shim fixes and the shimmed run does not).", ""]
-        rows = []
+        rows, quiet = [], []
         for shim, spans in necessity_ranges(docs).items():
-            for peft, low, high, status in spans:
+            shown = [span for span in spans if span[3] in RANGE_WORDS]
+            if not shown:
+                quiet.append(f"{shim} ({', '.join(sorted({span[3] for span in spans}))})")
+            for peft, low, high, status in shown:
                 rows.append({"shim": shim, "peft": peft, "transformers": low if low == high else f"{low} .. {high}",
-                             "status": RANGE_WORDS.get(status, status)})
-        lines += [pd.DataFrame(rows).to_markdown(index=False) if rows else "No shimmed runs.", ""]
+                             "status": RANGE_WORDS[status]})
+        lines += [pd.DataFrame(rows).to_markdown(index=False) if rows else "No shim's symptom was seen.", ""]
+        if quiet:
+            lines += ["Shims whose symptom the sweep's cases cannot show or did not reach (the report's necessity "
+                      "section says why per cell): " + "; ".join(quiet) + ".", ""]
     if problems:
         lines += ["## Unusable results files", ""] + [f"- {p.file}: {p.problem}" for p in problems] + [""]
     return "\n".join(lines)
