@@ -186,6 +186,10 @@ def render_merged(merged: MergedResults, df: pd.DataFrame, title: str = "release
     if df.empty:
         parts += ["No results found in " + ", ".join(f"`{f}`" for f in merged.folders) + ".", ""]
     else:
+        parts += ["## What works where (native / shims)", "",
+                  "Per cell and feature, over every case of the cell: `ok`, `FAIL: <first failing stage or rule>`, "
+                  "or `-` where no case exercises it (features: harness/sweep.py FEATURES; the same grid as "
+                  "reports/SWEEP.md).", "", _feature_grid(docs), ""]
         parts += ["## Summary (native / shims)", "",
                   "Each cell: the verdict with the shims off (native libraries) / on. "
                   "`FAIL` = a stage failed or a rule was broken; `ERROR` = the harness stopped the case "
@@ -311,6 +315,17 @@ def _failures(df: pd.DataFrame) -> str:
         lines.append(f"- **{r['cell']} {r['arch']}/{r['quant']} {r['shims']}** ({r['verdict']}): "
                      + detail.replace("\n", " ")[:700])
     return "\n".join(lines)
+
+
+def _feature_grid(docs: list[dict]) -> str:
+    from .sweep import feature_grid
+
+    rows = feature_grid([d for d in docs if d.get("status") == "ran"])
+    if not rows:
+        return "No cell ran."
+    table = pd.DataFrame(rows)
+    table.insert(0, "cell", [f"tf {r['transformers']} / peft {r['peft']}" for r in rows])
+    return table.drop(columns=["transformers", "peft"]).to_markdown(index=False)
 
 
 def _rules() -> str:
