@@ -91,6 +91,8 @@ class CellRun:
         self.environment: dict = {}
         self.apply_error: dict | None = None
         self.children = 0
+        self.total = len(specs)
+        self.started = time.monotonic()
 
     def run(self) -> None:
         while self.pending:
@@ -148,6 +150,16 @@ class CellRun:
             self.records[ev["case"]] = ev["record"]
             self.pending = [s for s in self.pending if self._case_id(s) != ev["case"]]
             current.update(case=None, stage=None)
+            self._progress(ev["case"], ev["record"])
+
+    def _progress(self, case: str, record: dict) -> None:
+        """One line per finished case (long runs are otherwise silent for minutes): verdict, elapsed, estimate."""
+        from .verdict import judge
+
+        done, elapsed = len(self.records), time.monotonic() - self.started
+        left = elapsed / max(done, 1) * (self.total - done)
+        print(f"  [{self.work.parent.name} {self.work.name}] {done}/{self.total} {case}: {judge(record)[0]} "
+              f"({elapsed / 60:.1f} min, about {left / 60:.1f} min left)", flush=True)
 
     def _settle(self, outcome: dict, returncode: int | None) -> None:
         """After a child ends, give the case it was in (if any) a record; drop nothing."""
