@@ -75,13 +75,8 @@ def _install_or_stop(session: nox.Session, cell: Cell, what: str) -> str:
 def _sibling_venv(session: nox.Session, cell: Cell, what: str) -> str:
     """A venv next to this session's for a second cell (the session's own holds its first), installed with the
     cell's pins; returns its interpreter."""
-    import subprocess
-
     location = Path(session.virtualenv.location)
-    other = location.with_name(f"{location.name}-{cell.name.replace('.', '-')}")
-    if not (other / "bin" / "python").exists():
-        subprocess.run([install.uv_executable(), "venv", "-q", "-p", PYTHON, str(other)], check=True)
-    python = str(other / "bin" / "python")
+    python = install.ensure_venv(location.with_name(f"{location.name}-{cell.name.replace('.', '-')}"), PYTHON)
     try:
         install.install(python, cell, MATRIX.environment, float(MATRIX.run["install_timeout_s"]))
     except install.InstallError as exc:
@@ -203,7 +198,7 @@ def reproduce(session: nox.Session) -> None:
     from harness import reproduce as repro
 
     opts = _options(session)
-    cell = LANES[MATRIX.lanes[-1].name]
+    cell = MATRIX.lanes[-1]
     if any(getattr(opts, p) is not None for p in ("transformers", "peft", "trl")):
         try:
             cell = cli.adhoc_cell(opts)
@@ -290,14 +285,10 @@ def bench(session: nox.Session) -> None:
     """Side by side: 5.x + shims 4-bit, 5.x bf16, 5.x native "4-bit", 4.57.6 native 4-bit -> reports/BENCH.md.
     Small dims by default (CPU); pass e.g. -- --device cuda --hidden 2048 --experts 128 --top-k 8
     --moe-intermediate 768 --vocab 151936 --layers 4 --batch 2 --seq 512 for the Qwen3-30B-A3B shape."""
-    import subprocess
-
     session.install(*REPORT_DEPS)
-    pythons = {"tf5": _venv_python(session)}
-    other = Path(session.virtualenv.location).with_name(Path(session.virtualenv.location).name + "-tf457")
-    if not (other / "bin" / "python").exists():
-        subprocess.run([install.uv_executable(), "venv", "-q", "-p", PYTHON, str(other)], check=True)
-    pythons["tf457"] = str(other / "bin" / "python")
+    location = Path(session.virtualenv.location)
+    tf457 = install.ensure_venv(location.with_name(location.name + "-tf457"), PYTHON)
+    pythons = {"tf5": _venv_python(session), "tf457": tf457}
     cells = MATRIX.bench_cells()
     for label, python in pythons.items():
         try:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .matrix import LATEST, Cell, Matrix, MatrixError
-from .results import results_name
 from .sweep import case_verdict, parse_check, published_releases, select
 
 MODES = {"native": "off", "shims": "on", "off": "off", "on": "on"}
@@ -99,15 +98,9 @@ def bisect(case: str, mode: str, package: str, good: str, bad: str, pins: dict[s
 
 def _run_one(cell: Cell, case: str, mode: str, matrix: Matrix, venvs: Path, results: Path, work: Path, arch: str,
              quant: str, check: str | None = None) -> tuple[str, str]:
-    import subprocess
-
     from . import install, runner
 
-    venv = venvs / cell.name.replace(".", "-")
-    if not (venv / "bin" / "python").exists():
-        subprocess.run([install.uv_executable(), "venv", "-q", "-p", matrix.environment["python"], str(venv)],
-                       check=True)
-    python = str(venv / "bin" / "python")
+    python = install.ensure_venv(venvs / cell.name.replace(".", "-"), matrix.environment["python"])
     try:
         info = install.install(python, cell, matrix.environment, float(matrix.run["install_timeout_s"]))
     except install.InstallError as exc:
@@ -115,10 +108,6 @@ def _run_one(cell: Cell, case: str, mode: str, matrix: Matrix, venvs: Path, resu
     path = runner.run_cell(cell, mode, python, matrix, results, work, [arch], [quant], info)
     doc = json.loads(Path(path).read_text(encoding="utf-8"))
     return case_verdict(doc, case, check)
-
-
-def results_file(results: Path, cell: Cell, mode: str) -> Path:
-    return results / results_name(cell.name, mode)
 
 
 def default_pins(args) -> dict[str, str]:

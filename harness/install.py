@@ -72,6 +72,16 @@ def uv_executable() -> str:
     return find_uv_bin()
 
 
+def ensure_venv(location, python_version: str) -> str:
+    """The interpreter of the uv venv at ``location``, created (for ``python_version``) if it is not there yet."""
+    from pathlib import Path
+
+    python = Path(location) / "bin" / "python"
+    if not python.exists():
+        subprocess.run([uv_executable(), "venv", "-q", "-p", python_version, str(location)], check=True)
+    return str(python)
+
+
 def install(python: str, cell: Cell, environment: dict, timeout_s: float) -> dict:
     """Install the cell's requirements into the venv of ``python``; return what was asked and how long it took."""
     reqs = requirements(cell, environment)

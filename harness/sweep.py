@@ -144,19 +144,13 @@ class SweepRun:
 def run(run_cells: list[Cell], matrix: Matrix, venvs: Path, results: Path, work: Path, archs, quants,
         log=print) -> SweepRun:
     """Install and run each cell in its own venv, printing progress with elapsed time and an estimate."""
-    import subprocess
-
     from . import install, runner
 
     started = time.monotonic()
     out = SweepRun(run_cells)
     for index, cell in enumerate(run_cells, 1):
         t0 = time.monotonic()
-        venv = venvs / cell.name.replace(".", "-")
-        if not (venv / "bin" / "python").exists():
-            subprocess.run([install.uv_executable(), "venv", "-q", "-p", matrix.environment["python"], str(venv)],
-                           check=True)
-        python = str(venv / "bin" / "python")
+        python = install.ensure_venv(venvs / cell.name.replace(".", "-"), matrix.environment["python"])
         try:
             info = install.install(python, cell, matrix.environment, float(matrix.run["install_timeout_s"]))
         except install.InstallError as exc:
@@ -327,8 +321,7 @@ def case_verdict(doc: dict, case: str, check: str | None = None) -> tuple[str, s
     """(outcome, what made it) of one case in one results document. ``check``: None for the case's verdict (what made
     it: the first failing stage or rule), "stage:NAME" for that stage's status, "rule:NAME" for that rule's pass /
     fail / n/a (what made it: the stage's error)."""
-    if check is not None:
-        parse_check(check)
+    kind, name = parse_check(check) if check is not None else (None, None)
     if doc.get("status") != "ran":
         return doc.get("status", "?"), (doc.get("error") or {}).get("message", "")[:200]
     record = next((r for r in doc.get("cases", []) if case_key(r) == case), None)
@@ -337,7 +330,6 @@ def case_verdict(doc: dict, case: str, check: str | None = None) -> tuple[str, s
     if check is None:
         result, reasons = verdict.judge(record)
         return result, (reasons[0] if reasons else "")
-    kind, _, name = check.partition(":")
     if kind == "stage":
         stage = record.get("stages", {}).get(name, {})
         err = stage.get("error", {})

@@ -154,10 +154,13 @@ def _merge_changed_experts(case: dict) -> bool:
     return total > 0 and m.get("merged_experts_changed") == total
 
 
-def _merge_moves(case: dict) -> bool:
-    m = case.get("metrics", {})
-    merged, base = _num(m, "kl_merged"), _num(m, "kl_base")
-    return merged is not None and base is not None and merged < base
+def _below(key: str, than: str) -> Callable[[dict], bool]:
+    """metric ``key`` < metric ``than``, both recorded (an exact ordering of two values of the same run)."""
+    def check(case: dict) -> bool:
+        m = case.get("metrics", {})
+        value, bound = _num(m, key), _num(m, than)
+        return value is not None and bound is not None and value < bound
+    return check
 
 
 def _prequantized_roundtrip(case: dict) -> bool:
@@ -182,12 +185,6 @@ def _gc_grads_equal(case: dict) -> bool:
     m = case.get("metrics", {})
     recomputed = (m.get("gc_layer_calls") or 0) == 2 * (m.get("plain_layer_calls") or 0) > 0
     return (m.get("gc_grad_tensors") or 0) > 0 and recomputed and _le("gc_grad_max_abs", GC_GRAD_MAX_ABS)(case)
-
-
-def _export_carries_adapter(case: dict) -> bool:
-    m = case.get("metrics", {})
-    export, base = _num(m, "kl_export"), _num(m, "kl_base")
-    return export is not None and base is not None and math.isfinite(export) and export < base
 
 
 def _optimizer_8bit(case: dict) -> bool:
@@ -232,7 +229,8 @@ RULES: tuple[Rule, ...] = (
     Rule("merge_moves_4bit", "nf4: the merge into 4-bit weights re-quantizes W + delta, so it is not exact; it "
          "must still bring the model closer to the trained one than the base without the adapter "
          "(KL(trained || merged) < KL(trained || base)); a merge that silently dropped the deltas fails",
-         lambda c: _four_bit(c) and _ran("merge")(c) and "kl_base" in c.get("metrics", {}), _merge_moves,
+         lambda c: _four_bit(c) and _ran("merge")(c) and "kl_base" in c.get("metrics", {}),
+         _below("kl_merged", "kl_base"),
          metrics=("kl_merged", "kl_base")),
     Rule("merge_changes_experts", "merge_and_unload changed every routed-expert weight tensor (a merge that "
          "silently skipped the experts fails)",
@@ -270,7 +268,7 @@ RULES: tuple[Rule, ...] = (
          metrics=("export_rounding_max_abs", "export_attempted")),
     Rule("export_carries_adapter", "native QLoRA recipe export (bf16 compute, no float32 twin to match): "
          "KL(trained || export) < KL(trained || base), the export carries the adapter (the bf16 KL is reported)",
-         lambda c: _recipe(c) and _ran("export_reload")(c) and not _shims_export(c), _export_carries_adapter,
+         lambda c: _recipe(c) and _ran("export_reload")(c) and not _shims_export(c), _below("kl_export", "kl_base"),
          metrics=("kl_export", "kl_base", "export_attempted")),
     Rule("gc_grads_equal", "4-bit loads: gradient checkpointing recomputes each layer (2 forward calls vs 1) and the "
          f"first step's LoRA gradients with and without it agree (max |d| <= {GC_GRAD_MAX_ABS:g})",
