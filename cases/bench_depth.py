@@ -454,7 +454,7 @@ def run(args) -> dict:
         before, host_before = mem.now(), Memory.rss()
         t = time.perf_counter()
         with mem.phase() as export_peak:
-            counts = shims.save_merged(model, args.export, overwrite=True)
+            counts = shims.save_merged(model, args.export, overwrite=True, tokenizer=False)
         out["export"] = {"s": round(time.perf_counter() - t, 1), "peak": export_peak, "before_bytes": before,
                          "host_before_bytes": host_before, **{k: v for k, v in counts.items() if k != "path"},
                          "shard_bytes": _largest_shard(Path(args.export)), "layer_bytes": _bf16_layer_bytes(model)}

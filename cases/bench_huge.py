@@ -167,7 +167,7 @@ def huge_layer(args) -> dict:
                               if "lora_B" in n)
     peft_model.eval()
     with tempfile.TemporaryDirectory(dir=args.directory) as tmp:
-        counts = shims.save_merged(peft_model, Path(tmp) / "merged")
+        counts = shims.save_merged(peft_model, Path(tmp) / "merged", tokenizer=False)
         out["export"] = {k: v for k, v in counts.items() if k != "path"}
         out["export_mismatches"] = _export_mismatches(peft_model, Path(tmp) / "merged")
         out["export_exact"] = not any(out["export_mismatches"].values())

@@ -369,14 +369,14 @@ class Case:
             import shims
 
             self._float32_reference()
-            counts = shims.save_merged(self.model, dest, dtype=torch.bfloat16)
+            counts = shims.save_merged(self.model, dest, dtype=torch.bfloat16, tokenizer=self.tokenizer)
             self.metrics["export_applied"] = counts.get("applied")
             self.metrics["export_attempted"] = counts.get("attempted")
             # The same export in float32 isolates the merge itself from bf16 rounding of W + delta, and its
             # weights rounded to bf16 are exactly what the bf16 export must hold (checked in export_reload).
             exact = self.work / "export-fp32"
             shutil.rmtree(exact, ignore_errors=True)
-            shims.save_merged(self.model, exact, dtype=torch.float32)
+            shims.save_merged(self.model, exact, dtype=torch.float32, tokenizer=self.tokenizer)
             reloaded = self._load_checkpoint(exact)
             exact_logits = measure.logits(reloaded, self.batch)
             # against the trained model computing in float32 (for the recipe its float32 twin): exact references

@@ -23,12 +23,18 @@ log = logging.getLogger("shims")
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+# a tokenizer folder holds its vocabulary in one of these (fast serialization, sentencepiece model, BPE vocab)
+_VOCAB_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _BNB_STATE = re.compile(r"\.weight\.(absmax|quant_map|nested_absmax|nested_quant_map|quant_state\..*)$")
 _PARAMETRIZED = re.compile(r"^(?P<owner>.*?)\.?parametrizations\.(?P<name>[^.]+)\.original$")
 
 
 class MergeError(RuntimeError):
     """A LoRA delta could not be applied; nothing was written."""
+
+
+class MissingTokenizerError(ValueError):
+    """save_merged found no tokenizer for the base model and was not told to do without one; nothing was written."""
 
 
 @dataclass
@@ -51,13 +57,20 @@ def save_merged(model, save_directory, dtype=None, overwrite: bool = False, max_
     ``dtype`` defaults to bfloat16. The base may be bf16/fp32, carry 4-bit experts quantized by
     ``shims.storage``, or bitsandbytes ``Linear4bit`` layers; they are dequantized for the merge. Writes
     model safetensors (sharded with an index when larger than ``max_shard_size``), config.json without
-    ``quantization_config``, generation_config.json, and tokenizer files (``tokenizer`` if given, else copied
-    from the base's local folder when there is one).
+    ``quantization_config``, generation_config.json, and the tokenizer, so that a serving engine can load the
+    folder as it is:
+
+    * ``tokenizer=None`` (default): the base's tokenizer files, copied from where transformers finds the base's
+      ``config._name_or_path``: its local folder, or that model id's snapshot in the local Hugging Face cache
+      (never downloaded). When neither holds a tokenizer, MissingTokenizerError is raised before anything is
+      written.
+    * a tokenizer object (anything with ``save_pretrained``): saved into the folder.
+    * ``tokenizer=False``: no tokenizer files; the folder cannot serve text prompts.
 
     Returns ``{"applied": n, "attempted": n, "experts": n, "attention": n, "shards": n, "path": str}``.
-    Raises MergeError (and writes nothing) when any delta cannot be applied; FileExistsError when
-    ``save_directory`` exists and ``overwrite`` is False. With ``overwrite=True`` the old folder is replaced
-    only after the new one is complete.
+    Raises MergeError (and writes nothing) when any delta cannot be applied; MissingTokenizerError (a
+    ValueError) as above; FileExistsError when ``save_directory`` exists and ``overwrite`` is False. With
+    ``overwrite=True`` the old folder is replaced only after the new one is complete.
     """
     import torch
 
@@ -66,13 +79,14 @@ def save_merged(model, save_directory, dtype=None, overwrite: bool = False, max_
     dst = Path(save_directory)
     refuse_existing(dst, overwrite)
     base = _unwrap_peft(model)
+    tokenizer_source = _tokenizer_source(base, tokenizer)
     adapters = _active_adapters(model)
     plan = _plan(base, adapters)
     _check_plan(plan)
 
     with staged_dir(dst, overwrite) as tmp:
         counts = _write_shards(base, plan, tmp, dtype, limit)
-        _write_side_files(base, tmp, dtype, tokenizer)
+        _write_side_files(base, tmp, dtype, tokenizer_source)
     counts["path"] = str(dst)
     log.info("shims: merged export to %s: %s", dst, counts)
     return counts
@@ -329,7 +343,7 @@ def _write_shards(base, plan: _Plan, tmp: Path, dtype, limit: int) -> dict:
     return counts
 
 
-def _write_side_files(base, tmp: Path, dtype, tokenizer) -> None:
+def _write_side_files(base, tmp: Path, dtype, tokenizer_source) -> None:
     config = copy.deepcopy(base.config)
     for attr in ("quantization_config", "_pre_quantization_dtype"):  # the export is not quantized
         if hasattr(config, attr):
@@ -340,14 +354,65 @@ def _write_side_files(base, tmp: Path, dtype, tokenizer) -> None:
     gen = getattr(base, "generation_config", None)
     if gen is not None and getattr(base, "can_generate", lambda: False)():
         gen.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
+    if tokenizer_source is None:
         return
-    source = Path(str(getattr(base.config, "_name_or_path", "") or ""))
-    if source.is_dir():
-        for name in _TOKENIZER_FILES:
-            if (source / name).is_file():
-                shutil.copy2(source / name, tmp / name)
+    if isinstance(tokenizer_source, dict):
+        for name, path in tokenizer_source.items():
+            shutil.copy2(path, tmp / name)  # a hub cache snapshot holds symlinks: the file's content is copied
+        return
+    tokenizer_source.save_pretrained(tmp)
+
+
+# ---------------------------------------------------------------------------------------------------- tokenizer
+_ADVICE = ("A checkpoint without a tokenizer cannot serve text (vLLM starts, then rejects every prompt). Pass "
+           "tokenizer=<the tokenizer you trained with> (anything with save_pretrained), or tokenizer=False to write "
+           "the folder without tokenizer files. Nothing was written.")
+
+
+def _tokenizer_source(base, tokenizer):
+    """What save_merged writes as the tokenizer, resolved before anything is written: None (``tokenizer=False``),
+    the given tokenizer object, or {file name: path} of the base's own tokenizer files."""
+    if tokenizer is False:
+        log.info("shims: save_merged writes no tokenizer files (tokenizer=False); the folder cannot serve text")
+        return None
+    if tokenizer is not None:
+        if tokenizer is True or not callable(getattr(tokenizer, "save_pretrained", None)):
+            raise TypeError("save_merged: tokenizer must be a tokenizer (with save_pretrained), None or False; got "
+                            f"{type(tokenizer).__name__}")
+        return tokenizer
+    name = str(getattr(base.config, "_name_or_path", "") or "")
+    if not name:
+        raise MissingTokenizerError("save_merged: no tokenizer for the base model: its config has no _name_or_path "
+                                    f"(built from a config, not loaded from a folder or model id). {_ADVICE}")
+    found, where = _base_tokenizer_files(name)
+    if not any(n in found for n in _VOCAB_FILES):
+        only = f" (only {', '.join(sorted(found))})" if found else ""
+        raise MissingTokenizerError(f"save_merged: no tokenizer for the base model: {where} has none of "
+                                    f"{', '.join(_VOCAB_FILES)}{only}. {_ADVICE}")
+    log.info("shims: save_merged copies the tokenizer from %s: %s", where, ", ".join(sorted(found)))
+    return found
+
+
+def _base_tokenizer_files(name: str) -> tuple[dict, str]:
+    """{file name: path} of the tokenizer files transformers finds for ``name`` (a base's ``_name_or_path``) without
+    a download: in that local folder, else in that model id's snapshot (revision main) in the local Hugging Face
+    cache; and a phrase naming where it looked."""
+    if Path(name).is_dir():
+        folder = Path(name)
+        return {n: folder / n for n in _TOKENIZER_FILES if (folder / n).is_file()}, f"the base's folder {name}"
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    where = f"{name!r} (not a local folder) in the local Hugging Face cache {constants.HF_HUB_CACHE}"
+    found = {}
+    for n in _TOKENIZER_FILES:
+        try:
+            path = try_to_load_from_cache(name, n)
+        except ValueError as exc:  # HFValidationError: the name is neither a folder nor a repo id
+            raise MissingTokenizerError(f"save_merged: no tokenizer for the base model: its _name_or_path {name!r} "
+                                        f"is not a local folder, nor a model id ({exc}). {_ADVICE}") from exc
+        if isinstance(path, str):  # None: not cached; a sentinel object: cached as absent from the repo
+            found[n] = Path(path)
+    return found, where
 
 
 def _parse_size(size) -> int:

@@ -87,7 +87,7 @@ def test_export_matches_trained_model(tmp_path, tiny_moe, lora_targets, model_ty
     before = _snapshot(model)
     ids = _ids()
     want, ref = _reference_logits(model, ids)
-    counts = export.save_merged(model, tmp_path / "out")
+    counts = export.save_merged(model, tmp_path / "out", tokenizer=False)
     after = _snapshot(model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
@@ -95,7 +95,7 @@ def test_export_matches_trained_model(tmp_path, tiny_moe, lora_targets, model_ty
     assert counts["applied"] == counts["attempted"] == n_wrappers
     assert counts["experts"] > 0 and counts["attention"] > 0
     # the merge itself is exact: the same export in float32 matches the PeftModel's own fp32 logits to fp32 rounding
-    export.save_merged(model, tmp_path / "out32", dtype=torch.float32)
+    export.save_merged(model, tmp_path / "out32", dtype=torch.float32, tokenizer=False)
     reloaded32 = _reload(tmp_path / "out32")
     with torch.no_grad():
         got32 = reloaded32(ids).logits
@@ -157,7 +157,7 @@ def test_wrong_merge_with_contiguous_b_slicing_is_caught(tmp_path, tiny_moe, lor
         return torch.stack([p if flag else p.T for p in per]) * self.scaling[adapter]
 
     monkeypatch.setattr(ParamWrapper, "get_delta_weight", contiguous_b)
-    export.save_merged(model, tmp_path / "wrong", dtype=torch.float32)
+    export.save_merged(model, tmp_path / "wrong", dtype=torch.float32, tokenizer=False)
     with torch.no_grad():
         d = (want - _reload(tmp_path / "wrong")(ids).logits).abs().max().item()
     assert d > FP32_MAX_ABS, d  # the fp32 check in test_export_matches_trained_model would fail
@@ -188,7 +188,7 @@ def test_failure_after_first_shard_leaves_nothing(tmp_path, tiny_moe, lora_targe
 
     monkeypatch.setattr(st, "save_file", failing)
     with pytest.raises(OSError if failure == "enospc" else RuntimeError):
-        export.save_merged(model, tmp_path / "out", max_shard_size="100KB")
+        export.save_merged(model, tmp_path / "out", max_shard_size="100KB", tokenizer=False)
     assert len(calls) == 2
     assert _leftovers(tmp_path, keep=set()) == []
 
@@ -197,7 +197,7 @@ def test_failure_after_first_shard_leaves_nothing(tmp_path, tiny_moe, lora_targe
     (tmp_path / "out/keep.txt").write_text("old")
     calls.clear()
     with pytest.raises(OSError if failure == "enospc" else RuntimeError):
-        export.save_merged(model, tmp_path / "out", max_shard_size="100KB", overwrite=True)
+        export.save_merged(model, tmp_path / "out", max_shard_size="100KB", overwrite=True, tokenizer=False)
     assert (tmp_path / "out/keep.txt").read_text() == "old"
     assert _leftovers(tmp_path, keep={"out"}) == []
 
@@ -207,9 +207,9 @@ def test_existing_destination_and_overwrite(tmp_path, tiny_moe, lora_targets):
     (tmp_path / "out").mkdir()
     (tmp_path / "out/keep.txt").write_text("old")
     with pytest.raises(FileExistsError):
-        export.save_merged(model, tmp_path / "out")
+        export.save_merged(model, tmp_path / "out", tokenizer=False)
     assert (tmp_path / "out/keep.txt").read_text() == "old"
-    counts = export.save_merged(model, tmp_path / "out", overwrite=True, max_shard_size="100KB")
+    counts = export.save_merged(model, tmp_path / "out", overwrite=True, max_shard_size="100KB", tokenizer=False)
     assert counts["shards"] > 1
     assert not (tmp_path / "out/keep.txt").exists()
     index = json.loads((tmp_path / "out/model.safetensors.index.json").read_text())
@@ -226,7 +226,7 @@ def test_undeliverable_delta_raises_and_writes_nothing(tmp_path, tiny_moe, lora_
 
     monkeypatch.setattr(layer.Linear, "get_delta_weight", bad)
     with pytest.raises(export.MergeError, match="does not fit"):
-        export.save_merged(model, tmp_path / "out", max_shard_size="100KB")
+        export.save_merged(model, tmp_path / "out", max_shard_size="100KB", tokenizer=False)
     assert _leftovers(tmp_path, keep=set()) == []
 
 
@@ -250,7 +250,7 @@ def test_export_from_4bit_per_expert_linear4bit(tmp_path, tiny_moe, lora_targets
     ids = _ids()
     with torch.no_grad():
         want = model(ids).logits
-    counts = export.save_merged(model, tmp_path / "out", dtype=torch.float32)
+    counts = export.save_merged(model, tmp_path / "out", dtype=torch.float32, tokenizer=False)
     assert counts["applied"] == counts["attempted"] > 0
     with torch.no_grad():
         got = _reload(tmp_path / "out")(ids).logits
@@ -275,7 +275,7 @@ def test_bf16_export_keeps_the_models_float32_tensors(tmp_path, tiny_moe, lora_t
     if not keep:
         pytest.skip("this transformers keeps no glm4_moe tensor in float32")
     pm = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))
-    shims.save_merged(pm, tmp_path / "out", dtype=torch.bfloat16)
+    shims.save_merged(pm, tmp_path / "out", dtype=torch.bfloat16, tokenizer=False)
     saved = load_file(str(tmp_path / "out" / "model.safetensors"))
     kept = {k: v for k, v in saved.items() if any(k.endswith(f".{n}") or f".{n}." in k for n in keep)}
     assert kept and all(v.dtype == torch.float32 for v in kept.values()), {k: v.dtype for k, v in kept.items()}
@@ -283,3 +283,117 @@ def test_bf16_export_keeps_the_models_float32_tensors(tmp_path, tiny_moe, lora_t
     if router in kept:
         assert torch.equal(kept[router], model.model.layers[0].mlp.gate.weight.detach().float())
     assert saved["model.layers.0.self_attn.q_proj.weight"].dtype == torch.bfloat16
+
+
+# ---- the tokenizer: an export a serving engine can load as it is -------------------------------------------------
+def _char_tokenizer():
+    from cases.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+def _tokenizer_files(path):
+    return sorted(p.name for p in path.iterdir() if p.name in export._TOKENIZER_FILES)
+
+
+def _encodes_like(path, want, text="ab ba"):
+    got = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return got(text)["input_ids"] == want(text)["input_ids"]
+
+
+def _hub_cache(tmp_path, monkeypatch, repo_id, tokenizer=None, revision="0123456789abcdef0123456789abcdef01234567"):
+    """A Hugging Face cache under tmp_path, laid out as huggingface_hub writes it (blobs, snapshots/<rev> symlinks,
+    refs/main), used by this process as its cache; holding ``tokenizer``'s files for ``repo_id`` when given."""
+    import huggingface_hub
+
+    cache = tmp_path / "hf_home" / "hub"
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    if tokenizer is not None:
+        staged = tmp_path / "tokenizer_staged"
+        tokenizer.save_pretrained(staged)
+        (repo / "blobs").mkdir()
+        for f in staged.iterdir():
+            blob = repo / "blobs" / f"blob-{f.name}"
+            f.rename(blob)
+            (snapshot / f.name).symlink_to(f"../../blobs/{blob.name}")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    # huggingface_hub reads the variables once, at import: its module constant is what a fresh process would hold
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def test_tokenizer_copied_from_the_base_folder(tmp_path, tiny_moe, lora_targets):
+    tok = _char_tokenizer()
+    tiny_moe("qwen3_moe").save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    modules, params = lora_targets("qwen3_moe")
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=modules, target_parameters=params))
+    export.save_merged(model, tmp_path / "out", dtype=torch.float32)
+    copied = _tokenizer_files(tmp_path / "out")
+    assert "tokenizer.json" in copied and copied == _tokenizer_files(tmp_path / "base")
+    for name in copied:  # the base's own files, byte for byte
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "base" / name).read_bytes(), name
+    assert _encodes_like(tmp_path / "out", tok)
+
+
+def test_tokenizer_from_a_hub_id_in_the_local_cache(tmp_path, monkeypatch, tiny_moe, lora_targets):
+    tok = _char_tokenizer()
+    _hub_cache(tmp_path, monkeypatch, "org/tiny-moe", tokenizer=tok)
+    model = _small_export_model(tiny_moe, lora_targets)
+    model.get_base_model().config._name_or_path = "org/tiny-moe"  # what from_pretrained("org/tiny-moe") records
+    export.save_merged(model, tmp_path / "out", dtype=torch.float32)
+    written = _tokenizer_files(tmp_path / "out")
+    assert "tokenizer.json" in written
+    assert not any((tmp_path / "out" / n).is_symlink() for n in written)  # contents, not links into the cache
+    assert _encodes_like(tmp_path / "out", tok)
+
+
+@pytest.mark.parametrize("source", ["from_config", "folder_without_tokenizer", "hub_id_not_cached", "not_a_repo_id"])
+def test_no_tokenizer_found_raises_before_writing(tmp_path, monkeypatch, tiny_moe, lora_targets, source):
+    _hub_cache(tmp_path, monkeypatch, "org/other")  # an empty cache: nothing of the user's is looked at
+    model = _small_export_model(tiny_moe, lora_targets)
+    config = model.get_base_model().config
+    named = {"from_config": "", "hub_id_not_cached": "org/absent-model", "not_a_repo_id": str(tmp_path / "gone"),
+             "folder_without_tokenizer": str(tmp_path / "base")}[source]
+    if source == "folder_without_tokenizer":
+        (tmp_path / "base").mkdir()
+        config.save_pretrained(tmp_path / "base")
+        (tmp_path / "base" / "tokenizer_config.json").write_text("{}")  # not a tokenizer on its own
+    config._name_or_path = named
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(export.MissingTokenizerError, match="tokenizer=False") as err:
+        export.save_merged(model, tmp_path / "out", dtype=torch.float32)
+    message = str(err.value)
+    assert isinstance(err.value, ValueError)
+    assert "tokenizer=<" in message and "Nothing was written" in message
+    assert (named in message) if named else ("_name_or_path" in message)
+    if source == "folder_without_tokenizer":
+        assert "tokenizer.json" in message and "only tokenizer_config.json" in message
+    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no staging folder left either
+
+
+def test_tokenizer_false_writes_none(tmp_path, tiny_moe, lora_targets):
+    model = _small_export_model(tiny_moe, lora_targets)
+    model.get_base_model().config._name_or_path = ""  # nothing to find: no error either
+    counts = export.save_merged(model, tmp_path / "out", dtype=torch.float32, tokenizer=False)
+    assert counts["applied"] > 0
+    assert _tokenizer_files(tmp_path / "out") == []
+    assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_tokenizer_object_is_saved_and_a_non_tokenizer_refused(tmp_path, tiny_moe, lora_targets):
+    tok = _char_tokenizer()
+    model = _small_export_model(tiny_moe, lora_targets)
+    export.save_merged(model, tmp_path / "out", dtype=torch.float32, tokenizer=tok)
+    assert "tokenizer.json" in _tokenizer_files(tmp_path / "out") and _encodes_like(tmp_path / "out", tok)
+    for wrong in (True, "org/tiny-moe"):
+        with pytest.raises(TypeError, match="save_pretrained"):
+            export.save_merged(model, tmp_path / "wrong", dtype=torch.float32, tokenizer=wrong)
+        assert not (tmp_path / "wrong").exists()

@@ -32,12 +32,12 @@ def test_chunked_merge_is_the_whole_merge(tiny_moe, lora_targets, model_type, tm
     torch.manual_seed(3)
     model = peft.get_peft_model(base, peft.LoraConfig(r=3, lora_alpha=5, target_modules=modules,
                                                       target_parameters=params, init_lora_weights=False)).eval()
-    export.save_merged(model, tmp_path / "whole", dtype=torch.float32)
+    export.save_merged(model, tmp_path / "whole", dtype=torch.float32, tokenizer=False)
     calls = []
     real = export._float32_delta
     monkeypatch.setattr(export, "_float32_delta", lambda w, a, experts=None: calls.append(experts) or real(w, a, experts))
     monkeypatch.setattr(export, "MERGE_CHUNK_ELEMENTS", 2 * per_expert)  # 5 experts -> chunks of 2, 3
-    export.save_merged(model, tmp_path / "chunked", dtype=torch.float32)
+    export.save_merged(model, tmp_path / "chunked", dtype=torch.float32, tokenizer=False)
     ranges = [c for c in calls if c is not None]
     assert (0, 2) in ranges and (2, 5) in ranges and all(stop - start >= 2 for start, stop in ranges)
     whole, chunked = _tensors(tmp_path / "whole"), _tensors(tmp_path / "chunked")

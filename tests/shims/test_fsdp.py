@@ -116,7 +116,7 @@ def _worker(rank: int, world: int, port: int, out: Path, ckpt: str) -> None:
 
     # save_merged straight from the sharded model: the local shards do not have the logical shapes.
     try:
-        shims.save_merged(model, out / f"direct_merged_{rank}")
+        shims.save_merged(model, out / f"direct_merged_{rank}", tokenizer=False)
         direct_merge_error = None
     except MergeError as exc:
         direct_merge_error = str(exc)
@@ -203,7 +203,7 @@ def test_fsdp2_qlora_4bit_experts_matches_single_process(q4_checkpoint, tmp_path
             single = _load_peft(ckpt)
             single_losses = torch.stack(_train(single, _batch()))
             single_lora = _lora(single.state_dict())
-            shims.save_merged(single, tmp_path / "merged_single", dtype=torch.float32)
+            shims.save_merged(single, tmp_path / "merged_single", dtype=torch.float32, tokenizer=False)
         finally:
             _wait_workers(workers)
         ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
@@ -251,11 +251,11 @@ def test_fsdp2_qlora_4bit_experts_matches_single_process(q4_checkpoint, tmp_path
         # save_merged (float32, so no bf16 rounding hides or inflates differences) from that adapter + a fresh base:
         # bit-exact against the same merge from a live model holding the sharded run's LoRA, and within the LoRA
         # bound of the single-process export
-        shims.save_merged(reloaded, tmp_path / "merged_sharded", dtype=torch.float32)
+        shims.save_merged(reloaded, tmp_path / "merged_sharded", dtype=torch.float32, tokenizer=False)
         merged = _merged_tensors(tmp_path / "merged_sharded")
         reference = _merged_tensors(tmp_path / "merged_single")
         assert not single.load_state_dict(got["lora"], strict=False).unexpected_keys
-        shims.save_merged(single, tmp_path / "merged_live", dtype=torch.float32)
+        shims.save_merged(single, tmp_path / "merged_live", dtype=torch.float32, tokenizer=False)
         live = _merged_tensors(tmp_path / "merged_live")
         assert set(merged) == set(reference) == set(live)
         for key, value in live.items():
