@@ -272,11 +272,20 @@ def bisect(session: nox.Session) -> None:
 @nox.session(python=PYTHON, default=False)
 def archs(session: nox.Session) -> None:
     """Every MoE arch of the newest transformers, discovered from the library, shims off and on ->
-    reports/ARCHS.md (-- qwen3_moe,jetmoe limits the run to some discovered archs)."""
-    python = _install_or_stop(session, MATRIX.archs_cell(), "the archs cell")
+    reports/ARCHS.md (-- qwen3_moe,jetmoe limits the run to some discovered archs; -- --lane NAME runs on that
+    release lane instead, in a venv beside this session's -> reports/ARCHS-NAME.md)."""
+    try:
+        opts = cli.parse_with(cli.archs_parser(), session.posargs)
+        cell = cli.archs_cell(opts.lane, MATRIX)
+    except MatrixError as exc:
+        session.error(str(exc))
+    if cell.name == MATRIX.archs_cell().name:
+        python = _install_or_stop(session, cell, "the archs cell")
+    else:
+        python = _sibling_venv(session, cell, "the archs lane")
     session.install(*REPORT_DEPS)
-    only = ",".join(a for arg in session.posargs for a in arg.split(",") if a)
-    session.run("python", "-m", "harness", "archs", "--python", python, "--only", only,
+    only = ",".join(a for arg in opts.only for a in arg.split(",") if a)
+    session.run("python", "-m", "harness", "archs", "--python", python, "--only", only, "--lane", opts.lane or "",
                 "--work", str(WORK / "archs"), env={"PYTHONPATH": str(REPO)})
 
 

@@ -108,6 +108,11 @@ def _stored(module, pname: str):
     return original, (tuple(state.shape) if state is not None else tuple(original.shape)), state
 
 
+def stored_shape(module, pname: str) -> tuple:
+    """The logical shape of ``module.<pname>`` (a 4-bit tensor's as its QuantState records it)."""
+    return _stored(module, pname)[1]
+
+
 def expert_tensor_names(module) -> list[str]:
     """The weight tensors (matrices or stacks, not biases) an experts module holds itself, 4-bit ones included."""
     names = [n for n, p in module._parameters.items() if p is not None and "bias" not in n]

@@ -37,6 +37,35 @@ def _export_contiguous_lora_b() -> None:
     export._float32_delta = broken
 
 
+def _fast_lora_contiguous_lora_b() -> None:
+    """The same slicing bug in the fast expert-LoRA path (shims.fast_lora): expert e's lora_B columns taken as
+    B[:, e*r:(e+1)*r] instead of B[:, e::E], in the per-expert loop and the grouped kernel's factor stacks. Training
+    still runs and the expert LoRA still moves; only the fast path's logits differ from peft's own path."""
+    from shims import fast_lora  # _lora_term / _grouped_lora_term look both up here on every call
+
+    from shims.lora_layout import did_swap_in_out_features
+
+    def factors(wrapper, adapter, expert):
+        A, B, E = wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight, wrapper.num_experts
+        r = A.shape[0] // E
+        a_e, b_e = A[expert * r:(expert + 1) * r], B[:, expert * r:(expert + 1) * r]
+        if did_swap_in_out_features(wrapper):
+            return b_e, a_e, wrapper.scaling[adapter]
+        return a_e.t(), b_e.t(), wrapper.scaling[adapter]
+
+    def factor_stacks(wrapper, adapter, dtype):
+        A, B = wrapper.lora_A[adapter].weight.to(dtype), wrapper.lora_B[adapter].weight.to(dtype)
+        E = wrapper.num_experts
+        r = A.shape[0] // E
+        a = A.reshape(E, r, A.shape[1])
+        b = B.reshape(B.shape[0], E, r).permute(1, 0, 2)  # b[e] = B[:, e*r:(e+1)*r]
+        if did_swap_in_out_features(wrapper):
+            return b, a, wrapper.scaling[adapter]
+        return a.transpose(1, 2), b.transpose(1, 2), wrapper.scaling[adapter]
+
+    fast_lora._factors, fast_lora._factor_stacks = factors, factor_stacks
+
+
 def _quantize_noop() -> None:
     """Expert quantization silently does nothing (the upstream failure mode the shim exists to fix)."""
     from shims import storage  # the loaders look the function up here on every call
@@ -103,6 +132,7 @@ def _skip(patch_name: str):
 MUTATIONS = {
     "export_contiguous_lora_b": _export_contiguous_lora_b,
     "quantize_noop": _quantize_noop,
+    "fast_lora_contiguous_lora_b": _fast_lora_contiguous_lora_b,
     "expert_family_skipped": _expert_family_skipped,
     "recipe_dtype_uncast": _recipe_dtype_uncast,
     "fuse_swapped_experts": _fuse_swapped_experts,

@@ -23,6 +23,7 @@ STAGES: dict[str, tuple[str, ...]] = {
     "lora": ("load",),
     "gc_grads": ("lora",),
     "train": ("lora",),
+    "fast_path": ("train",),
     "save_adapter": ("train",),
     "export": ("train",),
     "merge": ("train",),
@@ -43,7 +44,7 @@ def stage_order(shims_on: bool) -> list[str]:
         middle = ["export", "merge"]
     else:
         middle = ["merge", "export"]
-    return ["build", "load", "lora", "gc_grads", "train", "save_adapter", *middle, "export_reload", "adapter_reload",
+    return ["build", "load", "lora", "gc_grads", "train", "fast_path", "save_adapter", *middle, "export_reload", "adapter_reload",
             "foreign_adapters", "all_linear", "prequantized", "prequantized_v4", "rl_cycles", "per_expert_adapters"]
 
 
@@ -336,6 +337,17 @@ class Case:
         self.metrics["kl_base"] = measure.kl(self.reference, unadapted, self.batch["attention_mask"])
         self.reference_samples = measure.greedy(self.model, self.tokenizer, tiny.prompts(self.spec.run["prompts"]),
                                                 self.spec.run["new_tokens"])
+
+    def fast_path(self) -> None:
+        """The shims' fast expert LoRA against peft's own ParamWrapper path on the trained model (rule
+        fast_path_equals_peft): the same batch in eval mode with shims.fast_lora.ENABLED on and off, and which expert
+        LoRA chains took the fast path. Float32 compute only: the rule's bound is fp32 rounding (harness/verdict.py)."""
+        if not self.spec.shims_on or not self.spec.four_bit:
+            raise portable.NothingToDo("the fast path runs on the shims' 4-bit experts (shims on, 4-bit cases)")
+        if self.spec.recipe is not None or self._dtype() != torch.float32:
+            raise portable.NothingToDo("compared where the model computes in float32 (the bound is fp32 rounding); "
+                                       "the QLoRA recipe computes in bf16")
+        self.metrics.update(fast_vs_peft(self.model, self.batch))
 
     def _float32_reference(self) -> None:
         """The exact reference of a float32 export: the trained model computing in float32. Cases with fp32 compute
@@ -637,6 +649,70 @@ def expert_targets(model) -> dict[str, list[str]]:
             linear_names.add(leaf)
     modules = [rf".*\.experts\.\d+\.({'|'.join(sorted(linear_names))})"] if linear_names else []
     return {"parameters": sorted(params), "modules": modules}
+
+
+def fast_vs_peft(model, batch: dict) -> dict:
+    """Logits of ``model`` (a PeftModel with expert LoRA) with the shims' fast expert-LoRA path and with peft's own
+    path (shims.fast_lora.ENABLED False), over the batch's real tokens, and the quantities the rule
+    fast_path_equals_peft bounds them with: max |logit| and the summands of the fast-path chains
+    (:func:`fast_path_summands`). The fast path's calls are counted in both runs (none may happen with it off)."""
+    from shims import fast_lora
+
+    paths = fast_lora.expert_lora_paths(model)
+    if not paths:
+        raise portable.NothingToDo("no expert ParamWrapper (experts are per-expert modules here): no fast path")
+    plans = {name: fast_lora.plan_of(model.get_submodule(name)) for name in paths}
+    fast = [p for p in plans.values() if isinstance(p, fast_lora.FastPlan)]
+    dtypes = sorted({str(_compute_dtype(p.base)) for p in fast})
+    if any(d != str(torch.float32) for d in dtypes):
+        raise portable.NothingToDo(f"fast-path experts compute in {dtypes}, not float32 (the bound is fp32 rounding)")
+    mask = batch["attention_mask"].bool()
+    calls: list[int] = []
+    routed, enabled = fast_lora.routed_lora_forward, fast_lora.ENABLED
+    # counted where the patched ParamWrapper.forward calls it (a module global, looked up on every call)
+    fast_lora.routed_lora_forward = lambda *args: calls.append(1) or routed(*args)
+    try:
+        fast_lora.ENABLED = True
+        with_fast = measure.logits(model, batch)[mask]
+        fast_calls = len(calls)
+        fast_lora.ENABLED = False
+        with_peft = measure.logits(model, batch)[mask]
+        peft_calls = len(calls) - fast_calls
+    finally:
+        fast_lora.routed_lora_forward, fast_lora.ENABLED = routed, enabled
+    refused = sorted({path.split(": ", 1)[1] for path in paths.values() if not path.startswith(fast_lora.FAST)})
+    return {"fast_path_modules": len(paths), "fast_path_experts": len(fast), "fast_path_calls": fast_calls,
+            "fast_path_calls_disabled": peft_calls, "fast_path_refused": refused,
+            "fast_path_summands": sum(fast_path_summands(p) for p in fast),
+            "fast_vs_peft_max_abs": float((with_fast - with_peft).abs().max()),
+            "fast_vs_peft_logit_max": float(with_peft.abs().max())}
+
+
+def _compute_dtype(base):
+    """The dtype a shim 4-bit experts module computes in (its gate / up stack's setting)."""
+    from shims.storage import quantized_parametrization
+
+    name = "gate_up_proj" if base.has_gate else "up_proj"
+    return quantized_parametrization(base, name).settings.compute_dtype
+
+
+def fast_path_summands(plan) -> int:
+    """The count of float operations whose order the fast path may change in one experts module, as the bound of
+    rule fast_path_equals_peft (harness/verdict.py, where it is derived) reads it: per projection p with input
+    width n_p and LoRA rank r_p, 2 (n_p + r_p + 3) (both paths' rounding of an n_p-term product, an r_p-term
+    LoRA product and three additions / scalings), counted twice for a gated projection (act(gate) * up doubles a
+    relative error), plus E for the weighted sum of at most E routed outputs per token. Read from the model's
+    stacks and LoRA factors (the harness's own reading of the 4-bit logical shapes, cases.measure)."""
+    base = plan.base
+    total = int(base.num_experts)
+    gate = "gate_up_proj" if base.has_gate else "up_proj"
+    for name in (gate, "down_proj"):
+        shape = measure.stored_shape(base, name)  # (E, d1, d2): x @ W_e^T reads d2, transposed x @ W_e reads d1
+        width = shape[1] if base.is_transposed else shape[2]
+        wrapper = plan.wrappers.get(name)
+        rank = wrapper.lora_A[plan.adapter].weight.shape[0] // wrapper.num_experts if wrapper is not None else 0
+        total += 2 * (width + rank + 3) * (2 if name == gate and base.has_gate else 1)
+    return total
 
 
 def upcast_adapter(model) -> str:

@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                                       "and on, write reports/ARCHS.md")
     ar.add_argument("--python", required=True, help="interpreter of the archs cell (torch/transformers/peft/trl)")
     ar.add_argument("--only", default="", help="comma-separated discovered archs to run (default: all)")
-    ar.add_argument("--out-dir", type=Path, default=REPO / "reports" / "archs")
+    ar.add_argument("--lane", default="", help="a release lane by name (default: the [archs] cell); its report is "
+                                               "reports/ARCHS-<lane>.md, its results reports/archs-<lane>/")
+    ar.add_argument("--out-dir", type=Path, default=None, help="results folder (default: see --lane)")
     ar.add_argument("--work", type=Path, default=REPO / ".cache" / "e2e" / "archs")
     args = parser.parse_args(argv)
     results = getattr(args, "results", None) or [REPO / "reports" / "results"]
@@ -185,9 +187,14 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "archs":
             from . import archs as archs_mod
 
+            from .cli import archs_cell
+
             matrix = load_matrix()
             only = [a for a in args.only.split(",") if a] or None
-            print(f"wrote {archs_mod.run(matrix.archs_cell(), args.python, matrix, args.out_dir, args.work, only)}")
+            cell = archs_cell(args.lane, matrix)
+            out_dir, report = archs_mod.report_paths(cell, matrix)
+            work = args.work if cell.name == matrix.archs_cell().name else args.work.with_name(f"archs-{cell.name}")
+            print(f"wrote {archs_mod.run(cell, args.python, matrix, args.out_dir or out_dir, work, only, report)}")
         elif args.command == "list":
             m = load_matrix()
             print(json.dumps({"lanes": [c.as_dict() for c in m.lanes], "archs": list(m.archs),

@@ -72,8 +72,17 @@ def discovered_matrix(matrix: Matrix, doc: dict) -> Matrix:
     return dataclasses.replace(matrix, archs=archs, arch_common={}, run=run)
 
 
-def run(cell: Cell, python: str, matrix: Matrix, out_dir: Path, work: Path, only=None) -> Path:
-    """Discover, run both shims modes on the archs that built, render ARCHS.md; returns its path."""
+def report_paths(cell: Cell, matrix: Matrix) -> tuple[Path, Path]:
+    """(results folder, markdown file) of an archs run on ``cell``: reports/archs and reports/ARCHS.md for the
+    [archs] cell, reports/archs-<cell> and reports/ARCHS-<cell>.md for any other (a lane's run beside the newest)."""
+    if cell.name == matrix.archs_cell().name:
+        return REPO / "reports" / "archs", REPO / "reports" / "ARCHS.md"
+    return REPO / "reports" / f"archs-{cell.name}", REPO / "reports" / f"ARCHS-{cell.name}.md"
+
+
+def run(cell: Cell, python: str, matrix: Matrix, out_dir: Path, work: Path, only=None,
+        report: Path | None = None) -> Path:
+    """Discover, run both shims modes on the archs that built, render ARCHS.md (or ``report``); returns its path."""
     started = time.monotonic()
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = discover(python, out_dir / "discovered.json", float(matrix.run["install_timeout_s"]))
@@ -82,18 +91,41 @@ def run(cell: Cell, python: str, matrix: Matrix, out_dir: Path, work: Path, only
     quants = matrix.archs_settings.get("quants", ["nf4"])
     if names:
         runner.run_modes(cell, ("off", "on"), python, sub, out_dir / "results", work, names, quants)
-    return write_report(doc, out_dir / "results", REPO / "reports" / "ARCHS.md", quants, workarounds(matrix),
-                        RunInfo(time.monotonic() - started, len(names), list(only or ())))
+    return write_report(doc, out_dir / "results", report or REPO / "reports" / "ARCHS.md", quants,
+                        workarounds(matrix), RunInfo(time.monotonic() - started, len(names), list(only or ())))
 
 
-def _verdicts(results: Path) -> dict[tuple[str, str], tuple[str, list[str]]]:
-    """(arch/quant, mode) -> (verdict, reasons) from the results files of the run."""
+def _cases(results: Path) -> dict[tuple[str, str], dict]:
+    """(arch/quant, mode) -> the case record, from the results files of the run."""
     out = {}
     docs, _problems = load_dir(results)
     for doc in docs:
         for case in doc.get("cases", []):
-            out[(case_id(case["arch"], case["quant"]), doc["mode"])] = verdict.judge(case)
+            out[(case_id(case["arch"], case["quant"]), doc["mode"])] = case
     return out
+
+
+def _lane(results: Path) -> str:
+    """The versions the run's results record (transformers / peft / trl / torch), one line."""
+    docs, _problems = load_dir(results)
+    seen = sorted({", ".join(f"{p} {(d.get('versions') or {}).get(p) or '?'}"
+                             for p in ("transformers", "peft", "trl", "torch")) for d in docs})
+    return "; ".join(seen) or "no results"
+
+
+def fast_path_cell(case: dict | None) -> str:
+    """Rule fast_path_equals_peft of a shims case: fast-path modules / expert LoRA chains, max |d logits| against its
+    bound (or why the stage did not compare)."""
+    if case is None:
+        return ""
+    m, stage = case.get("metrics", {}), case.get("stages", {}).get("fast_path", {})
+    if "fast_vs_peft_max_abs" not in m:
+        return f"{stage.get('status')}: {stage.get('reason', '')}"[:60] if stage else ""
+    bound = verdict.fast_path_bound(m)
+    shown = "n/a" if bound is None else f"{bound:.1e}"
+    refused = " (refused)" if m.get("fast_path_refused") else ""
+    return (f"{m.get('fast_path_experts')}/{m.get('fast_path_modules')}{refused}, "
+            f"{m['fast_vs_peft_max_abs']:.1e} <= {shown}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +138,8 @@ class RunInfo:
 
 
 def rows(doc: dict, results: Path, quants: list[str], fixes: dict | None = None) -> pd.DataFrame:
-    judged = _verdicts(results) if results.exists() else {}
+    cases = _cases(results) if results.exists() else {}
+    judged = {key: verdict.judge(case) for key, case in cases.items()}
     fixes = fixes or {}
     table = []
     for entry in doc["archs"]:
@@ -114,8 +147,8 @@ def rows(doc: dict, results: Path, quants: list[str], fixes: dict | None = None)
             continue  # listed after the table
         tiny = "tiny config: override" if entry.get("override") else ""
         if "skip" in entry:
-            table.append({"arch": entry["name"], "native": "not run", "shims": "not run", "workaround": tiny,
-                          "why": " ".join(entry["skip"].split())})  # one table line: validator messages span several
+            table.append({"arch": entry["name"], "native": "not run", "shims": "not run", "fast = peft": "",
+                          "workaround": tiny, "why": " ".join(entry["skip"].split())})  # one table line: validator messages span several
             continue
         workaround = "; ".join(x for x in (workaround_label(fixes.get(entry["name"], {})), tiny) if x)
         for quant in quants:
@@ -123,7 +156,7 @@ def rows(doc: dict, results: Path, quants: list[str], fixes: dict | None = None)
             native, shims = judged.get((key, "off")), judged.get((key, "on"))
             table.append({
                 "arch": key, "native": native[0] if native else "missing", "shims": shims[0] if shims else "missing",
-                "workaround": workaround,
+                "fast = peft": fast_path_cell(cases.get((key, "on"))), "workaround": workaround,
                 "why": "" if shims and shims[0] == verdict.PASS else "; ".join((shims or ("", ["no result"]))[1])[:400],
             })
     return pd.DataFrame(table)
@@ -169,11 +202,16 @@ def write_report(doc: dict, results: Path, out: Path, quants: list[str], fixes: 
     lines = [
         f"# Every MoE architecture of transformers {doc.get('transformers', '?')}",
         "",
+        f"Lane: {_lane(results) if results.exists() else 'no results'}.",
+        "",
         f"{when}. {SCHEDULE}. Discovery: `cases/discover.py` (model types whose modeling module defines an experts "
         "class; tiny configs derived from each config class's defaults). Stages as in the release matrix, "
         f"quantization {', '.join(quants)}, shorter training ([archs] in harness/matrix.toml). The workaround column "
         "names what a row ran with besides the recipe (explained below the table); the why column gives the first "
-        "reasons of every shims cell that is not pass.",
+        "reasons of every shims cell that is not pass. The fast = peft column is rule fast_path_equals_peft of the "
+        "shims cell: experts modules on the fast expert-LoRA path / expert LoRA chains ('refused': an experts class "
+        "the fast path does not emulate runs peft's path), then max |logits(fast path) - logits(peft's path)| <= its "
+        "derived float32 bound (harness/verdict.py).",
         "",
         " | ".join(f"{k}: {v}" for k, v in counts.items()),
         "",

@@ -102,3 +102,21 @@ def parse_with(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
         allowed = ", ".join(a for action in parser._actions for a in action.option_strings)
         raise MatrixError(f"unknown option(s) {' '.join(unknown)}; allowed: {allowed}")
     return opts
+
+
+def archs_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nox -s archs --", add_help=False)
+    p.add_argument("only", nargs="*", help="comma-separated discovered archs to run (default: all)")
+    p.add_argument("--lane", default=None, help="a release lane of harness/matrix.toml by name (default: the [archs] "
+                                                "cell, the newest lane); writes reports/ARCHS-<lane>.md")
+    return p
+
+
+def archs_cell(lane: str | None, matrix: Matrix) -> Cell:
+    """The cell ``nox -s archs`` runs on: the [archs] cell, or the release lane named ``lane`` (its exact pins)."""
+    if not lane:
+        return matrix.archs_cell()
+    lanes = {c.name: c for c in matrix.lanes}
+    if lane not in lanes:
+        raise MatrixError(f"--lane {lane!r} is not a release lane; lanes: {', '.join(lanes)}")
+    return lanes[lane]

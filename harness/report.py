@@ -97,6 +97,9 @@ def case_rows(docs: list[dict]) -> pd.DataFrame:
                               f"KL<={_fmt(m.get('rl_max_merged_kl'))}" if "rl_cycles" in m else ""),
                 "gc_grads": (f"{_fmt(m.get('gc_grad_max_abs'))} ({m.get('gc_layer_calls')}x)"
                              if "gc_grad_max_abs" in m else ""),
+                "fast_path": (f"{m.get('fast_path_experts')}/{m.get('fast_path_modules')} "
+                              f"|d|={_fmt(m['fast_vs_peft_max_abs'])}<={_fmt(verdict.fast_path_bound(m))}"
+                              if "fast_vs_peft_max_abs" in m else ""),
                 "optim": (f"{m.get('optim')} {m.get('optim_state_8bit')}/{m.get('optim_state_eligible')} 8-bit"
                           + (f" (passed over: {'; '.join(m['optim_fallbacks'])})" if m.get("optim_fallbacks") else "")
                           if m.get("optim") else ""),
@@ -297,7 +300,7 @@ def _header(docs: list[dict]) -> list[str]:
 def _details(df: pd.DataFrame) -> str:
     cols = ["transformers", "peft", "trl", "arch", "quant", "shims", "machine", "device", "loss", "grad_norm",
             "expert_grad", "experts_4bit", "routers_4bit", "expert_bytes", "merged", "kl_merged", "kl_export_fp32", "kl_export",
-            "kl_adapter", "gc_grads", "optim", "prequant_4x", "rl_cycles", "foreign", "per_expert", "samples",
+            "kl_adapter", "gc_grads", "fast_path", "optim", "prequant_4x", "rl_cycles", "foreign", "per_expert", "samples",
             "verdict"]
     cols = [c for c in cols if c in df.columns]
     view = df.sort_values(["cell", "arch", "quant", "mode"])[cols].fillna("")

@@ -31,6 +31,24 @@ GC_GRAD_MAX_ABS = 0.0      # gradient checkpointing recomputes the same ops: fir
 # cases. Every bf16 KL is reported, never gated (REPORTED_ONLY); a native export, which has no float32 twin to match,
 # must carry the adapter: closer to the trained model than the base is (an exact ordering, not a measured margin).
 RECIPE_OPTIMIZERS_8BIT = ("paged_adamw_8bit", "adamw_bnb_8bit")
+# Fast expert LoRA (shims.fast_lora) == peft's own ParamWrapper path, trained model, float32 compute (rule
+# fast_path_equals_peft). Both compute, per routed expert e and output element, y = x . (W_e + s delta_e) over an
+# n-wide input with a rank-r LoRA, in different orders: peft materialises W_e + s B_e A_e and takes one n-term
+# product; the fast path takes x . W_e and s (x . A_e^T) . B_e^T (n- and r-term products) and adds them. Wilkinson's
+# bound for a k-term sum in ANY order (blocking, FMA, threads: what differs between CPU kernels), with u = 2^-24 the
+# float32 unit roundoff, is gamma_k = k u / (1 - k u) ~ k u times sum |x_i| |w_i|; each path is within
+# gamma_(n + r + 3) of the exact value (n + r products, the W + delta / base + LoRA addition, the scaling, a bias), so
+# the two differ by at most 2 (n + r + 3) u per projection, relatively. A gated projection counts twice
+# (act(gate) * up adds the relative errors of both halves), and the weighted sum of at most E routed outputs per token
+# adds E u. Summed over every experts module on the fast path (first order: errors of successive layers add), that is
+# cases.pipeline.fast_path_summands: S u is the relative perturbation the fast path may introduce, and the bound on
+# max |d logits| is S u max |logit|. The assumptions, stated: |x| |W| ~ |x W| (no cancellation) and the layers after
+# an experts module do not amplify a relative perturbation of its output (RMSNorm, attention and residual adds do not
+# grow it to first order); the slack that covers both where they fail mildly is that gamma_k is a worst case, linear in
+# k, while rounding errors of k-term sums grow like sqrt(k). No term depends on the machine: the same S for every CPU
+# or GPU kernel. A routing decision that flips on a near tie would break it (|d| ~ 1): none seen. Where no module is on
+# the fast path (ergo's experts are refused: both runs are peft's path) S = 0 and the logits must be identical.
+FP32_UNIT_ROUNDOFF = 2.0 ** -24
 
 # Values the cases record that no rule bounds: each depends on bf16 kernels, a seed or how sharp training made the
 # logits, so a bound on it would be a constant tuned to one machine. The report lists them beside the rules.
@@ -187,6 +205,26 @@ def _gc_grads_equal(case: dict) -> bool:
     return (m.get("gc_grad_tensors") or 0) > 0 and recomputed and _le("gc_grad_max_abs", GC_GRAD_MAX_ABS)(case)
 
 
+def fast_path_bound(metrics: dict) -> float | None:
+    """The bound of rule fast_path_equals_peft on max |d logits| (derived at FP32_UNIT_ROUNDOFF), or None where the
+    case did not record its terms."""
+    summands, logit_max = _num(metrics, "fast_path_summands"), _num(metrics, "fast_vs_peft_logit_max")
+    if summands is None or logit_max is None:
+        return None
+    return FP32_UNIT_ROUNDOFF * summands * logit_max
+
+
+def _fast_path_equals_peft(case: dict) -> bool:
+    """max |logits(fast path) - logits(peft's path)| <= fast_path_bound, every fast-path module ran it (and none while
+    disabled): a fast path that silently did not run would compare peft's path with itself."""
+    m = case.get("metrics", {})
+    bound, diff = fast_path_bound(m), _num(m, "fast_vs_peft_max_abs")
+    experts, calls = m.get("fast_path_experts") or 0, m.get("fast_path_calls") or 0
+    ran = calls >= experts and (calls > 0) == (experts > 0) and m.get("fast_path_calls_disabled") == 0
+    return (bound is not None and diff is not None and math.isfinite(diff) and math.isfinite(bound)
+            and diff <= bound and ran)
+
+
 def _optimizer_8bit(case: dict) -> bool:
     """The 8-bit optimizer ran with 8-bit state on every tensor large enough for it; or, where bitsandbytes runs
     none on the device, every one asked for was passed over with a recorded reason (the report shows it)."""
@@ -274,6 +312,13 @@ RULES: tuple[Rule, ...] = (
          f"first step's LoRA gradients with and without it agree (max |d| <= {GC_GRAD_MAX_ABS:g})",
          lambda c: _four_bit(c) and _ran("gc_grads")(c), _gc_grads_equal,
          metrics=("gc_grad_tensors", "gc_grad_max_abs", "gc_layer_calls", "plain_layer_calls")),
+    Rule("fast_path_equals_peft", "shims on, 4-bit, float32 compute: the trained model's logits with the fast "
+         "expert-LoRA path equal peft's own path (shims.fast_lora.ENABLED off) within float32 rounding: max |d| <= "
+         "2^-24 x S x max |logit|, S the float operations the fast path reorders (derived in harness/verdict.py; 0 "
+         "where every experts class is refused), and every fast-path module ran it",
+         lambda c: _ran("fast_path")(c) and "fast_vs_peft_max_abs" in c.get("metrics", {}), _fast_path_equals_peft,
+         metrics=("fast_vs_peft_max_abs", "fast_vs_peft_logit_max", "fast_path_summands", "fast_path_experts",
+                  "fast_path_calls", "fast_path_calls_disabled")),
     Rule("recipe_checkpointing", "QLoRA recipe: gradient checkpointing was active while training (each layer's "
          "forward ran twice per step)", lambda c: _recipe(c) and _ran("train")(c),
          lambda c: (_num(c.get("metrics", {}), "train_layer_calls_per_step") or 0) >= 2,

@@ -35,6 +35,11 @@ def passing_case(arch="qwen3_moe", quant="bf16") -> dict:
         metrics.update(experts_quantized=4, experts_bytes=20736, gc_grad_tensors=24, gc_grad_max_abs=0.0,
                        gc_layer_calls=2, plain_layer_calls=1)
     recipe = quant == "nf4-recipe"
+    if four_bit and not recipe:  # float32 compute: the fast expert-LoRA path is compared with peft's (stage fast_path)
+        stages["fast_path"] = {"status": "ok", "seconds": 0.1}
+        metrics.update(fast_path_modules=2, fast_path_experts=2, fast_path_calls=2, fast_path_calls_disabled=0,
+                       fast_path_refused=[], fast_path_summands=700, fast_vs_peft_max_abs=3.6e-6,
+                       fast_vs_peft_logit_max=8.8)
     if recipe:  # bf16 compute: the float32 export is exact against the float32 twin; bf16 KLs are only reported
         metrics.update(kl_export=1.2e-2, kl_export_fp32=1e-9, kl_export_fp32_vs_bf16=1.6e-2, train_layer_calls_per_step=2.0,
                        optim="paged_adamw_8bit", optim_requested="paged_adamw_8bit,adamw_bnb_8bit",

@@ -45,6 +45,8 @@ def test_every_discovered_arch_is_a_row_with_its_reason(tmp_path):
     text = out.read_text()
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert "pass" in rows["qwen3_moe/nf4"]
+    assert "2/2, 3.6e-06 <= 3.7e-04" in rows["qwen3_moe/nf4"]  # rule fast_path_equals_peft: its value and bound
+    assert "Lane: transformers 5.24.0, peft 0.21.2, trl 1.16.0, torch 2.13.0." in text
     assert "experts_4bit" in rows["olmoe/nf4"] and "missing" in rows["olmoe/nf4"]  # no native result: said so
     assert "AttributeError" in rows["dbrx"]
     assert "aria" not in rows and "aria" in text.split("no causal-LM head")[-1]
@@ -196,3 +198,34 @@ def test_attention_targets_are_plain_projections_found_by_path_or_by_class():
     model.mlp = torch.nn.Module()
     model.mlp.up_proj = torch.nn.Linear(4, 4)
     assert attention_projections(model) == ["q_proj"]
+
+
+def test_a_fast_path_that_breaks_its_bound_is_a_red_row_naming_the_rule(tmp_path):
+    doc = {"transformers": "5.25.0", "archs": [{"name": "qwen3_moe", "model_type": "qwen3_moe", "config": {}}]}
+    results = tmp_path / "results"
+    results.mkdir()
+    broken = passing_case("qwen3_moe", "nf4")
+    broken["metrics"]["fast_vs_peft_max_abs"] = 6.6
+    (results / "x__shims-on.json").write_text(json.dumps(results_doc(Cell("5.25.0", "0.22.0", "1.16.0"), "on",
+                                                                     [broken])))
+    text = archs.write_report(doc, results, tmp_path / "ARCHS.md", ["nf4"]).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| qwen3_moe/nf4"))
+    assert "6.6e+00 <= 3.7e-04" in row and "rule fast_path_equals_peft" in row
+
+
+def test_archs_runs_on_a_named_release_lane_with_its_own_report(matrix):
+    import pytest
+
+    from harness import cli
+    from harness.matrix import MatrixError
+
+    assert cli.archs_cell(None, matrix) == matrix.archs_cell()
+    lane = matrix.lanes[-2]
+    assert cli.archs_cell(lane.name, matrix) == lane
+    results, report = archs.report_paths(lane, matrix)
+    assert report.name == f"ARCHS-{lane.name}.md" and results.name == f"archs-{lane.name}"
+    assert archs.report_paths(matrix.archs_cell(), matrix)[1].name == "ARCHS.md"
+    with pytest.raises(MatrixError, match="not a release lane"):
+        cli.archs_cell("tf9.9.9-peft0.0.1-trl0.0.1", matrix)
+    opts = cli.parse_with(cli.archs_parser(), ["qwen3_moe,ergo", "--lane", lane.name])
+    assert opts.only == ["qwen3_moe,ergo"] and opts.lane == lane.name

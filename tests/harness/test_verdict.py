@@ -50,6 +50,48 @@ def test_each_recipe_and_checkpointing_rule_can_fail(quant, key, value, rule):
     assert v == "fail" and any(f"rule {rule}" in r for r in reasons), reasons
 
 
+def test_fast_path_bound_is_float32_rounding_of_the_reordered_operations():
+    """2^-24 x S x max |logit|: no tuned constant; qwen3_moe's tiny model (S = 700, |logit| <= 8.8) gets 3.7e-4."""
+    m = passing_case(quant="nf4")["metrics"]
+    assert verdict.fast_path_bound(m) == 2.0 ** -24 * 700 * 8.8
+    assert verdict.fast_path_bound({}) is None
+
+
+@pytest.mark.parametrize("update", [
+    {"fast_vs_peft_max_abs": 6.6},  # the mutation fast_lora_contiguous_lora_b measured 6.6 (qwen3_moe) .. 9.9 (gpt_oss)
+    {"fast_vs_peft_max_abs": 2.0 ** -24 * 700 * 8.8 * 1.001},  # just outside the bound
+    {"fast_vs_peft_max_abs": float("nan")},
+    {"fast_vs_peft_logit_max": float("inf")},
+    {"fast_path_calls": 0},  # the fast path did not run: peft's path compared with itself
+    {"fast_path_calls": 1},  # one of the two fast-path modules did not run it
+    {"fast_path_calls_disabled": 2},  # ENABLED = False did not turn it off
+    {"fast_path_experts": 0, "fast_path_summands": 0, "fast_path_calls": 0, "fast_vs_peft_max_abs": 1e-9},
+])
+def test_fast_path_rule_can_fail(update):
+    case = passing_case(quant="nf4")
+    case["metrics"].update(update)
+    v, reasons = verdict.judge(case)
+    assert v == "fail" and any("rule fast_path_equals_peft" in r for r in reasons), reasons
+
+
+def test_fast_path_rule_holds_for_refused_experts_only_with_identical_logits():
+    """ergo: every experts class refused, both runs are peft's path: S = 0, so the bound is 0 and d must be 0."""
+    case = passing_case(quant="nf4")
+    case["metrics"].update(fast_path_experts=0, fast_path_summands=0, fast_path_calls=0, fast_vs_peft_max_abs=0.0,
+                           fast_path_refused=["ErgoExperts defines its own forward"])
+    assert verdict.judge(case) == ("pass", [])
+
+
+def test_fast_path_rule_applies_only_where_the_stage_measured_it():
+    for quant in ("bf16", "nf4-recipe"):  # no fast path on float experts; the recipe computes in bf16
+        case = passing_case(quant=quant)
+        assert "fast_vs_peft_max_abs" not in case["metrics"] and verdict.judge(case) == ("pass", [])
+    case = passing_case(quant="nf4")
+    case["stages"]["fast_path"] = {"status": "skipped", "reason": "no expert ParamWrapper"}
+    case["metrics"]["fast_vs_peft_max_abs"] = 6.6
+    assert verdict.judge(case) == ("pass", [])
+
+
 def test_recipe_optimizer_fallback_passes_only_with_every_reason_recorded():
     case = passing_case(quant="nf4-recipe")
     case["metrics"].update(optim="adamw_torch", optim_state_8bit=0, optim_state_eligible=0,
