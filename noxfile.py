@@ -14,6 +14,9 @@
                                     the first release where that case's verdict changes, in O(log n) cells
     nox -s reproduce                the newest lane's nf4 / recipe cases under two CPU kernel sets + thread counts:
                                     identical verdicts and rule outcomes, or exit 1 -> reports/REPRODUCE.md
+    nox -s serve                    the shims' exports and adapters served by vLLM (CPU build, its own venv) ->
+                                    reports/SERVE.md; -- --arch qwen3_moe limits the archs;
+                                    -- --plant export_expert_delta_dropped: the served-export rules must turn red
     nox -s baseline                 accept reports/results as the new baseline (explicit, never a side effect)
     nox -s release                  the gate, then sdist + wheel with `python -m build` into dist/
     nox -s tests                    unit and fault-injection tests, in each test lane's venv
@@ -252,6 +255,35 @@ def sweep(session: nox.Session) -> None:
     if not (opts.no_report or opts.publisher_only):
         session.run("python", "-m", "harness", "sweep-report", "--results", str(results),
                     "--out", str(REPO / "reports" / "SWEEP.md"), env={"PYTHONPATH": str(REPO)})
+
+
+@nox.session(python=PYTHON, default=False)
+def serve(session: nox.Session) -> None:
+    """The serving cell ([serve] in matrix.toml, harness/serve.py): nf4 QLoRA trained with the shims, its merged
+    exports and adapters served by vLLM in a venv of its own -> reports/serve/results, reports/SERVE.md."""
+    from harness import serve as sv
+
+    try:
+        opts = cli.parse_with(cli.serve_parser(), session.posargs)
+        MATRIX.check_archs(opts.arch or MATRIX.serve["archs"])
+        MATRIX.check_quants(opts.quant or MATRIX.serve["quants"])
+        if opts.plant and opts.plant not in sv.known_mutations():
+            raise MatrixError(f"--plant {opts.plant!r}: no such mutation; known: {', '.join(sv.known_mutations())}")
+    except MatrixError as exc:
+        session.error(str(exc))
+    session.install(*REPORT_DEPS)
+    venv = Path(session.virtualenv.location).with_name("serve-cell")
+    if opts.plant:  # the planted check: its own results; every case must turn red at the served-export rules
+        results = sv.run(MATRIX, venv, WORK / "serve-planted" / "results", WORK / "serve-planted", opts.arch,
+                         opts.quant, log=session.log, plant=opts.plant)
+        summary = sv.write_planted(results, opts.plant)
+        session.log(f"planted {opts.plant}: {'caught' if summary['caught'] else 'NOT caught'} -> {sv.PLANTED}")
+        if not summary["caught"]:
+            session.error(f"the serving rules did not see {opts.plant}: {summary['cases']}")
+        return
+    sv.run(MATRIX, venv, sv.RESULTS, WORK / "serve", opts.arch, opts.quant, log=session.log)
+    session.run("python", "-m", "harness", "serve-report", "--results", str(sv.RESULTS), "--out", str(sv.REPORT),
+                env={"PYTHONPATH": str(REPO)})
 
 
 @nox.session(python=PYTHON, default=False)

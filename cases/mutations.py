@@ -66,6 +66,24 @@ def _fast_lora_contiguous_lora_b() -> None:
     fast_lora._factors, fast_lora._factor_stacks = factors, factor_stacks
 
 
+def _export_expert_delta_dropped() -> None:
+    """The merged export leaves one expert's LoRA delta out (expert 1 of every fused experts stack): every tensor is
+    written, well formed and counted as merged; only that expert serves its pre-training weights."""
+    from shims import export
+
+    original = export._float32_delta
+
+    def dropped(wrapper, adapter, experts=None):
+        delta = original(wrapper, adapter, experts)
+        first = 0 if experts is None else experts[0]
+        if type(wrapper).__name__ == "ParamWrapper" and wrapper.num_experts > 1 and first <= 1 < first + len(delta):
+            delta = delta.clone()
+            delta[1 - first] = 0
+        return delta
+
+    export._float32_delta = dropped
+
+
 def _quantize_noop() -> None:
     """Expert quantization silently does nothing (the upstream failure mode the shim exists to fix)."""
     from shims import storage  # the loaders look the function up here on every call
@@ -131,6 +149,7 @@ def _skip(patch_name: str):
 
 MUTATIONS = {
     "export_contiguous_lora_b": _export_contiguous_lora_b,
+    "export_expert_delta_dropped": _export_expert_delta_dropped,
     "quantize_noop": _quantize_noop,
     "fast_lora_contiguous_lora_b": _fast_lora_contiguous_lora_b,
     "expert_family_skipped": _expert_family_skipped,

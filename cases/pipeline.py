@@ -35,13 +35,18 @@ STAGES: dict[str, tuple[str, ...]] = {
     "prequantized_v4": ("build",),
     "rl_cycles": ("build",),
     "per_expert_adapters": ("build",),
+    "serve_merged": ("export",),
+    "serve_adapters": ("save_adapter",),
 }
+SERVING = ("serve_merged", "serve_adapters")  # only where the run names a serving engine (nox -s serve)
 
 
-def stage_order(shims_on: bool) -> list[str]:
-    """With shims, export runs from the live PeftModel before merging; natively users export the merged model."""
+def stage_order(shims_on: bool, serving: bool = False) -> list[str]:
+    """With shims, export runs from the live PeftModel before merging; natively users export the merged model.
+    Serving (shims on: the export and adapters it serves are the shims'; their reference is the live PeftModel, so
+    before merge consumes it)."""
     if shims_on:
-        middle = ["export", "merge"]
+        middle = ["export", *(SERVING if serving else ()), "merge"]
     else:
         middle = ["merge", "export"]
     return ["build", "load", "lora", "gc_grads", "train", "fast_path", "save_adapter", *middle, "export_reload", "adapter_reload",
@@ -413,6 +418,16 @@ class Case:
         else:
             self.merged.save_pretrained(dest)
             self.tokenizer.save_pretrained(dest)
+
+    def serve_merged(self) -> None:
+        from . import serve
+
+        serve.serve_merged(self)
+
+    def serve_adapters(self) -> None:
+        from . import serve
+
+        serve.serve_adapters(self)
 
     def merge(self) -> None:
         before = _expert_weights(self.model)

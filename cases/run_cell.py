@@ -132,7 +132,7 @@ def run_case(spec_dict: dict, log: EventLog, only: list[str] | None = None) -> N
     rerun_metrics: dict = {}
     selected = _with_needs(only, spec.shims_on) if only else None
     log.emit("case_start", case=spec.case_id)
-    for name in stage_order(spec.shims_on):
+    for name in stage_order(spec.shims_on, serving=bool(spec.run.get("serve"))):
         if selected is not None and name not in selected:
             continue
         before = copy.deepcopy(case.metrics) if only and name in only else None  # stages append to lists

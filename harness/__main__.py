@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     sw.add_argument("--results", type=Path, action="append", default=None,
                     help="a sweep results folder; repeat to merge several (default: reports/sweep/results)")
     sw.add_argument("--out", type=Path, default=REPO / "reports" / "SWEEP.md")
+    sv = sub.add_parser("serve-report", help="reports/SERVE.md from the serving results (harness/serve.py)")
+    sv.add_argument("--results", type=Path, default=REPO / "reports" / "serve" / "results")
+    sv.add_argument("--out", type=Path, default=REPO / "reports" / "SERVE.md")
     bench = sub.add_parser("bench", help="side-by-side benchmark -> reports/BENCH.md")
     bench.add_argument("--interp", action="append", required=True,
                        help="label=command: tf5=<python with transformers 5.x>, tf457=<python with 4.57>")
@@ -122,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
 
             folders = args.results or [REPO / "reports" / "sweep" / "results"]
             print(f"wrote {sweep_mod.write(folders, args.out)}")
+        elif args.command == "serve-report":
+            from . import serve as serve_mod
+
+            print(f"wrote {serve_mod.write_report(args.results, args.out)}")
         elif args.command == "gate":
             from . import gate as gate_mod
 

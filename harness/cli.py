@@ -51,6 +51,14 @@ def adhoc_cell(opts: argparse.Namespace) -> Cell:
     return Cell(opts.transformers, opts.peft, opts.trl, trl_why="ad-hoc cell from the command line")
 
 
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nox -s serve --", add_help=False)
+    p.add_argument("--arch", type=_csv, default=None, help="comma-separated archs (default: [serve] archs)")
+    p.add_argument("--quant", type=_csv, default=None, help="comma-separated quantizations (default: [serve] quants)")
+    p.add_argument("--plant", default=None, help="a mutation of cases/mutations.py to plant (the planted check)")
+    return p
+
+
 def sweep_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nox -s sweep --", add_help=False)
     p.add_argument("--transformers", default="5.0.0..latest", help="releases: A..B, a comma list, or both")

@@ -82,9 +82,10 @@ def ensure_venv(location, python_version: str) -> str:
     return str(python)
 
 
-def install(python: str, cell: Cell, environment: dict, timeout_s: float) -> dict:
-    """Install the cell's requirements into the venv of ``python``; return what was asked and how long it took."""
-    reqs = requirements(cell, environment)
+def install(python: str, cell: Cell, environment: dict, timeout_s: float, extra: tuple[str, ...] = ()) -> dict:
+    """Install the cell's requirements (and ``extra`` ones, resolved together) into the venv of ``python``; return
+    what was asked and how long it took."""
+    reqs = [*requirements(cell, environment), *extra]
     cmd = [uv_executable(), "pip", "install", "--python", python]
     for folder in find_links():
         cmd += ["--find-links", folder]
@@ -103,6 +104,18 @@ def install(python: str, cell: Cell, environment: dict, timeout_s: float) -> dic
         raise InstallError(status, message)
     return {"requirements": reqs, "find_links": find_links(), "exclude_newer": date,
             "seconds": round(time.monotonic() - start, 1)}
+
+
+def uninstall(python: str, packages, timeout_s: float) -> list[str]:
+    """Remove ``packages`` from the venv of ``python`` (those not installed are no error); returns what was asked."""
+    packages = list(packages)
+    if packages:
+        proc = subprocess.run([uv_executable(), "pip", "uninstall", "--python", python, *packages],
+                              capture_output=True, text=True, timeout=timeout_s, check=False)
+        if proc.returncode != 0:
+            raise InstallError("install_failed", f"uv pip uninstall {' '.join(packages)}: "
+                                                 f"{_clean(proc.stderr or proc.stdout)}")
+    return packages
 
 
 def _clean(text: str) -> str:

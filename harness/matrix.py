@@ -90,6 +90,7 @@ class Matrix:
     bench: dict = field(default_factory=dict, hash=False, compare=False)
     archs_settings: dict = field(default_factory=dict, hash=False, compare=False)  # [archs]: the discovered set
     sweep: dict = field(default_factory=dict, hash=False, compare=False)  # [sweep]: nox -s sweep / bisect
+    serve: dict = field(default_factory=dict, hash=False, compare=False)  # [serve]: nox -s serve
 
     def with_run(self, overrides: dict) -> "Matrix":
         """The same matrix with some [run] settings replaced (a shorter run for the sweep or the archs)."""
@@ -106,6 +107,27 @@ class Matrix:
         import dataclasses
 
         return dataclasses.replace(self, run={**self.run, "device": device})
+
+    def serve_cell(self) -> Cell:
+        return Cell(**self.serve["cell"], trl_why=f"the serving cell: what {self.serve['engine']} installs with")
+
+    def serving(self) -> "Matrix":
+        """The matrix as ``nox -s serve`` runs it: the engine's limits on the tiny configs applied ([serve]
+        arch_common / arch_config), its shorter run, and ``run["serve"]`` (engine, LLM settings, time limit), which
+        adds the serving stages to every case (cases/pipeline.stage_order)."""
+        import dataclasses
+
+        spec = self.serve
+        per_arch = spec.get("arch_config", {})
+        unknown = sorted(set(per_arch) - set(self.archs))
+        if unknown:
+            raise MatrixError(f"[serve] arch_config names unknown archs {unknown}; known: {', '.join(self.archs)}")
+        archs = {name: dataclasses.replace(arch, config={**arch.config, **per_arch.get(name, {})})
+                 for name, arch in self.archs.items()}
+        serve = {"engine": spec["engine"], "settings": dict(spec.get("settings", {})),
+                 "timeout_s": float(spec.get("timeout_s", 600))}
+        return dataclasses.replace(self, arch_common={**self.arch_common, **spec.get("arch_common", {})},
+                                   archs=archs, run={**self.run, **spec.get("run", {}), "serve": serve})
 
     def archs_cell(self) -> Cell:
         return Cell(**self.archs_settings["cell"])
@@ -190,7 +212,7 @@ def load_matrix(path: Path = MATRIX_FILE) -> Matrix:
         tests = tuple(Cell(**lane) for lane in data.get("test_lane", []))
         matrix = Matrix(data["environment"], data["run"], lanes, full, data["arch_common"], archs, data["quant"],
                         tests, data.get("mutations", {}), data.get("bench", {}), data.get("archs", {}),
-                        data.get("sweep", {}))
+                        data.get("sweep", {}), data.get("serve", {}))
     except (KeyError, TypeError) as exc:
         raise MatrixError(f"{path}: malformed matrix ({type(exc).__name__}: {exc})") from exc
     names = [c.name for c in lanes]

@@ -59,6 +59,13 @@ REPORTED_ONLY: dict[str, str] = {
     "kl_base": "KL(trained || base without the adapter): how much the adapter changed the model (only ordered "
                "against: merge_moves_4bit, export_carries_adapter)",
     "rl_max_merged_kl": "merge/unmerge cycles: KL of the re-quantized merge (its bytes are checked exactly)",
+    "serve_control_max_abs": "serving: max |d log p| between the engine and transformers on the same float32 folder "
+                             "(the engine's own float32 noise, the control)",
+    "serve_fp32_vs_trained_max_abs": "serving: max |d log p| between the served float32 export and the trained "
+                                     "model in float32 (bounded through kl_serve_fp32)",
+    "serve_bf16_vs_transformers_max_abs": "serving: max |d log p|, engine vs transformers on the bf16 export (bf16 "
+                                          "kernels of two libraries)",
+    "kl_serve_bf16_vs_trained": "serving: KL(trained model as it computes || served bf16 export)",
 }
 # Gated only where the compute is float32 and the result must be exact (rules kl_merged, kl_export); elsewhere reported.
 REPORTED_WHERE_NOT_FP32: dict[str, str] = {
@@ -225,6 +232,15 @@ def _fast_path_equals_peft(case: dict) -> bool:
             and diff <= bound and ran)
 
 
+def _adapter_outcomes_predicted(case: dict) -> bool:
+    """Every adapter layout the engine loaded has a prediction, equal to what it did; an outcome "wrong" (the engine
+    holds expert LoRA that is not peft's) is never predicted, so it always fails."""
+    m = case.get("metrics", {})
+    measured, predicted = m.get("serve_adapter_outcomes") or {}, m.get("serve_adapter_predicted") or {}
+    ran = {form: outcome for form, outcome in measured.items() if outcome != NA}
+    return bool(ran) and all(predicted.get(form) == outcome for form, outcome in ran.items())
+
+
 def _optimizer_8bit(case: dict) -> bool:
     """The 8-bit optimizer ran with 8-bit state on every tensor large enough for it; or, where bitsandbytes runs
     none on the device, every one asked for was passed over with a recorded reason (the report shows it)."""
@@ -364,6 +380,26 @@ RULES: tuple[Rule, ...] = (
     Rule("samples_adapter", "greedy samples after adapter reload match the trained model's",
          _ran("adapter_reload"), _samples("samples_adapter"),
          metrics=("samples_adapter",)),
+    Rule("serve_fp32", f"served by the engine (vLLM), the float32 export reproduces the trained model computing in "
+         f"float32 (recipe: its float32 twin): KL over the whole vocabulary at every prompt position <= "
+         f"{KL_EXPORT_FP32_MAX:g} (the float32 export bound) and the same greedy tokens",
+         _ran("serve_merged"),
+         lambda c: _le("kl_serve_fp32", KL_EXPORT_FP32_MAX)(c) and _samples("samples_serve_fp32")(c),
+         metrics=("kl_serve_fp32", "samples_serve_fp32")),
+    Rule("serve_as_transformers_save", "the engine serves the shims' exports exactly as it serves transformers' own "
+         "save_pretrained of the same weights (float32: the export re-saved; bf16: the float32 export rounded to "
+         "bf16): bit-identical prompt log-probabilities (max |d| == 0) and greedy tokens, so nothing in the folder "
+         "beyond its tensors is read differently",
+         _ran("serve_merged"),
+         lambda c: (_le("serve_fp32_vs_resave_max_abs", 0.0)(c) and _le("serve_bf16_vs_resave_max_abs", 0.0)(c)
+                    and _samples("samples_serve_fp32_vs_resave")(c) and _samples("samples_serve_bf16_vs_resave")(c)),
+         metrics=("serve_fp32_vs_resave_max_abs", "serve_bf16_vs_resave_max_abs", "samples_serve_fp32_vs_resave",
+                  "samples_serve_bf16_vs_resave")),
+    Rule("check_adapter_predicts_engine", "for every adapter layout (fused as saved, per-expert converted), "
+         "shims.check_adapter(engine='vllm') predicts what the engine's LoRA loader did, measured by comparing the "
+         "expert LoRA it loaded with peft's deltas (loads / loads_with_option / refused / silently_ignored)",
+         _ran("serve_adapters"), _adapter_outcomes_predicted,
+         metrics=("serve_adapter_outcomes", "serve_adapter_predicted")),
 )
 
 

@@ -259,3 +259,50 @@ def test_prequantized_roundtrip_must_keep_4bit_routers():
     case["metrics"].update(prequantized_routers_routers=2, prequantized_routers_quantized=0)
     v, reasons = verdict.judge(case)
     assert v == "fail" and any("prequantized_roundtrip" in r for r in reasons)
+
+
+def _served(case: dict) -> dict:
+    """A passing case with the serving stages (nox -s serve) and their metrics as cases/serve.py records them."""
+    case["stages"].update(serve_merged={"status": "ok"}, serve_adapters={"status": "ok"})
+    case["metrics"].update(kl_serve_fp32=2e-11, samples_serve_fp32="4/4", serve_fp32_vs_resave_max_abs=0.0,
+                           serve_bf16_vs_resave_max_abs=0.0, samples_serve_fp32_vs_resave="4/4",
+                           samples_serve_bf16_vs_resave="4/4", serve_control_max_abs=2.3e-6,
+                           serve_bf16_vs_transformers_max_abs=0.35,
+                           serve_adapter_outcomes={"fused": "loads_with_option", "per_expert": "loads"},
+                           serve_adapter_predicted={"fused": "loads_with_option", "per_expert": "loads"})
+    return case
+
+
+def test_a_served_case_passes():
+    assert verdict.judge(_served(passing_case(quant="nf4-recipe"))) == ("pass", [])
+
+
+@pytest.mark.parametrize("key,value,rule", [
+    ("kl_serve_fp32", 3e-6, "serve_fp32"),  # e.g. one expert's delta missing from the served export
+    ("samples_serve_fp32", "3/4", "serve_fp32"),
+    ("serve_fp32_vs_resave_max_abs", 1e-7, "serve_as_transformers_save"),  # the engine reads the folder differently
+    ("serve_bf16_vs_resave_max_abs", 0.01, "serve_as_transformers_save"),
+    ("samples_serve_bf16_vs_resave", "3/4", "serve_as_transformers_save"),
+    ("serve_adapter_predicted", {"fused": "loads", "per_expert": "loads"}, "check_adapter_predicts_engine"),
+    ("serve_adapter_predicted", {"fused": "loads_with_option"}, "check_adapter_predicts_engine"),  # one unpredicted
+    ("serve_adapter_outcomes", {"fused": "wrong", "per_expert": "loads"}, "check_adapter_predicts_engine"),
+])
+def test_each_serving_rule_can_fail(key, value, rule):
+    case = _served(passing_case(quant="nf4-recipe"))
+    case["metrics"][key] = value
+    v, reasons = verdict.judge(case)
+    assert v == "fail" and any(f"rule {rule}" in r for r in reasons), reasons
+
+
+def test_serving_values_of_two_libraries_kernels_are_reported_not_gated():
+    case = _served(passing_case(quant="nf4-recipe"))
+    case["metrics"].update(serve_control_max_abs=1.0, serve_bf16_vs_transformers_max_abs=6.0)
+    assert verdict.judge(case) == ("pass", [])
+    assert {"serve_control_max_abs", "serve_bf16_vs_transformers_max_abs"} <= set(verdict.REPORTED_ONLY)
+
+
+def test_a_layout_that_does_not_exist_for_the_arch_needs_no_prediction():
+    case = _served(passing_case(quant="nf4-recipe"))
+    case["metrics"].update(serve_adapter_outcomes={"fused": "loads", "per_expert": "n/a"},
+                           serve_adapter_predicted={"fused": "loads"})
+    assert verdict.judge(case) == ("pass", [])
