@@ -123,8 +123,7 @@ def fast_path_cell(case: dict | None) -> str:
         return f"{stage.get('status')}: {stage.get('reason', '')}"[:60] if stage else ""
     bound = verdict.fast_path_bound(m)
     shown = "n/a" if bound is None else f"{bound:.1e}"
-    refused = " (refused)" if m.get("fast_path_refused") else ""
-    return (f"{m.get('fast_path_experts')}/{m.get('fast_path_modules')}{refused}, "
+    return (f"{m.get('fast_path_experts')}/{m.get('fast_path_modules')} fast, "
             f"{m['fast_vs_peft_max_abs']:.1e} <= {shown}")
 
 
@@ -209,9 +208,10 @@ def write_report(doc: dict, results: Path, out: Path, quants: list[str], fixes: 
         f"quantization {', '.join(quants)}, shorter training ([archs] in harness/matrix.toml). The workaround column "
         "names what a row ran with besides the recipe (explained below the table); the why column gives the first "
         "reasons of every shims cell that is not pass. The fast = peft column is rule fast_path_equals_peft of the "
-        "shims cell: experts modules on the fast expert-LoRA path / expert LoRA chains ('refused': an experts class "
-        "the fast path does not emulate runs peft's path), then max |logits(fast path) - logits(peft's path)| <= its "
-        "derived float32 bound (harness/verdict.py).",
+        "shims cell: experts modules on the fast expert-LoRA path / expert LoRA chains (the others run peft's path: an "
+        "experts class the fast path does not emulate, e.g. ergo's own forward, or one without transformers' experts "
+        "flags; with none fast the bound is 0), then max |logits(fast path) - logits(peft's path)| <= its derived "
+        "float32 bound (harness/verdict.py).",
         "",
         " | ".join(f"{k}: {v}" for k, v in counts.items()),
         "",

@@ -45,7 +45,7 @@ def test_every_discovered_arch_is_a_row_with_its_reason(tmp_path):
     text = out.read_text()
     rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert "pass" in rows["qwen3_moe/nf4"]
-    assert "2/2, 3.6e-06 <= 3.7e-04" in rows["qwen3_moe/nf4"]  # rule fast_path_equals_peft: its value and bound
+    assert "2/2 fast, 3.6e-06 <= 3.7e-04" in rows["qwen3_moe/nf4"]  # rule fast_path_equals_peft: its value and bound
     assert "Lane: transformers 5.24.0, peft 0.21.2, trl 1.16.0, torch 2.13.0." in text
     assert "experts_4bit" in rows["olmoe/nf4"] and "missing" in rows["olmoe/nf4"]  # no native result: said so
     assert "AttributeError" in rows["dbrx"]
