@@ -27,8 +27,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="base model folder, config.json or hub id in the local HF cache (default: the adapter's "
                            "base_model_name_or_path; needed for per_expert, peft 0.18 adapters and square dims)")
     conv.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    check = sub.add_parser("check-adapter", help="does an engine read this adapter's expert LoRA layout? exit 0 "
-                                                 "yes, 1 a conversion is needed (printed), 2 bad input")
+    check = sub.add_parser("check-adapter", help="what does an engine do with this adapter's expert LoRA layout? "
+                                                 "exit 0 it loads as it is, 1 it does not (the conversion and/or "
+                                                 "engine options that fix it are printed), 2 bad input")
     check.add_argument("adapter", help="saved peft adapter folder")
     check.add_argument("--engine", required=True, choices=("vllm", "sglang", "transformers"))
     check.add_argument("--base-config", default=None,
@@ -69,10 +70,18 @@ def _check(args) -> int:
     if args.json:
         print(json.dumps(verdict.as_dict(), sort_keys=True))
     else:
-        print(f"{verdict.engine}: {'compatible' if verdict.compatible else 'NOT compatible'}: {verdict.reason}")
-        if not verdict.compatible:
-            print(f"fix: {verdict.conversion}" if verdict.conversion else "fix: no conversion can make it readable")
-        print(f"(rules: {verdict.source})")
+        print(f"{verdict.engine}: {'compatible' if verdict.compatible else 'NOT compatible'} ({verdict.outcome}): "
+              f"{verdict.reason}")
+        if verdict.options:
+            calls = ", ".join(f"{owner}({', '.join(f'{k}={v!r}' for k, v in kw.items())})"
+                              for owner, kw in verdict.options.items())
+            print(f"loads with engine options: {calls}")
+        if verdict.conversion:
+            print(f"fix: {verdict.conversion}")
+        elif not verdict.compatible:
+            print("fix: no conversion can make it readable" if verdict.needed is None else
+                  "fix: no conversion command does it (the reason above says what to change)")
+        print(f"(rules: {verdict.source}; rule {verdict.rule})")
     return verdict.exit_code
 
 
