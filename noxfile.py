@@ -281,9 +281,12 @@ def serve(session: nox.Session) -> None:
         if not summary["caught"]:
             session.error(f"the serving rules did not see {opts.plant}: {summary['cases']}")
         return
-    sv.run(MATRIX, venv, sv.RESULTS, WORK / "serve", opts.arch, opts.quant, log=session.log)
+    results = sv.run(MATRIX, venv, sv.RESULTS, WORK / "serve", opts.arch, opts.quant, log=session.log)
     session.run("python", "-m", "harness", "serve-report", "--results", str(sv.RESULTS), "--out", str(sv.REPORT),
                 env={"PYTHONPATH": str(REPO)})
+    red = sv.red_cases(results)  # the report is written first; then a serving case that did not pass fails the run
+    if red:
+        session.error(f"serving: {len(red)} case(s) did not pass: {red}")
 
 
 @nox.session(python=PYTHON, default=False)

@@ -107,6 +107,15 @@ def write_report(results: Path, out: Path, planted: Path = PLANTED) -> Path:
     return out
 
 
+def red_cases(results_file: Path) -> dict[str, list[str]]:
+    """Cases of a serving results file that did not pass (an install failure is one such row), with their reasons."""
+    doc = json.loads(Path(results_file).read_text(encoding="utf-8"))
+    if doc.get("status") != "ran":
+        return {"(all)": [f"{doc.get('status')}: {(doc.get('error') or {}).get('message', '')[-500:]}"]}
+    judged = {case["case"]: verdict.judge(case) for case in doc.get("cases", [])}
+    return {name: reasons for name, (result, reasons) in judged.items() if result != verdict.PASS}
+
+
 def write_planted(results_file: Path, mutation: str, out: Path = PLANTED) -> dict:
     summary = planted_summary(results_file, mutation)
     write_json_atomic(out, summary)

@@ -76,3 +76,13 @@ def test_a_planted_bug_is_caught_only_when_every_case_turns_red_at_a_served_expo
 
 def test_the_planted_mutation_exists():
     assert "export_expert_delta_dropped" in serve.known_mutations()
+
+
+def test_red_serving_cases_are_named_and_an_install_failure_is_one(tmp_path):
+    path = _planted_results(tmp_path, {"qwen3_moe": 2e-11, "mixtral": 0.02})
+    red = serve.red_cases(path)
+    assert list(red) == ["mixtral/nf4-recipe"] and any("serve_fp32" in r for r in red["mixtral/nf4-recipe"])
+    failed = results_doc(load_matrix().serve_cell(), "on", [], status="unresolvable")
+    failed["error"] = {"type": "unresolvable", "message": "No solution found"}
+    (tmp_path / "f.json").write_text(json.dumps(failed))
+    assert "No solution found" in serve.red_cases(tmp_path / "f.json")["(all)"][0]
