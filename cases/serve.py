@@ -310,6 +310,11 @@ def adapter_forms(case) -> dict[str, Path | str]:
     return {"fused": fused, "per_expert": per_expert}
 
 
+def _mixed_options(form: str) -> dict:
+    """The engine options of the mixed-format load: the engine flag, and for a fused adapter the request's flag."""
+    return MIXED_FORMAT_OPTIONS if form == "fused" else {"LLM": MIXED_FORMAT_OPTIONS["LLM"]}
+
+
 def measured_outcome(default: str, mixed: str) -> str:
     """One outcome from the adapter's two loads (default engine options; mixed MoE LoRA format)."""
     if default != REFUSED:
@@ -326,12 +331,12 @@ def serve_adapters(case) -> None:
     rank = case.spec.lora_rank  # the engine must accept the trained rank (max_lora_rank)
     settings = case.spec.run["serve"]["settings"]
     jobs = []
-    for option, extra in (("default", {}), ("mixed", MIXED_FORMAT_OPTIONS)):
+    for option in ("default", "mixed"):
         adapters = [{"name": form, "path": str(path), "rank": rank,
-                     "request_options": extra.get("LoRARequest", {}) if form == "fused" else {}}
+                     "request_options": _mixed_options(form).get("LoRARequest", {}) if option == "mixed" else {}}
                     for form, path in ready.items()]
         jobs.append({"kind": "lora", "name": option, "model": str(case.model_dir), "dtype": "float32",
-                     "llm_options": extra.get("LLM", {}), "adapters": adapters,
+                     "llm_options": MIXED_FORMAT_OPTIONS["LLM"] if option == "mixed" else {}, "adapters": adapters,
                      "buffers": str(case.work / "serve-adapters" / f"buffers-{option}.safetensors")})
     result = run_engine(jobs, case.work / "serve-adapters", settings, case.spec.run["serve"]["timeout_s"])
     # peft's deltas computed in float32 (a bf16-compute model's ParamWrapper multiplies its factors in bf16)
@@ -360,13 +365,16 @@ def serve_adapters(case) -> None:
                     buffers[option], form, interleaved=case.spec.model_type in INTERLEAVED_GATE_UP))
         outcome = measured_outcome(seen["default"][0], seen["mixed"][0])
         check = shims.check_adapter(ready[form], engine="vllm", base_config=case.model_dir)
-        predicted = getattr(check, "outcome", None)
-        rows[form] = {"outcome": outcome, "predicted": predicted, "check_options": getattr(check, "options", None),
+        used = _mixed_options(form) if outcome == WITH_OPTION else None  # the options it loaded with
+        rows[form] = {"outcome": outcome, "predicted": check.outcome, "options": used, "check_options": check.options,
                       "default": seen["default"], "mixed": seen["mixed"], "check_reason": check.reason}
     case.metrics["serve_engine"] = f"vllm {result['vllm']}"
     case.metrics["serve_adapter_outcomes"] = {form: row["outcome"] for form, row in rows.items()}
     case.metrics["serve_adapter_predicted"] = {form: row.get("predicted") for form, row in rows.items() if
                                                "predicted" in row}
+    # where it loads only with options: the options check-adapter names must be the ones it loaded with
+    case.metrics["serve_adapter_options_predicted"] = {form: row["check_options"] == row["options"]
+                                                       for form, row in rows.items() if row.get("options")}
     case.metrics["serve_adapter_details"] = rows
     finite = all(math.isfinite(v[1].get("worst_excess", 0.0)) for row in rows.values() if "default" in row
                  for v in (row["default"], row["mixed"]))

@@ -238,7 +238,10 @@ def _adapter_outcomes_predicted(case: dict) -> bool:
     m = case.get("metrics", {})
     measured, predicted = m.get("serve_adapter_outcomes") or {}, m.get("serve_adapter_predicted") or {}
     ran = {form: outcome for form, outcome in measured.items() if outcome != NA}
-    return bool(ran) and all(predicted.get(form) == outcome for form, outcome in ran.items())
+    options = m.get("serve_adapter_options_predicted") or {}  # form -> the predicted options are those it loaded with
+    with_options = [form for form, outcome in ran.items() if outcome == "loads_with_option"]
+    return (bool(ran) and all(predicted.get(form) == outcome for form, outcome in ran.items())
+            and all(options.get(form) is True for form in with_options))
 
 
 def _optimizer_8bit(case: dict) -> bool:
@@ -397,9 +400,10 @@ RULES: tuple[Rule, ...] = (
                   "samples_serve_bf16_vs_resave")),
     Rule("check_adapter_predicts_engine", "for every adapter layout (fused as saved, per-expert converted), "
          "shims.check_adapter(engine='vllm') predicts what the engine's LoRA loader did, measured by comparing the "
-         "expert LoRA it loaded with peft's deltas (loads / loads_with_option / refused / silently_ignored)",
+         "expert LoRA it loaded with peft's deltas (loads / loads_with_option / refused / silently_ignored), and where "
+         "it loads only with engine options, the options it names are those it loaded with",
          _ran("serve_adapters"), _adapter_outcomes_predicted,
-         metrics=("serve_adapter_outcomes", "serve_adapter_predicted")),
+         metrics=("serve_adapter_outcomes", "serve_adapter_predicted", "serve_adapter_options_predicted")),
 )
 
 

@@ -269,7 +269,8 @@ def _served(case: dict) -> dict:
                            samples_serve_bf16_vs_resave="4/4", serve_control_max_abs=2.3e-6,
                            serve_bf16_vs_transformers_max_abs=0.35,
                            serve_adapter_outcomes={"fused": "loads_with_option", "per_expert": "loads"},
-                           serve_adapter_predicted={"fused": "loads_with_option", "per_expert": "loads"})
+                           serve_adapter_predicted={"fused": "loads_with_option", "per_expert": "loads"},
+                           serve_adapter_options_predicted={"fused": True})
     return case
 
 
@@ -286,6 +287,8 @@ def test_a_served_case_passes():
     ("serve_adapter_predicted", {"fused": "loads", "per_expert": "loads"}, "check_adapter_predicts_engine"),
     ("serve_adapter_predicted", {"fused": "loads_with_option"}, "check_adapter_predicts_engine"),  # one unpredicted
     ("serve_adapter_outcomes", {"fused": "wrong", "per_expert": "loads"}, "check_adapter_predicts_engine"),
+    ("serve_adapter_options_predicted", {"fused": False}, "check_adapter_predicts_engine"),  # other flags named
+    ("serve_adapter_options_predicted", {}, "check_adapter_predicts_engine"),
 ])
 def test_each_serving_rule_can_fail(key, value, rule):
     case = _served(passing_case(quant="nf4-recipe"))
