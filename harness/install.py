@@ -36,21 +36,56 @@ def find_links() -> list[str]:
     for var in ("MOE_SHIMS_FIND_LINKS", "PIP_FIND_LINKS"):
         if os.environ.get(var):
             return os.environ[var].split()
+    return list(dict.fromkeys(_pip_config_values("find-links")))
+
+
+def _pip_config_values(*keys: str) -> list[str]:
+    """The values (whitespace-separated) of every pip configuration entry whose key ends in one of ``keys``."""
     try:
         out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
                              timeout=60, check=False).stdout
     except (OSError, subprocess.TimeoutExpired):
         return []
-    folders = []
+    values = []
     for line in out.splitlines():
         key, _, value = line.partition("=")
-        if key.strip().endswith(".find-links"):
-            folders.extend(value.strip().strip("'\"").split())
+        if key.strip().rsplit(".", 1)[-1] in keys:
+            values.extend(value.strip().strip("'\"").split())
+    return values
+
+
+def local_index_folders() -> list[str]:
+    """The folders that the local (file://) package indexes named in pip's configuration (index-url,
+    extra-index-url) keep their files in, read from the indexes' own PEP 503 pages: on this machine kind, where
+    the CUDA builds of newer torch releases and their nvidia / triton wheels lie. MOE_SHIMS_FIND_LINKS replaces
+    them as it replaces :func:`find_links`."""
+    import urllib.parse
+    from pathlib import Path
+
+    if os.environ.get("MOE_SHIMS_FIND_LINKS"):
+        return []
+    folders = []
+    for url in _pip_config_values("index-url", "extra-index-url"):
+        parsed = urllib.parse.urlparse(url)
+        if parsed.scheme != "file":
+            continue
+        for page in sorted(Path(urllib.parse.unquote(parsed.path)).glob("*/index.html")):
+            for href in re.findall(r'href="([^"#]+)', page.read_text(encoding="utf-8", errors="replace")):
+                target = page.parent / urllib.parse.unquote(href)
+                if target.is_file():
+                    folders.append(str(target.resolve().parent))
     return list(dict.fromkeys(folders))
 
 
+def wheel_folders(cell: Cell) -> list[str]:
+    """Where uv looks for local wheels besides the index: :func:`find_links`, and for a cell that pins its own torch
+    (a lane's ``torch``) also :func:`local_index_folders`, where such a torch and its dependencies lie locally
+    (otherwise uv would download them: the CUDA build of torch 2.14.1 with its nvidia wheels is ~2.8 GB)."""
+    return list(dict.fromkeys(find_links() + (local_index_folders() if cell.torch else [])))
+
+
 def requirements(cell: Cell, environment: dict) -> list[str]:
-    torch_req = os.environ.get("MOE_SHIMS_TORCH") or pin("torch", environment["torch"])
+    torch_req = os.environ.get("MOE_SHIMS_TORCH") or pin("torch", cell.torch or environment["torch"])
     extra = [pin("bitsandbytes", environment["bitsandbytes"])]
     extra += [pin(p, getattr(cell, p) or environment[p]) for p in SUPPORT_PACKAGES]
     return [torch_req, *cell.requirements(), *extra]
@@ -87,7 +122,7 @@ def install(python: str, cell: Cell, environment: dict, timeout_s: float, extra:
     what was asked and how long it took."""
     reqs = [*requirements(cell, environment), *extra]
     cmd = [uv_executable(), "pip", "install", "--python", python]
-    for folder in find_links():
+    for folder in wheel_folders(cell):
         cmd += ["--find-links", folder]
     date = exclude_newer(cell, environment)
     if date:
@@ -102,7 +137,7 @@ def install(python: str, cell: Cell, environment: dict, timeout_s: float, extra:
         message = _clean(proc.stderr or proc.stdout)
         status = "unresolvable" if any(m in message for m in UNRESOLVABLE_MARKERS) else "install_failed"
         raise InstallError(status, message)
-    return {"requirements": reqs, "find_links": find_links(), "exclude_newer": date,
+    return {"requirements": reqs, "find_links": wheel_folders(cell), "exclude_newer": date,
             "seconds": round(time.monotonic() - start, 1)}
 
 

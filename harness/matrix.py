@@ -40,6 +40,7 @@ class Cell:
     lane: bool = False
     accelerate: str = ""  # "" = [environment]'s
     datasets: str = ""
+    torch: str = ""  # "" = [environment]'s; a lane of its own torch (an exact release) is named for it
 
     def __post_init__(self):
         for package in PACKAGES:
@@ -47,6 +48,8 @@ class Cell:
         for package in SUPPORT_PACKAGES:
             if getattr(self, package):
                 check_version(package, getattr(self, package))
+        if self.torch and (self.torch == LATEST or not _VERSION.match(self.torch)):
+            raise MatrixError(f"torch version {self.torch!r} of a cell must be an exact release like 2.14.1")
 
     @property
     def fixed(self) -> bool:
@@ -56,7 +59,7 @@ class Cell:
 
     @property
     def name(self) -> str:
-        return f"tf{self.transformers}-peft{self.peft}-trl{self.trl}"
+        return f"tf{self.transformers}-peft{self.peft}-trl{self.trl}" + (f"-torch{self.torch}" if self.torch else "")
 
     def requirements(self) -> list[str]:
         return [pin(p, getattr(self, p)) for p in PACKAGES]
@@ -64,7 +67,8 @@ class Cell:
     def as_dict(self) -> dict:
         return {"name": self.name, "transformers": self.transformers, "peft": self.peft, "trl": self.trl,
                 "trl_why": self.trl_why, "lane": self.lane, "fixed": self.fixed,
-                **{p: getattr(self, p) for p in SUPPORT_PACKAGES if getattr(self, p)}}
+                **{p: getattr(self, p) for p in SUPPORT_PACKAGES if getattr(self, p)},
+                **({"torch": self.torch} if self.torch else {})}
 
 
 @dataclass(frozen=True)

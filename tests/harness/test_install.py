@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from harness import install
-from harness.matrix import Cell
+from harness.matrix import Cell, MatrixError
 
 pytestmark = pytest.mark.slow
 
@@ -44,3 +44,46 @@ def test_requirements_take_the_torch_override(monkeypatch):
 def test_find_links_prefer_the_explicit_variable(monkeypatch, tmp_path):
     monkeypatch.setenv("MOE_SHIMS_FIND_LINKS", f"{tmp_path} /other")
     assert install.find_links() == [str(tmp_path), "/other"]
+
+
+ENV = {"torch": "2.13.0", "bitsandbytes": "0.50.2", "accelerate": "latest", "datasets": "latest"}
+
+
+def test_a_cell_of_its_own_torch_pins_it_and_is_named_for_it(monkeypatch):
+    monkeypatch.delenv("MOE_SHIMS_TORCH", raising=False)
+    cell = Cell("latest", "latest", "latest", lane=True, torch="2.14.1")
+    assert cell.name == "tflatest-peftlatest-trllatest-torch2.14.1" and cell.as_dict()["torch"] == "2.14.1"
+    assert install.requirements(cell, ENV)[0] == "torch==2.14.1"
+    assert install.requirements(Cell("latest", "latest", "latest"), ENV)[0] == "torch==2.13.0"
+    monkeypatch.setenv("MOE_SHIMS_TORCH", "torch==9.9.9")  # the override still wins
+    assert install.requirements(cell, ENV)[0] == "torch==9.9.9"
+    for bad in ("latest", "2.x"):
+        with pytest.raises(MatrixError, match="torch version"):
+            Cell("latest", "latest", "latest", torch=bad)
+
+
+def _local_index(tmp_path):
+    """A PEP 503 index (file://) whose pages link into a files folder beside it, as this machine kind's are."""
+    files, simple = tmp_path / "files", tmp_path / "simple"
+    files.mkdir()
+    (files / "torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    (simple / "torch").mkdir(parents=True)
+    (simple / "torch" / "index.html").write_text(
+        '<a href="../../files/torch-2.14.1-cp311-cp311-manylinux_2_28_x86_64.whl#sha256=00">torch</a>'
+        '<a href="../../files/missing.whl#sha256=00">gone</a>')
+    return files, simple
+
+
+def test_local_index_folders_are_read_from_pips_file_indexes(monkeypatch, tmp_path):
+    files, simple = _local_index(tmp_path)
+    monkeypatch.delenv("MOE_SHIMS_FIND_LINKS", raising=False)
+    monkeypatch.setattr(install, "_pip_config_values",
+                        lambda *keys: [f"file://{simple}", "https://example.invalid/simple"] if "index-url" in keys
+                        else ["/wheels"])
+    assert install.local_index_folders() == [str(files.resolve())]
+    # only a cell that pins its own torch looks there; every other cell keeps pip's find-links alone
+    monkeypatch.delenv("PIP_FIND_LINKS", raising=False)
+    assert install.wheel_folders(Cell("latest", "latest", "latest", torch="2.14.1")) == ["/wheels", str(files.resolve())]
+    assert install.wheel_folders(Cell("latest", "latest", "latest")) == ["/wheels"]
+    monkeypatch.setenv("MOE_SHIMS_FIND_LINKS", "/mine")  # explicit folders replace both
+    assert install.wheel_folders(Cell("latest", "latest", "latest", torch="2.14.1")) == ["/mine"]

@@ -16,8 +16,22 @@ def test_only_the_newest_lane_floats(matrix):
     """Every other release lane pins each package it installs (its own, accelerate, datasets) and resolves the rest
     as the index stood on fixed_index_date, so its verdicts can only move with the code."""
     floating = [c.name for c in matrix.lanes if not c.fixed]
-    assert floating == ["tflatest-peftlatest-trllatest"]
+    assert floating == ["tflatest-peftlatest-trllatest-torch2.14.1", "tflatest-peftlatest-trllatest"]
+    assert matrix.lanes[-1].name == "tflatest-peftlatest-trllatest"  # nox -s reproduce and [archs] read the last one
     assert matrix.environment["fixed_index_date"]
+
+
+def test_a_lane_of_its_own_torch_is_declared_as_data(matrix, monkeypatch):
+    """The torch 2.14 lane: the [[lane]] table's torch key, read by the installer; every other lane takes
+    [environment]'s torch."""
+    from harness import install
+
+    monkeypatch.delenv("MOE_SHIMS_TORCH", raising=False)
+    own = [c for c in matrix.lanes if c.torch]
+    assert [(c.transformers, c.peft, c.torch) for c in own] == [("latest", "latest", "2.14.1")]
+    assert install.requirements(own[0], matrix.environment)[0] == "torch==2.14.1"
+    others = {install.requirements(c, matrix.environment)[0] for c in matrix.lanes if not c.torch}
+    assert others == {f"torch=={matrix.environment['torch']}"}
 
 
 def test_a_fixed_lane_installs_exact_pins_under_the_index_date(matrix):
