@@ -85,7 +85,10 @@ def wheel_folders(cell: Cell) -> list[str]:
 
 
 def requirements(cell: Cell, environment: dict) -> list[str]:
-    torch_req = os.environ.get("MOE_SHIMS_TORCH") or pin("torch", cell.torch or environment["torch"])
+    # MOE_SHIMS_TORCH replaces [environment]'s pin; a lane that pins its own torch keeps it (the lane exists to test
+    # that release: a CI-wide override such as the CPU build of the default torch must not turn it into another lane)
+    torch_req = pin("torch", cell.torch) if cell.torch else (
+        os.environ.get("MOE_SHIMS_TORCH") or pin("torch", environment["torch"]))
     extra = [pin("bitsandbytes", environment["bitsandbytes"])]
     extra += [pin(p, getattr(cell, p) or environment[p]) for p in SUPPORT_PACKAGES]
     return [torch_req, *cell.requirements(), *extra]

@@ -55,8 +55,9 @@ def test_a_cell_of_its_own_torch_pins_it_and_is_named_for_it(monkeypatch):
     assert cell.name == "tflatest-peftlatest-trllatest-torch2.14.1" and cell.as_dict()["torch"] == "2.14.1"
     assert install.requirements(cell, ENV)[0] == "torch==2.14.1"
     assert install.requirements(Cell("latest", "latest", "latest"), ENV)[0] == "torch==2.13.0"
-    monkeypatch.setenv("MOE_SHIMS_TORCH", "torch==9.9.9")  # the override still wins
-    assert install.requirements(cell, ENV)[0] == "torch==9.9.9"
+    monkeypatch.setenv("MOE_SHIMS_TORCH", "torch==9.9.9")  # replaces [environment]'s pin, not a lane's own torch
+    assert install.requirements(cell, ENV)[0] == "torch==2.14.1"
+    assert install.requirements(Cell("latest", "latest", "latest"), ENV)[0] == "torch==9.9.9"
     for bad in ("latest", "2.x"):
         with pytest.raises(MatrixError, match="torch version"):
             Cell("latest", "latest", "latest", torch=bad)
