@@ -114,8 +114,8 @@ def storage_kind(model, param_name: str) -> str:
     router), "linear4bit" (bitsandbytes converts every nn.Linear but the output head) or "float"."""
     import torch
 
-    from shims.quant_router import is_router_path
-    from shims.storage import EXPERT_WEIGHT_NAMES
+    from shims.quant.quant_router import is_router_path
+    from shims.quant.storage import EXPERT_WEIGHT_NAMES
 
     module_path, _, leaf = param_name.rpartition(".")
     module = model.get_submodule(module_path)
@@ -133,7 +133,7 @@ def packed_entries(name: str, kind: str, value, double_quant: bool) -> dict:
     import bitsandbytes.functional as F
     import torch
 
-    from shims.storage import quantize_experts_chunked
+    from shims.quant.storage import quantize_experts_chunked
 
     if kind == "float":
         return {name: value}
@@ -409,7 +409,7 @@ def run(args) -> dict:
         model = _load(args, args.config)
     out.update(load_s=round(time.perf_counter() - t0, 1), resident_bytes=mem.now(), load_peak=load_peak)
     if args.config.startswith("shims"):
-        from shims.storage import expert_storage
+        from shims.quant.storage import expert_storage
 
         out.update({f"experts_{k}": v for k, v in expert_storage(model).items()})
     if args.config.startswith("e4b"):
@@ -496,7 +496,7 @@ def _dequant_layer_s(model, cuda: bool, repeats: int = 5) -> float:
     step with checkpointing: forward, recompute, backward)."""
     import torch
 
-    from shims.storage import dequantize_param, iter_expert_modules, quantized_tensor_names
+    from shims.quant.storage import dequantize_param, iter_expert_modules, quantized_tensor_names
 
     _, module = next(iter(iter_expert_modules(model)))
     base = module.get_base_layer() if hasattr(module, "get_base_layer") else module  # under peft's wrappers
@@ -519,7 +519,7 @@ def _bf16_layer_bytes(model) -> int:
     """bf16 bytes of one merged decoder layer (what an export holds per layer beyond a shard)."""
     from torch.nn.utils.parametrize import ParametrizationList
 
-    from shims.storage import quantized_parametrization, quantized_tensor_names
+    from shims.quant.storage import quantized_parametrization, quantized_tensor_names
 
     total = 0
     for module_name, module in model.get_base_model().model.layers[0].named_modules():

@@ -63,7 +63,7 @@ def per_expert_reference(experts, name: str):
     import bitsandbytes.functional as F
     import torch
 
-    from shims.storage import quantized_parametrization
+    from shims.quant.storage import quantized_parametrization
 
     param = quantized_parametrization(experts, name)
     packed, state = experts.parametrizations[name].original, param.quant_state
@@ -98,7 +98,7 @@ def _probe_main(device: str, *shape: str) -> None:
     import bitsandbytes.functional as F
     import torch
 
-    from shims.storage import quantize_experts_chunked
+    from shims.quant.storage import quantize_experts_chunked
 
     shape = tuple(int(d) for d in shape)
     stack = torch.empty(shape, dtype=torch.bfloat16, device=device)
@@ -125,7 +125,7 @@ def huge_layer(args) -> dict:
 
     import shims
     from cases.bench_depth import bnb_config
-    from shims.storage import dequantize_param, quantize_model_experts
+    from shims.quant.storage import dequantize_param, quantize_model_experts
 
     shims.apply()
     device = "cuda" if args.device == "cuda" else "cpu"
@@ -215,7 +215,7 @@ def _export_mismatches(peft_model, folder: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shims.storage import dequantize_param
+    from shims.quant.storage import dequantize_param
 
     wrappers = {m.parameter_name: m for m in peft_model.modules()
                 if getattr(m, "parameter_name", None) in EXPERT_NAMES and hasattr(m, "lora_A")}

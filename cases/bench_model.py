@@ -117,7 +117,7 @@ class Memory:
 
 def _expert_storage(model, shims_on: bool) -> dict:
     if shims_on:
-        from shims import storage
+        from shims.quant import storage
 
         return storage.expert_storage(model)
     from cases.measure import expert_storage
@@ -129,7 +129,7 @@ def _router_bytes(model, shims_on: bool) -> int:
     """Stored bytes of the MoE routers (``mlp.gate`` of this Qwen3-MoE-shaped model): Linear4bit on 4.57, a plain
     2D parameter on 5.x, which the shims store 4-bit."""
     if shims_on:
-        from shims import quant_router
+        from shims.quant import quant_router
         from shims.loader_generation import V5, transformers_loader
 
         if transformers_loader() == V5:
@@ -230,7 +230,7 @@ def run(args) -> dict:
     out.update(train_step_s=statistics.median(times), train_peak_bytes=mem.peak(),
                trainable=sum(p.numel() for p in params))
     if shims_on:
-        from shims.fast_lora import expert_lora_paths
+        from shims.lora.fast_lora import expert_lora_paths
 
         applied = {st["name"] for st in shims.status() if st["applied"]}
         paths = expert_lora_paths(model) if "fast_expert_lora" in applied else {}

@@ -17,7 +17,7 @@ def _export_contiguous_lora_b() -> None:
     peft's (out, r, E) convention (B[:, e::E])."""
     import torch
 
-    from shims import export
+    from shims.merging import export
 
     original = export._float32_delta
 
@@ -38,12 +38,12 @@ def _export_contiguous_lora_b() -> None:
 
 
 def _fast_lora_contiguous_lora_b() -> None:
-    """The same slicing bug in the fast expert-LoRA path (shims.fast_lora): expert e's lora_B columns taken as
+    """The same slicing bug in the fast expert-LoRA path (shims.lora.fast_lora): expert e's lora_B columns taken as
     B[:, e*r:(e+1)*r] instead of B[:, e::E], in the per-expert loop and the grouped kernel's factor stacks. Training
     still runs and the expert LoRA still moves; only the fast path's logits differ from peft's own path."""
-    from shims import fast_lora  # _lora_term / _grouped_lora_term look both up here on every call
+    from shims.lora import fast_lora  # _lora_term / _grouped_lora_term look both up here on every call
 
-    from shims.lora_layout import did_swap_in_out_features
+    from shims.adapters.lora_layout import did_swap_in_out_features
 
     def factors(wrapper, adapter, expert):
         A, B, E = wrapper.lora_A[adapter].weight, wrapper.lora_B[adapter].weight, wrapper.num_experts
@@ -69,7 +69,7 @@ def _fast_lora_contiguous_lora_b() -> None:
 def _export_expert_delta_dropped() -> None:
     """The merged export leaves one expert's LoRA delta out (expert 1 of every fused experts stack): every tensor is
     written, well formed and counted as merged; only that expert serves its pre-training weights."""
-    from shims import export
+    from shims.merging import export
 
     original = export._float32_delta
 
@@ -86,7 +86,7 @@ def _export_expert_delta_dropped() -> None:
 
 def _quantize_noop() -> None:
     """Expert quantization silently does nothing (the upstream failure mode the shim exists to fix)."""
-    from shims import storage  # the loaders look the function up here on every call
+    from shims.quant import storage  # the loaders look the function up here on every call
 
     storage.quantize_expert_param = lambda *args, **kwargs: None
 
@@ -95,7 +95,7 @@ def _expert_family_skipped() -> None:
     """Structure detection forgets one family of expert tensor names (down_proj): those stacks are not seen as
     expert stacks, so modules holding them are not quantized as a whole (the silent float experts the shims exist
     to prevent)."""
-    from shims import storage  # read at call time by the structure walk and the loaders
+    from shims.quant import storage  # read at call time by the structure walk and the loaders
 
     original = storage.candidate_stacks
     storage.candidate_stacks = lambda module: tuple(n for n in original(module) if n != "down_proj")
@@ -104,7 +104,7 @@ def _expert_family_skipped() -> None:
 def _recipe_dtype_uncast() -> None:
     """Modules holding shim 4-bit tensors no longer cast float32 hidden states to their compute dtype: the QLoRA
     recipe's first step fails in a 4-bit router (the bug of shims 0.3.0)."""
-    from shims import forward
+    from shims.quant import forward
 
     forward._cast_input = lambda args, kwargs, dtype: (args, kwargs, None)
 
@@ -112,7 +112,7 @@ def _recipe_dtype_uncast() -> None:
 def _fuse_swapped_experts() -> None:
     """Fusing a 4.x checkpoint's per-expert 4-bit tensors puts expert 1's bytes where expert 0's belong (and the
     reverse): every tensor is still 4-bit and well formed, only the wrong expert answers."""
-    from shims import checkpoint_v4  # the loader looks the function up here on every call
+    from shims.quant import checkpoint_v4  # the loader looks the function up here on every call
 
     original = checkpoint_v4.fuse_per_expert_quant_states
 
@@ -125,7 +125,7 @@ def _fuse_swapped_experts() -> None:
 def _per_expert_gate_up_swapped() -> None:
     """Splitting a fused gate_up LoRA into per-expert modules hands gate's half of each expert's B to up_proj and
     up's half to gate_proj: every tensor keeps its shape and the adapter loads, only the wrong projection moves."""
-    from shims import adapter_per_expert  # split_fused_experts looks the function up here on every call
+    from shims.adapters import adapter_per_expert  # split_fused_experts looks the function up here on every call
 
     original = adapter_per_expert._expert_pairs
 

@@ -182,12 +182,12 @@ class Case:
         """MoE routers and how many are 4-bit, for nf4 over fused experts (5.x), shims on or off: there a 4-bit
         load should store them as 4.x's Linear4bit routers were. Not counted on 4.x (routers are nn.Linear, or
         float as 4.x always left them), so the rule that reads these counts applies nowhere else."""
-        from shims import quant_router  # structure only: counting patches nothing
+        from shims.quant import quant_router  # structure only: counting patches nothing
         from shims.loader_generation import V5, transformers_loader
 
         if not self.spec.four_bit or transformers_loader() != V5:
             return {}
-        from shims.bnb_config import is_skipped
+        from shims.quant.bnb_config import is_skipped
 
         # routers the case's own llm_int8_skip_modules keeps float (an arch workaround, [archs.workarounds])
         skip = self.spec.quant_spec["bnb"].get("llm_int8_skip_modules") or ()
@@ -345,7 +345,7 @@ class Case:
 
     def fast_path(self) -> None:
         """The shims' fast expert LoRA against peft's own ParamWrapper path on the trained model (rule
-        fast_path_equals_peft): the same batch in eval mode with shims.fast_lora.ENABLED on and off, and which expert
+        fast_path_equals_peft): the same batch in eval mode with shims.lora.fast_lora.ENABLED on and off, and which expert
         LoRA chains took the fast path. Float32 compute only: the rule's bound is fp32 rounding (harness/verdict.py)."""
         if not self.spec.shims_on or not self.spec.four_bit:
             raise portable.NothingToDo("the fast path runs on the shims' 4-bit experts (shims on, 4-bit cases)")
@@ -404,7 +404,7 @@ class Case:
             if self.spec.recipe is not None:  # the same export against the bf16-computing trained model: reported
                 self.metrics["kl_export_fp32_vs_bf16"] = measure.kl(self.reference, exact_logits,
                                                                     self.batch["attention_mask"])
-            from shims.export import kept_float32
+            from shims.merging.export import kept_float32
 
             keep = kept_float32(reloaded, torch.bfloat16)  # tensors the bf16 export keeps in float32
             with torch.no_grad():
@@ -534,7 +534,7 @@ class Case:
         """transformers 4.x checkpoints as users download them: the native load's per-expert Linear4bit; where
         4.x fuses the experts itself (gpt_oss), only the shims store them 4-bit, so that run publishes."""
         from shims.loader_generation import transformers_loader
-        from shims.storage import iter_expert_modules
+        from shims.quant.storage import iter_expert_modules
 
         if not self.spec.store_dir or self.spec.quant != "nf4" or transformers_loader() != "v4":
             return False
@@ -604,7 +604,7 @@ class Case:
             raise portable.NothingToDo("measured on the shims' 4-bit experts (shims on, 4-bit cases)")
         from peft import LoraConfig, get_peft_model
 
-        from shims.merge_cycles import cycle_drift
+        from shims.merging.merge_cycles import cycle_drift
 
         base = self._load_base(self.model_dir)
         targets = expert_targets(base)
@@ -668,10 +668,10 @@ def expert_targets(model) -> dict[str, list[str]]:
 
 def fast_vs_peft(model, batch: dict) -> dict:
     """Logits of ``model`` (a PeftModel with expert LoRA) with the shims' fast expert-LoRA path and with peft's own
-    path (shims.fast_lora.ENABLED False), over the batch's real tokens, and the quantities the rule
+    path (shims.lora.fast_lora.ENABLED False), over the batch's real tokens, and the quantities the rule
     fast_path_equals_peft bounds them with: max |logit| and the summands of the fast-path chains
     (:func:`fast_path_summands`). The fast path's calls are counted in both runs (none may happen with it off)."""
-    from shims import fast_lora
+    from shims.lora import fast_lora
 
     paths = fast_lora.expert_lora_paths(model)
     if not paths:
@@ -705,7 +705,7 @@ def fast_vs_peft(model, batch: dict) -> dict:
 
 def _compute_dtype(base):
     """The dtype a shim 4-bit experts module computes in (its gate / up stack's setting)."""
-    from shims.storage import quantized_parametrization
+    from shims.quant.storage import quantized_parametrization
 
     name = "gate_up_proj" if base.has_gate else "up_proj"
     return quantized_parametrization(base, name).settings.compute_dtype

@@ -109,7 +109,7 @@ def _major(version: str) -> int:
 def _target_layout(adapter_dir: Path, base) -> str | None:
     """The layout shims.convert_adapter must produce from a fused adapter for the installed peft and this base, or
     None if nothing (4.x per-expert adapters: the shims' adapter_layout_on_load converts them inside from_pretrained)."""
-    from shims import adapter_convert, lora_layout
+    from shims.adapters import adapter_convert, lora_layout
 
     # decided on this base's experts modules: peft's convention follows their is_transposed attribute, which
     # gpt_oss has on 5.x and lacks on 4.57
@@ -138,7 +138,7 @@ def try_foreign(entry: Path, load_base, shims_on: bool, work: Path) -> dict:
     try:
         base = load_base(Path(meta["base_dir"]))
         adapter = entry / "adapter"
-        from shims.adapter_load import conversion_for, is_per_expert_adapter  # structure only: they patch nothing
+        from shims.adapters.adapter_load import conversion_for, is_per_expert_adapter  # structure only: they patch nothing
 
         if shims_on and is_per_expert_adapter(adapter):
             # a 4.x adapter loads as a user loads it: the shims' adapter_layout_on_load converts it inside
@@ -162,7 +162,7 @@ def fused_entries(store: Path, arch: str, quant: str) -> list[Path]:
 
 
 def _has_fused_expert_lora(adapter_dir: Path) -> bool:
-    from shims.adapter_load import is_per_expert_adapter  # structure only: it patches nothing
+    from shims.adapters.adapter_load import is_per_expert_adapter  # structure only: it patches nothing
 
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     return any(".experts." in f".{t}" for t in config.get("target_parameters") or ()) \
@@ -172,7 +172,7 @@ def _has_fused_expert_lora(adapter_dir: Path) -> bool:
 def has_fused_experts(model) -> bool:
     """Whether ``model`` keeps its routed experts as fused 3D tensors (transformers 5.x; gpt_oss on 4.57 too): such
     a model reads fused expert LoRA as published and has no per-expert modules to convert to."""
-    from shims.storage import iter_expert_modules  # structure only: it patches nothing
+    from shims.quant.storage import iter_expert_modules  # structure only: it patches nothing
 
     return any(True for _ in iter_expert_modules(model))
 

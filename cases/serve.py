@@ -124,7 +124,7 @@ def resaved(export_fp32: Path, dest: Path, dtype, tokenizer) -> Path:
     export must be, tensors that export keeps in float32 left float32): the control folder."""
     from transformers import AutoModelForCausalLM
 
-    from shims.export import kept_float32
+    from shims.merging.export import kept_float32
 
     model = AutoModelForCausalLM.from_pretrained(export_fp32, dtype=torch.float32)
     if dtype != torch.float32:

@@ -31,7 +31,7 @@ GC_GRAD_MAX_ABS = 0.0      # gradient checkpointing recomputes the same ops: fir
 # cases. Every bf16 KL is reported, never gated (REPORTED_ONLY); a native export, which has no float32 twin to match,
 # must carry the adapter: closer to the trained model than the base is (an exact ordering, not a measured margin).
 RECIPE_OPTIMIZERS_8BIT = ("paged_adamw_8bit", "adamw_bnb_8bit")
-# Fast expert LoRA (shims.fast_lora) == peft's own ParamWrapper path, trained model, float32 compute (rule
+# Fast expert LoRA (shims.lora.fast_lora) == peft's own ParamWrapper path, trained model, float32 compute (rule
 # fast_path_equals_peft). Both compute, per routed expert e and output element, y = x . (W_e + s delta_e) over an
 # n-wide input with a rank-r LoRA, in different orders: peft materialises W_e + s B_e A_e and takes one n-term
 # product; the fast path takes x . W_e and s (x . A_e^T) . B_e^T (n- and r-term products) and adds them. Wilkinson's
@@ -332,7 +332,7 @@ RULES: tuple[Rule, ...] = (
          lambda c: _four_bit(c) and _ran("gc_grads")(c), _gc_grads_equal,
          metrics=("gc_grad_tensors", "gc_grad_max_abs", "gc_layer_calls", "plain_layer_calls")),
     Rule("fast_path_equals_peft", "shims on, 4-bit, float32 compute: the trained model's logits with the fast "
-         "expert-LoRA path equal peft's own path (shims.fast_lora.ENABLED off) within float32 rounding: max |d| <= "
+         "expert-LoRA path equal peft's own path (shims.lora.fast_lora.ENABLED off) within float32 rounding: max |d| <= "
          "2^-24 x S x max |logit|, S the float operations the fast path reorders (derived in harness/verdict.py; 0 "
          "where every experts class is refused), and every fast-path module ran it",
          lambda c: _ran("fast_path")(c) and "fast_vs_peft_max_abs" in c.get("metrics", {}), _fast_path_equals_peft,

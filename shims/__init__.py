@@ -47,23 +47,23 @@ def status() -> list[dict]:
 
 
 def save_merged(model, save_directory, dtype=None, **kwargs):
-    """Write a merged 16-bit checkpoint of a PeftModel; see shims.export.save_merged."""
-    from .export import save_merged as _save_merged
+    """Write a merged 16-bit checkpoint of a PeftModel; see shims.merging.export.save_merged."""
+    from .merging.export import save_merged as _save_merged
 
     return _save_merged(model, save_directory, dtype=dtype, **kwargs)
 
 
 def convert_adapter(src_dir, dst_dir, to, **kwargs):
-    """Convert a saved adapter between expert LoRA layouts; see shims.adapter_convert.convert_adapter."""
-    from .adapter_convert import convert_adapter as _convert_adapter
+    """Convert a saved adapter between expert LoRA layouts; see shims.adapters.adapter_convert.convert_adapter."""
+    from .adapters.adapter_convert import convert_adapter as _convert_adapter
 
     return _convert_adapter(src_dir, dst_dir, to=to, **kwargs)
 
 
 def check_adapter(adapter_dir, engine, **kwargs):
     """Whether an engine (vllm / sglang / transformers) reads an adapter's expert LoRA layout, and the conversion that
-    fixes it; see shims.engine_check.check_adapter."""
-    from .engine_check import check_adapter as _check_adapter
+    fixes it; see shims.adapters.engine_check.check_adapter."""
+    from .adapters.engine_check import check_adapter as _check_adapter
 
     return _check_adapter(adapter_dir, engine, **kwargs)
 

@@ -46,7 +46,7 @@ _BAD_INPUT = (ValueError, FileNotFoundError, FileExistsError, NotImplementedErro
 
 
 def _convert(args) -> int:
-    from .adapter_convert import convert_adapter
+    from .adapters.adapter_convert import convert_adapter
 
     try:
         record = convert_adapter(args.src, args.dst, to=args.to, base_config=args.base_config,
@@ -59,7 +59,7 @@ def _convert(args) -> int:
 
 
 def _check(args) -> int:
-    from .engine_check import check_adapter
+    from .adapters.engine_check import check_adapter
 
     try:
         verdict = check_adapter(args.adapter, args.engine, base_config=args.base_config,

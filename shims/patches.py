@@ -6,8 +6,11 @@ from .registry import Registry
 
 
 def all_patches() -> tuple:
-    from . import (adapter_load, branch_dtype, causal_lm_backbone, checkpoint, checkpoint_v4, fast_lora, hub_kernels_offline, loader_v5,
-                   merge, moe_config_alias, moe_routing_dtype, peft_compat, peft_experts, quant_legacy, quant_router)
+    from .adapters import adapter_load
+    from .compat import branch_dtype, causal_lm_backbone, hub_kernels_offline, moe_config_alias, moe_routing_dtype
+    from .lora import fast_lora, peft_compat, peft_experts
+    from .merging import merge
+    from .quant import checkpoint, checkpoint_v4, loader_v5, quant_legacy, quant_router
 
     # loader_v5 ... quant_legacy: 4-bit experts and routers; the checkpoint patch wraps the loader outermost, so it
     # sees saved 4-bit tensors before the load-time quantizers do.

@@ -57,7 +57,7 @@ def test_direct_4bit_build_is_what_shims_save(builds, tmp_path):
 
 
 def test_direct_4bit_build_loads_as_4bit_load_of_same_weights(builds):
-    from shims.storage import expert_storage
+    from shims.quant.storage import expert_storage
 
     direct = _load(builds / "nf4")
     quantized = _load(builds / "bf16", quantization_config=bench_depth.bnb_config(False))
@@ -99,7 +99,7 @@ def test_levers_run_trains_and_exports(builds, tmp_path):
 def test_huge_layer_checks_pass_at_small_dims(tmp_path, monkeypatch):
     """The DeepSeek-V3-layer check on small dims, with the kernel limit lowered so the split decode runs."""
     _fused_experts()
-    from shims import storage
+    from shims.quant import storage
 
     monkeypatch.setattr(storage, "KERNEL_MAX_ELEMENTS", 64 * 48 * 3)
     from cases.bench_huge import huge_layer

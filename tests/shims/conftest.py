@@ -186,7 +186,7 @@ def q4_reference(qmodel, path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shims import storage
+    from shims.quant import storage
 
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -6,7 +6,7 @@ import importlib.util
 
 import pytest
 
-from shims.forward import PARAMETRIZE_CACHE_TARGETS
+from shims.quant.forward import PARAMETRIZE_CACHE_TARGETS
 from shims.loader_generation import V4, V5, targets_for, transformers_loader
 from shims.patches import all_patches
 from shims.registry import Target

@@ -1,0 +1,1 @@
+"""Saved adapters: peft's expert LoRA layouts (lora_layout), detection and conversion (adapter_convert, adapter_per_expert, adapter_load), engine compatibility (engine_check), the base config behind an adapter (base_config)."""
