@@ -181,7 +181,7 @@ def second_pass(session: nox.Session) -> None:
 @nox.session(python=PYTHON, default=False)
 def mutations(session: nox.Session) -> None:
     """Plant each bug listed under [mutations] in matrix.toml and record how many the harness catches."""
-    from harness import mutations as mut
+    from harness.campaigns import mutations as mut
 
     python = _install_or_stop(session, MATRIX.mutation_cell(), "the mutation cell")
     others = {}  # cells of [mutations.elsewhere]: a venv beside this session's each
@@ -196,9 +196,9 @@ def mutations(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, default=False)
 def reproduce(session: nox.Session) -> None:
-    """The kernel-variation check (harness/reproduce.py): -- [--arch a,b] [--quant q] [--transformers X --peft Y
+    """The kernel-variation check (harness/campaigns/reproduce.py): -- [--arch a,b] [--quant q] [--transformers X --peft Y
     --trl Z]; default: the newest release lane's nf4 and nf4-recipe cases."""
-    from harness import reproduce as repro
+    from harness.campaigns import reproduce as repro
 
     opts = _options(session)
     cell = MATRIX.lanes[-1]
@@ -231,9 +231,9 @@ def _sweep_matrix():
 
 @nox.session(python=PYTHON, default=False)
 def sweep(session: nox.Session) -> None:
-    """Every release in a range, a small case set each (harness/sweep.py) -> reports/SWEEP.md (+ SWEEP.png).
+    """Every release in a range, a small case set each (harness/campaigns/sweep.py) -> reports/SWEEP.md (+ SWEEP.png).
     --shard K/N runs a share of the cells (processes or CI jobs side by side; harness sweep-report merges them)."""
-    from harness import sweep as sw
+    from harness.campaigns import sweep as sw
 
     try:
         opts = cli.parse_with(cli.sweep_parser(), session.posargs)
@@ -259,9 +259,9 @@ def sweep(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, default=False)
 def serve(session: nox.Session) -> None:
-    """The serving cell ([serve] in matrix.toml, harness/serve.py): nf4 QLoRA trained with the shims, its merged
+    """The serving cell ([serve] in matrix.toml, harness/campaigns/serve.py): nf4 QLoRA trained with the shims, its merged
     exports and adapters served by vLLM in a venv of its own -> reports/serve/results, reports/SERVE.md."""
-    from harness import serve as sv
+    from harness.campaigns import serve as sv
 
     try:
         opts = cli.parse_with(cli.serve_parser(), session.posargs)
@@ -291,8 +291,8 @@ def serve(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON, default=False)
 def bisect(session: nox.Session) -> None:
-    """The first release where one case's verdict changes (harness/bisect.py); prints every step."""
-    from harness import bisect as bi
+    """The first release where one case's verdict changes (harness/campaigns/bisect.py); prints every step."""
+    from harness.campaigns import bisect as bi
 
     try:
         opts = cli.parse_with(cli.bisect_parser(), session.posargs)

@@ -10,7 +10,7 @@ time, so a 48-layer Qwen3-30B-A3B-shaped model (61 GB in bf16) needs about 10 GB
 as a whole. Every tensor's values come from a generator seeded by its name, so the nf4 and bf16 formats of one
 build hold the same weights (tests/shims/test_bench_depth.py loads both and compares them bit for bit).
 
-Configurations of ``run`` (harness/bench_depth.py runs them side by side and writes reports/BENCH-depth.md):
+Configurations of ``run`` (harness/campaigns/bench_depth.py runs them side by side and writes reports/BENCH-depth.md):
   shims-levers   shims 4-bit checkpoint + the memory levers: gradient checkpointing, LoRA factors in bf16, paged
                  8-bit AdamW, the loss computed over token chunks (no full fp32 logits)
   shims-recipe   the tutorial recipe on the same checkpoint: prepare_model_for_kbit_training, fp32 LoRA factors,

@@ -4,7 +4,7 @@
     python -m cases.bench_model run DIR --config NAME [...] load, LoRA-train, generate; measure
 
 Configurations: shims-nf4 (shims.apply() then a 4-bit load), bf16, native-nf4 (BitsAndBytesConfig without the
-shims). Which transformers runs is decided by the interpreter that runs this file (harness/bench.py starts one per
+shims). Which transformers runs is decided by the interpreter that runs this file (harness/campaigns/bench.py starts one per
 transformers version). Memory: on CUDA torch's allocator counters (allocated now / peak); on CPU the process's
 resident set (now / peak), less what it held before loading.
 """

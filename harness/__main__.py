@@ -42,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="print the release lanes and archs as JSON")
     sc = sub.add_parser("sweep-cells", help="the sweep's cells as JSON (a CI matrix: one job per cell)")
     sc.add_argument("options", nargs=argparse.REMAINDER, help="--transformers / --peft / --minor as for nox -s sweep")
-    sw = sub.add_parser("sweep-report", help="reports/SWEEP.md (+ .png) from sweep results (harness/sweep.py)")
+    sw = sub.add_parser("sweep-report", help="reports/SWEEP.md (+ .png) from sweep results (harness/campaigns/sweep.py)")
     sw.add_argument("--results", type=Path, action="append", default=None,
                     help="a sweep results folder; repeat to merge several (default: reports/sweep/results)")
     sw.add_argument("--out", type=Path, default=REPO / "reports" / "SWEEP.md")
-    sv = sub.add_parser("serve-report", help="reports/SERVE.md from the serving results (harness/serve.py)")
+    sv = sub.add_parser("serve-report", help="reports/SERVE.md from the serving results (harness/campaigns/serve.py)")
     sv.add_argument("--results", type=Path, default=REPO / "reports" / "serve" / "results")
     sv.add_argument("--out", type=Path, default=REPO / "reports" / "SERVE.md")
     bench = sub.add_parser("bench", help="side-by-side benchmark -> reports/BENCH.md")
@@ -105,14 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     results = getattr(args, "results", None) or [REPO / "reports" / "results"]
     try:
         if args.command == "report":
-            from .report import write_report
+            from .reporting.report import write_report
 
             out = write_report(results, args.out, args.title, history_path=args.history,
                                heatmap_path=args.heatmap)
             print(f"wrote {out}")
         elif args.command == "sweep-cells":
             from . import cli
-            from . import sweep as sweep_mod
+            from .campaigns import sweep as sweep_mod
 
             opts = cli.parse_with(cli.sweep_parser(), [o for o in args.options if o != "--"])
             cells = sweep_mod.cells(
@@ -121,12 +121,12 @@ def main(argv: list[str] | None = None) -> int:
                 sweep_mod.select(opts.peft, sweep_mod.published_releases("peft"), "peft"), "latest")
             print(json.dumps([{"transformers": c.transformers, "peft": c.peft, "id": c.name} for c in cells]))
         elif args.command == "sweep-report":
-            from . import sweep as sweep_mod
+            from .campaigns import sweep as sweep_mod
 
             folders = args.results or [REPO / "reports" / "sweep" / "results"]
             print(f"wrote {sweep_mod.write(folders, args.out)}")
         elif args.command == "serve-report":
-            from . import serve as serve_mod
+            from .campaigns import serve as serve_mod
 
             print(f"wrote {serve_mod.write_report(args.results, args.out)}")
         elif args.command == "gate":
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return gate_mod.accept(results, args.out)
         elif args.command == "bench":
-            from . import bench as bench_mod
+            from .campaigns import bench as bench_mod
 
             dims = {k: getattr(args, k) for k in bench_mod.DIM_FLAGS}
             run_opts = {"device": args.device, "batch": args.batch, "seq": args.seq, "rank": args.rank,
@@ -147,12 +147,12 @@ def main(argv: list[str] | None = None) -> int:
             bench_mod.write(doc, args.out, args.json)
             print(bench_mod.render(doc))
         elif args.command == "bench-depth":
-            from . import bench_depth
+            from .campaigns import bench_depth
 
             args.command_line = "python -m harness " + " ".join(argv if argv is not None else sys.argv[1:])
             print(bench_depth.render(bench_depth.main_args(args)))
         elif args.command == "bench-depth-render":
-            from . import bench_depth
+            from .campaigns import bench_depth
 
             try:
                 doc = bench_depth.merge_docs([json.loads(p.read_text(encoding="utf-8")) for p in args.json])
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"second pass: {summary['results']}: {len(summary['cases'])} case(s) re-ran "
                       f"{', '.join(summary['stages']) or 'nothing'} ({summary['seconds']} s)")
         elif args.command == "mutations":
-            from . import mutations as mut
+            from .campaigns import mutations as mut
 
             pythons = dict(item.split("=", 1) for item in args.cell_python)
             matrix = load_matrix()
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             mut.write_score(score, args.out)
             print(f"mutations caught: {score['caught']} / {score['planted']} -> {args.out}")
         elif args.command == "archs":
-            from . import archs as archs_mod
+            from .campaigns import archs as archs_mod
 
             from .cli import archs_cell
 

@@ -41,7 +41,7 @@ from typing import Iterable
 
 from . import verdict
 from .matrix import MODES, Matrix, load_matrix
-from .merge import MergedResults, load_many
+from .reporting.merge import MergedResults, load_many
 from .results import case_key, write_text_atomic
 
 EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT = 0, 1, 2

@@ -112,7 +112,7 @@ def test_malformed_matrix_file_is_a_clear_error(tmp_path):
 
 
 def test_bench_cells_cover_every_label_the_bench_targets_read():
-    from harness import bench
+    from harness.campaigns import bench
     from harness.matrix import load_matrix
 
     labels = {key.split(":")[0] for target in bench.TARGETS for key, _ in (target[1], target[2])}

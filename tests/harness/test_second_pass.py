@@ -62,7 +62,7 @@ def test_a_skipped_per_expert_stage_is_not_judged():
 def test_report_shows_the_per_expert_column_native_and_shims(tmp_path, matrix):
     pytest.importorskip("pandas")
     pytest.importorskip("tabulate")
-    from harness.report import render
+    from harness.reporting.report import render
 
     native = per_expert_ok(passing_case())
     native["metrics"].update(per_expert_lora_modules=0, per_expert_max_abs=6.2)

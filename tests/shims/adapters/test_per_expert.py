@@ -16,7 +16,7 @@ from conftest import lx_build_tiny_moe, lx_fused_experts
 
 pytestmark = pytest.mark.needs_ml
 
-_REPO = Path(__file__).resolve().parents[2]
+_REPO = Path(__file__).resolve().parents[3]
 # the transformers 4.57 test lane's venv; override with MOE_SHIMS_V457_PYTHON
 _V457_PYTHON = Path(os.environ.get("MOE_SHIMS_V457_PYTHON",
                                    _REPO / ".nox/tests-tf4-57-6-peft0-18-1-trl0-25-1/bin/python"))

@@ -30,7 +30,7 @@ LORA_BOUND = 1e-5
 MERGED_BOUND = 1e-5
 WORKER_TIMEOUT_S = 300
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 if __name__ != "__main__":  # the workers need none of the fixtures
     from conftest import q4_requires_fused

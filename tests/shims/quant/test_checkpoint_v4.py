@@ -22,7 +22,7 @@ pytest.importorskip("bitsandbytes")
 
 from conftest import _LX_COMMON, _LX_EXTRA  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 V457_PYTHON = REPO / ".nox" / "tests-tf4-57-6-peft0-18-1-trl0-25-1" / "bin" / "python"
 V5 = int(transformers.__version__.split(".")[0]) >= 5
 PER_EXPERT_ARCHS = ("qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe")

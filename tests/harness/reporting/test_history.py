@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from harness import history
+from harness.reporting import history
 from harness.matrix import Cell
 from harness.results import results_name, write_json_atomic
 from tests.harness.conftest import passing_case, results_doc
@@ -12,7 +12,7 @@ pytest.importorskip("pandas")
 pytest.importorskip("tabulate")
 pytest.importorskip("matplotlib")
 
-from harness.report import write_report  # noqa: E402
+from harness.reporting.report import write_report  # noqa: E402
 
 CELL = Cell("5.6.2", "0.19.1", "1.4.0", lane=True)
 NF4 = f"{CELL.name} | shims | qwen3_moe/nf4"

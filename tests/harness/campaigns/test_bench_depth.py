@@ -1,11 +1,11 @@
-"""harness/bench_depth.py: the plan, merging of several device runs, ratios within one run only, targets that can
+"""harness/campaigns/bench_depth.py: the plan, merging of several device runs, ratios within one run only, targets that can
 fail, and errors that stay rows (no ML needed: documents are built by hand)."""
 
 import pytest
 
 pytest.importorskip("pandas")
 
-from harness import bench, bench_depth  # noqa: E402
+from harness.campaigns import bench, bench_depth  # noqa: E402
 
 GIB = 1024 ** 3
 

@@ -1,4 +1,4 @@
-from harness.mutations import judge_against
+from harness.campaigns.mutations import judge_against
 
 
 def test_a_case_red_in_the_control_run_catches_nothing():

@@ -8,10 +8,10 @@ import os
 import time
 from pathlib import Path
 
-from . import verdict
-from .matrix import Matrix
-from .results import write_json_atomic
-from .runner import run_cell, shims_version
+from .. import verdict
+from ..matrix import Matrix
+from ..results import write_json_atomic
+from ..runner import run_cell, shims_version
 
 MUTATION_ENV = "MOE_SHIMS_MUTATION"
 

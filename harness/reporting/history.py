@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .verdict import PASS
+from ..verdict import PASS
 
 log = logging.getLogger("harness")
 KIND = "moe-shims/history"

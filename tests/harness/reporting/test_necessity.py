@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import necessity
+from harness.reporting import necessity
 from harness.matrix import Cell, MatrixError
 from tests.harness.conftest import passing_case, results_doc
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 C1 = Cell("5.6.2", "0.19.1", "1.4.0", lane=True)
 C2 = Cell("4.57.6", "0.18.1", "0.25.1", lane=True)
 C3 = Cell("5.5.0", "0.18.1", "1.4.0", lane=True)
@@ -144,7 +144,7 @@ def test_drift_table_shows_missing_and_signature_changes_and_whether_applied():
 def test_report_has_necessity_and_drift_sections(tmp_path, matrix):
     pytest.importorskip("pandas")
     pytest.importorskip("tabulate")
-    from harness.report import render
+    from harness.reporting.report import render
     from harness.results import results_name, write_json_atomic
 
     for doc in (run(C1, "off", [not_4bit(passing_case(quant="nf4"))]), run(C1, "on", [passing_case(quant="nf4")])):

@@ -3,7 +3,7 @@
 import json
 
 from cases.discover import EXPERTS, OVERRIDES, TINY, repaired, tiny_overrides
-from harness import archs
+from harness.campaigns import archs
 from harness.matrix import Cell
 from tests.harness.conftest import passing_case, results_doc
 

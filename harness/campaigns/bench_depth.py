@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .bench import run_case_process
-from .results import write_json_atomic, write_text_atomic
+from ..results import write_json_atomic, write_text_atomic
 
 GIB = 1024 ** 3
 

@@ -26,9 +26,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import verdict
-from .matrix import MATRIX_FILE, MatrixError
-from .results import case_key
+from .. import verdict
+from ..matrix import MATRIX_FILE, MatrixError
+from ..results import case_key
 
 NEEDED, NOT_NEEDED, BROKEN, UNPROVEN = "needed", "not needed here", "broken", "unproven"
 NA, UNEXERCISED, UNDECLARED, NO_RUN = "n/a", "not exercised", "no symptom declared", "no shims run"

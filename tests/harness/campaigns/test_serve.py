@@ -1,11 +1,12 @@
-"""The serving cell's harness side (harness/serve.py, [serve] in matrix.toml): what it runs and how it reads a
+"""The serving cell's harness side (harness/campaigns/serve.py, [serve] in matrix.toml): what it runs and how it reads a
 planted run. The engine runs in `nox -s serve`, not here."""
 
 import json
 
 import pytest
 
-from harness import install, serve
+from harness import install
+from harness.campaigns import serve
 from harness.matrix import MatrixError, load_matrix
 from tests.harness.conftest import passing_case, results_doc
 

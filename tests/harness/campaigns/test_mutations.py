@@ -10,7 +10,8 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("trl")
 
-from harness import mutations, verdict  # noqa: E402
+from harness.campaigns import mutations
+from harness import verdict  # noqa: E402
 from harness.runner import interpreter_cell, run_cell  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs_ml]

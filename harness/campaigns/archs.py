@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import runner, verdict
-from .matrix import Arch, Cell, Matrix, MatrixError
-from .results import case_id, load_dir, results_name, write_text_atomic
+from .. import runner, verdict
+from ..matrix import Arch, Cell, Matrix, MatrixError
+from ..results import case_id, load_dir, results_name, write_text_atomic
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 NO_CAUSAL_LM = "no causal-LM head"  # the reason cases/discover.py gives for sub-models (vision, audio, encoders)
 
 
@@ -33,7 +33,7 @@ def discover(python: str, out: Path, timeout_s: float) -> dict:
     return json.loads(out.read_text(encoding="utf-8"))
 
 
-# Where the archs run is scheduled (checked against the workflow file by tests/harness/test_archs.py).
+# Where the archs run is scheduled (checked against the workflow file by tests/harness/campaigns/test_archs.py).
 SCHEDULE = ("CI (`bash .ci/run`: the test lanes) does not run it; the weekly e2e workflow does "
             "(`.github/workflows/e2e.yml`, job `archs`: `nox -s archs`)")
 WORKAROUND_KEYS = ("bnb", "config", "why")

@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from harness import cli, sweep
+from harness import cli
+from harness.campaigns import sweep
 from harness.matrix import load_matrix
 
 yaml = pytest.importorskip("yaml")
-WORKFLOW = Path(__file__).resolve().parents[2] / ".github" / "workflows" / "sweep.yml"
-NOXFILE = Path(__file__).resolve().parents[2] / "noxfile.py"
+WORKFLOW = Path(__file__).resolve().parents[3] / ".github" / "workflows" / "sweep.yml"
+NOXFILE = Path(__file__).resolve().parents[3] / "noxfile.py"
 
 
 @pytest.fixture(scope="module")

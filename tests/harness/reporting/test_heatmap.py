@@ -6,10 +6,10 @@ pytest.importorskip("matplotlib")
 from matplotlib.colors import to_rgb  # noqa: E402
 from matplotlib.image import imread  # noqa: E402
 
-from harness.heatmap import COLOURS, grid, write_heatmap  # noqa: E402
+from harness.reporting.heatmap import COLOURS, grid, write_heatmap  # noqa: E402
 from harness.matrix import Cell  # noqa: E402
-from harness.merge import load_many  # noqa: E402
-from harness.report import frame  # noqa: E402
+from harness.reporting.merge import load_many  # noqa: E402
+from harness.reporting.report import frame  # noqa: E402
 from harness.results import results_name, write_json_atomic  # noqa: E402
 from tests.harness.conftest import passing_case, results_doc  # noqa: E402
 

@@ -11,12 +11,12 @@ import json
 import os
 from pathlib import Path
 
-from . import install, runner, verdict
-from .install import InstallError
-from .matrix import Matrix
-from .results import write_json_atomic, write_text_atomic
+from .. import install, runner, verdict
+from ..install import InstallError
+from ..matrix import Matrix
+from ..results import write_json_atomic, write_text_atomic
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 RESULTS = REPO / "reports" / "serve" / "results"
 PLANTED = REPO / "reports" / "serve" / "planted.json"
 REPORT = REPO / "reports" / "SERVE.md"
@@ -97,7 +97,7 @@ def planted_section(planted: dict) -> str:
 
 def write_report(results: Path, out: Path, planted: Path = PLANTED) -> Path:
     """SERVE.md: the harness's report of the serving results (rows, rules, failures), then the planted check."""
-    from . import report
+    from ..reporting import report
 
     report.write_report(results, out, TITLE, history_path=Path(results).parent / "history.jsonl",
                         heatmap_path=Path(results).parent / "heatmap.png")

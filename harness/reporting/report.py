@@ -1,7 +1,7 @@
 """Render the compatibility report (markdown) from results files alone, with pandas + tabulate.
 
-Results may come from several folders (one per machine or CI job): see harness/merge.py. write_report also
-appends the run to the history (harness/history.py) and draws the heatmap (harness/heatmap.py); render()
+Results may come from several folders (one per machine or CI job): see harness/reporting/merge.py. write_report also
+appends the run to the history (harness/reporting/history.py) and draws the heatmap (harness/reporting/heatmap.py); render()
 itself writes nothing.
 """
 
@@ -14,13 +14,14 @@ from typing import Iterable
 
 import pandas as pd
 
-from . import history, necessity, verdict
-from .matrix import Matrix, load_matrix
+from . import history, necessity
+from .. import verdict
+from ..matrix import Matrix, load_matrix
 from .merge import MergedResults, load_many
-from .mutations import render_section as render_mutations
-from .results import AWAITS_PUBLISHERS, Problem, case_id
+from ..campaigns.mutations import render_section as render_mutations
+from ..results import AWAITS_PUBLISHERS, Problem, case_id
 
-MUTATIONS_FILE = Path(__file__).resolve().parent.parent / "reports" / "mutations.json"
+MUTATIONS_FILE = Path(__file__).resolve().parents[2] / "reports" / "mutations.json"
 
 SHIMS_LABEL = {"off": "native", "on": "shims"}
 
@@ -195,7 +196,7 @@ def frame(merged: MergedResults, matrix: Matrix, title: str = "release lanes") -
 
 def render(results: Path | Iterable[Path], matrix: Matrix, title: str = "release lanes", *,
            changes: history.Changes | None = None, heatmap: str | None = None) -> str:
-    """The report of the results under one folder or several (merged: see harness/merge.py)."""
+    """The report of the results under one folder or several (merged: see harness/reporting/merge.py)."""
     merged = load_many(_folders(results))
     return render_merged(merged, frame(merged, matrix, title), title, changes=changes, heatmap=heatmap)
 
@@ -211,7 +212,7 @@ def render_merged(merged: MergedResults, df: pd.DataFrame, title: str = "release
     else:
         parts += ["## What works where (native / shims)", "",
                   "Per cell and feature, over every case of the cell: `ok`, `FAIL: <first failing stage or rule>`, "
-                  "or `-` where no case exercises it (features: harness/sweep.py FEATURES; the same grid as "
+                  "or `-` where no case exercises it (features: harness/campaigns/sweep.py FEATURES; the same grid as "
                   "reports/SWEEP.md).", "", _feature_grid(docs), ""]
         parts += ["## Summary (native / shims)", "",
                   "Each cell: the verdict with the shims off (native libraries) / on. "
@@ -343,7 +344,7 @@ def _failures(df: pd.DataFrame) -> str:
 
 
 def _feature_grid(docs: list[dict]) -> str:
-    from .sweep import feature_grid
+    from ..campaigns.sweep import feature_grid
 
     rows = feature_grid([d for d in docs if d.get("status") == "ran"])
     if not rows:
@@ -407,7 +408,7 @@ def write_report(results: Path | Iterable[Path], out: Path, title: str = "releas
     """Write the report; append the run to ``history_path`` (default: history.jsonl beside ``out``) when its
     verdicts changed, and draw the heatmap (default: heatmap.png beside ``out``)."""
     from .heatmap import write_heatmap
-    from .results import write_text_atomic
+    from ..results import write_text_atomic
 
     out = Path(out)
     merged = load_many(_folders(results))

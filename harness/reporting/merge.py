@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from . import verdict
-from .results import Problem, case_key, load_dir
+from .. import verdict
+from ..results import Problem, case_key, load_dir
 
 
 def run_key(doc: dict) -> tuple:

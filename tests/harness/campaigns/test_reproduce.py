@@ -3,7 +3,7 @@
 import copy
 import os
 
-from harness import reproduce
+from harness.campaigns import reproduce
 from harness.matrix import Cell
 from tests.harness.conftest import passing_case, results_doc
 

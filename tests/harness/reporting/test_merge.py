@@ -4,7 +4,7 @@ import shutil
 import pytest
 
 from harness.matrix import Cell
-from harness.merge import load_many
+from harness.reporting.merge import load_many
 from harness.results import results_name, write_json_atomic
 from tests.harness.conftest import passing_case, results_doc
 
@@ -66,7 +66,7 @@ def test_same_cell_on_two_machines_agreeing_is_not_a_conflict(tmp_path):
 def test_report_merges_folders_labels_rows_and_lists_conflicts(tmp_path, matrix):
     pytest.importorskip("pandas")
     pytest.importorskip("tabulate")
-    from harness.report import render
+    from harness.reporting.report import render
 
     one, two = tmp_path / "one", tmp_path / "two"
     write(one, A, "on", [passing_case(), passing_case(quant="nf4")], host="ci-1")

@@ -17,9 +17,9 @@ import subprocess
 import time
 from pathlib import Path
 
-from .results import write_json_atomic, write_text_atomic
+from ..results import write_json_atomic, write_text_atomic
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 # Which configurations run under which interpreter label.
 PLAN = (("tf5", "shims-nf4"), ("tf5", "shims-nf4-peft-path"), ("tf5", "bf16"), ("tf5", "native-nf4"),
         ("tf457", "native-nf4"), ("tf5", "shims-nf4-recipe"), ("tf457", "native-nf4-recipe"))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from harness import bisect, sweep
+from harness.campaigns import bisect, sweep
 from harness.matrix import Cell, MatrixError
 from tests.harness.conftest import passing_case, results_doc
 

@@ -5,7 +5,7 @@
 
 The releases of ``--package`` from good to bad (PyPI, final releases) are searched by halving: the good and bad ends
 run first (their verdicts must differ, else there is nothing to find), then the middle of the remaining span, each
-step a cell with its own uv venv (harness/sweep.py installs them) running that one case in that one mode. Each step
+step a cell with its own uv venv (harness/campaigns/sweep.py installs them) running that one case in that one mode. Each step
 prints the release, the verdict and the first failing stage or rule; the answer names the first release with the
 bad end's verdict and what changed between it and the release before.
 """
@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .matrix import LATEST, Cell, Matrix, MatrixError
+from ..matrix import LATEST, Cell, Matrix, MatrixError
 from .sweep import case_verdict, parse_check, published_releases, select
 
 MODES = {"native": "off", "shims": "on", "off": "off", "on": "on"}
@@ -98,7 +98,7 @@ def bisect(case: str, mode: str, package: str, good: str, bad: str, pins: dict[s
 
 def _run_one(cell: Cell, case: str, mode: str, matrix: Matrix, venvs: Path, results: Path, work: Path, arch: str,
              quant: str, check: str | None = None) -> tuple[str, str]:
-    from . import install, runner
+    from .. import install, runner
 
     python = install.ensure_venv(venvs / cell.name.replace(".", "-"), matrix.environment["python"])
     try:

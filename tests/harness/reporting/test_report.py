@@ -6,7 +6,7 @@ pd = pytest.importorskip("pandas")
 pytest.importorskip("tabulate")
 
 from harness.matrix import Cell  # noqa: E402
-from harness.report import render  # noqa: E402
+from harness.reporting.report import render  # noqa: E402
 from harness.results import load_dir, write_json_atomic  # noqa: E402
 from harness.runner import write_install_failure  # noqa: E402
 from tests.harness.conftest import passing_case, results_doc  # noqa: E402

@@ -1,0 +1,1 @@
+"""Runs beyond the release lanes, each with its own report: every discovered arch (archs), every release (sweep, bisect), kernel variation (reproduce), a serving engine (serve), planted bugs (mutations), benchmarks (bench, bench_depth)."""

@@ -1,0 +1,1 @@
+"""From results files to what people read: the markdown report (report), its heatmap, the history of verdict changes and their causes (history), shim necessity and drift (necessity), results of several machines merged (merge)."""
