@@ -120,6 +120,12 @@ def _is_red(value: str) -> bool:
     return value not in (PASS, "n/a")
 
 
+def _installed(version):
+    """A recorded version, or None where the package was not installed: a package a run did not record and one it
+    recorded as absent ("None", as results files write it) are the same state, not a version move."""
+    return None if version in (None, "None") else version
+
+
 def diff(previous: dict | None, current: dict) -> Changes | None:
     """newly red: was pass, now a failure of any kind; newly green: was a failure, now pass."""
     if previous is None:
@@ -130,7 +136,8 @@ def diff(previous: dict | None, current: dict) -> Changes | None:
         old_versions, new_versions = previous.get("versions") or {}, current.get("versions") or {}
         for cell in sorted(set(old_versions) & set(new_versions)):
             a, b = old_versions[cell], new_versions[cell]
-            moved = {pkg: (a.get(pkg), b.get(pkg)) for pkg in sorted(set(a) | set(b)) if a.get(pkg) != b.get(pkg)}
+            moved = {pkg: (a.get(pkg), b.get(pkg)) for pkg in sorted(set(a) | set(b))
+                     if _installed(a.get(pkg)) != _installed(b.get(pkg))}
             if moved:
                 changes.moved[cell] = moved
         if previous.get("code") != current.get("code"):

