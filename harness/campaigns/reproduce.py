@@ -148,6 +148,14 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def jobs_for(extra: dict[str, str], cpus: int | None = None) -> int:
+    """Case processes side by side for a variant: never more torch threads than CPUs. Two 2-thread processes on 2
+    cores made one variant's first cases 20-30x slower than the other's (a case timed out: measured in CI), so a
+    variant's verdicts would depend on the machine's load, which is what this check must not measure."""
+    threads = max(1, int(extra.get("MOE_SHIMS_THREADS", "1")))
+    return max(1, (cpus or os.cpu_count() or 1) // threads)
+
+
 def run(cell: Cell, python: str, matrix: Matrix, work: Path, out: Path, archs=None, quants=None,
         install: dict | None = None) -> int:
     """Run ``cell`` once per variant (shims off and on), compare, write ``out``; return the exit code."""
@@ -156,7 +164,7 @@ def run(cell: Cell, python: str, matrix: Matrix, work: Path, out: Path, archs=No
     runs = {}
     for index, (name, extra) in enumerate(VARIANTS.items()):
         folder = work / f"variant-{index}"
-        with environment(extra):
+        with environment({**extra, "MOE_SHIMS_JOBS": str(jobs_for(extra))}):
             runner.run_modes(cell, ("off", "on"), python, matrix, folder / "results", folder / "work", archs,
                              quants or list(DEFAULT_QUANTS), install)
         docs, problems = load_dir(folder / "results")

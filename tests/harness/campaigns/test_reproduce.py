@@ -56,3 +56,13 @@ def test_environment_is_restored(monkeypatch):
 def test_render_says_same_or_different():
     same = reproduce.compare({"x": _docs(passing_case()), "y": _docs(passing_case())})
     assert "**same**" in reproduce.render(CELL, same, "some CPU")
+
+
+def test_a_variant_never_runs_more_torch_threads_than_cpus():
+    from harness.campaigns import reproduce
+
+    assert reproduce.jobs_for({"MOE_SHIMS_THREADS": "1"}, cpus=2) == 2
+    assert reproduce.jobs_for({"MOE_SHIMS_THREADS": "2"}, cpus=2) == 1
+    assert reproduce.jobs_for({"MOE_SHIMS_THREADS": "4"}, cpus=2) == 1
+    assert all(reproduce.jobs_for(env, cpus=2) * int(env["MOE_SHIMS_THREADS"]) <= 2
+               for env in reproduce.VARIANTS.values())
