@@ -56,6 +56,19 @@ def disable_router_logits(model) -> None:
             config.output_router_logits = False
 
 
+@torch.no_grad()
+def round_as_export(model, dtype, store: bool = False) -> None:
+    """Round every parameter of a float32 ``model`` as a ``dtype`` export (shims.save_merged) holds it -- those the
+    model keeps in float32 in a ``dtype`` model stay exact -- in place: still stored in float32, or (``store``) stored
+    in ``dtype``, as the export's folder is."""
+    from shims.merging.export import kept_float32
+
+    keep = kept_float32(model, dtype)
+    for name, p in model.named_parameters():
+        if not (keep and keep.search(name)):
+            p.data = p.data.to(dtype) if store else p.data.to(dtype).to(p.dtype)
+
+
 def kl(reference: torch.Tensor, other: torch.Tensor, mask: torch.Tensor) -> float:
     """Mean over real tokens of KL(softmax(reference) || softmax(other)), in float64."""
     ref = F.log_softmax(reference.double().cpu(), dim=-1)

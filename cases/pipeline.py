@@ -361,17 +361,24 @@ class Case:
         if self.spec.recipe is None:
             self.reference_fp32, self.reference_fp32_samples = self.reference, self.reference_samples
             return
-        from transformers import AutoModelForCausalLM
-
-        plain = self._from_pretrained(AutoModelForCausalLM, self.model_dir, torch.float32, **_placement(self.spec.run))
-        twin = measure.float32_twin(self.model, plain)
+        twin = self.float32_model()
         self.reference_fp32 = measure.logits(twin, self.batch)
         self.reference_fp32_samples = measure.greedy(twin, self.tokenizer, tiny.prompts(self.spec.run["prompts"]),
                                                      self.spec.run["new_tokens"])
         # what bf16 compute alone does to the trained model (reported: it depends on the CPU's bf16 kernels)
         self.metrics["kl_recipe_bf16_vs_fp32"] = measure.kl(self.reference_fp32, self.reference,
                                                             self.batch["attention_mask"])
-        del twin, plain
+        del twin
+
+    def float32_model(self):
+        """The trained model computing in float32: itself for cases with fp32 compute, the recipe's float32 twin
+        (cases.measure.float32_twin) otherwise. The twin is built on each call: the trained model is its source."""
+        if self.spec.recipe is None:
+            return self.model
+        from transformers import AutoModelForCausalLM
+
+        plain = self._from_pretrained(AutoModelForCausalLM, self.model_dir, torch.float32, **_placement(self.spec.run))
+        return measure.float32_twin(self.model, plain)
 
     def save_adapter(self) -> None:
         self.model.save_pretrained(self.work / "adapter")
@@ -404,13 +411,7 @@ class Case:
             if self.spec.recipe is not None:  # the same export against the bf16-computing trained model: reported
                 self.metrics["kl_export_fp32_vs_bf16"] = measure.kl(self.reference, exact_logits,
                                                                     self.batch["attention_mask"])
-            from shims.merging.export import kept_float32
-
-            keep = kept_float32(reloaded, torch.bfloat16)  # tensors the bf16 export keeps in float32
-            with torch.no_grad():
-                for name, p in reloaded.named_parameters():
-                    if not (keep and keep.search(name)):
-                        p.copy_(p.to(torch.bfloat16).to(p.dtype))
+            measure.round_as_export(reloaded, torch.bfloat16)  # values as the bf16 export holds them, still fp32
             self.rounded_export_logits = measure.logits(reloaded, self.batch)
             # the bf16 rounding of W + delta alone (computed in fp32): one of the two noises of a 16-bit export
             self.metrics["kl_export_rounded"] = measure.kl(self.reference_fp32, self.rounded_export_logits,

@@ -65,8 +65,9 @@ def generate(job: dict, settings: dict) -> dict:
     return {"vocab": vocab, "prompts": rows}
 
 
-def _lora_modules(llm) -> dict:
-    """The engine's LoRA-wrapped layers, by the engine's module name (the in-process engine core's worker)."""
+def _lora_manager(llm):
+    """The engine's LoRA model manager (``.modules``: its LoRA-wrapped layers by module name), reached through the
+    in-process engine core's worker."""
     worker = llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
     return worker.model_runner.lora_manager._adapter_manager
 
@@ -93,7 +94,7 @@ def lora(job: dict, settings: dict) -> dict:
     llm = _llm(job, settings, enable_lora=True, max_loras=1, max_lora_rank=max(ranks), **job.get("llm_options", {}))
     results, tensors = {}, {}
     try:
-        manager = _lora_modules(llm)
+        manager = _lora_manager(llm)
         for number, adapter in enumerate(job["adapters"], start=1):
             request = LoRARequest(adapter["name"], number, adapter["path"], **adapter.get("request_options", {}))
             try:

@@ -8,10 +8,10 @@ checkpoint, which is not what the stages compare). An install that fails is a ro
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from .. import install, runner, verdict
+from .reproduce import environment
 from ..install import InstallError
 from ..matrix import Matrix
 from ..results import write_json_atomic, write_text_atomic
@@ -49,10 +49,11 @@ def run(matrix: Matrix, venv: Path, results: Path, work: Path, archs=None, quant
         plant: str | None = None) -> Path:
     """Install and run the serving cell (shims on); returns its results file. ``plant``: a mutation of
     cases/mutations.py planted in every case (the check that the serving rules see it)."""
-    if plant:
-        os.environ[MUTATION_ENV] = plant  # the cell's process inherits it
+    with environment({MUTATION_ENV: plant} if plant else {}):  # the cell's process inherits it
+        return _run(matrix.serving(), venv, results, work, archs, quants, log)
 
-    serving = matrix.serving()
+
+def _run(serving: Matrix, venv: Path, results: Path, work: Path, archs, quants, log) -> Path:
     archs = serving.check_archs(archs or serving.serve["archs"])
     quants = serving.check_quants(quants or serving.serve["quants"])
     results.mkdir(parents=True, exist_ok=True)
@@ -89,9 +90,8 @@ def planted_section(planted: dict) -> str:
              "| --- | --- | --- | --- |"]
     for name, case in planted["cases"].items():
         kl = case["kl_serve_fp32"]
-        lines.append(f"| {name} | {case['verdict']} | {', '.join(case['served_rules_red']) or 'none'} | "
-                     f"{kl:.3g} |" if isinstance(kl, (int, float)) else
-                     f"| {name} | {case['verdict']} | {', '.join(case['served_rules_red']) or 'none'} | - |")
+        kl_text = f"{kl:.3g}" if isinstance(kl, (int, float)) else "-"
+        lines.append(f"| {name} | {case['verdict']} | {', '.join(case['served_rules_red']) or 'none'} | {kl_text} |")
     return "\n".join(lines) + "\n"
 
 

@@ -103,3 +103,13 @@ def test_log_probability_comparisons():
     assert serve.mean_kl(a, a) == 0.0 and serve.max_abs(a, a) == 0.0
     b = [torch.log_softmax(torch.tensor([[1.0, 2.0, 3.5]], dtype=torch.float64), -1)]
     assert serve.mean_kl(a, b) > 0 and serve.max_abs(a, b) > 0
+
+
+def test_non_finite_engine_factors_are_wrong_not_loaded():
+    factors = _factors(6)
+    buffers = _buffers(factors)
+    key = "fused/model.layers.0.mlp.experts.w2_lora_b.0"
+    buffers[key] = buffers[key].clone()
+    buffers[key][0, 0, 0] = float("nan")
+    outcome, details = serve.compare_adapter(_reference(factors), serve.engine_expert_deltas(buffers, "fused"))
+    assert outcome == serve.WRONG and "not_finite" in details
